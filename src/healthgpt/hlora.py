@@ -1,0 +1,326 @@
+"""H-LoRA: named plugins of fused low-rank expert mixtures wrapped around the `nn.Linear`s of a model.
+
+Each plugin of a linear holds one A [R, in], one B [out, R] and one router [k, in]; the k experts are the
+consecutive rank blocks of size R/k (REFERENCE §2.2). Several plugins (comprehension, generation, ...) live
+side by side over the same frozen base weights, and the plugin is chosen per call or per sample through one
+`PluginSelection` shared by every wrapper of a model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from healthgpt.config import PluginConfig
+
+Selection = str | tuple[str | None, ...] | None
+
+
+class HLoRAStateError(ValueError):
+    """A plugin state dict does not fit the injected plugin (missing, unexpected or mis-shaped keys)."""
+
+
+class HLoRAPlugin(nn.Module):
+    """One plugin of one linear: a dense-routed mixture of `num_experts` LoRA experts stored fused."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        num_experts: int,
+        dropout: float = 0.0,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if rank % num_experts:
+            raise ValueError(f"H-LoRA rank {rank} must be a multiple of num_experts {num_experts}")
+        self.rank = rank
+        self.alpha = alpha
+        self.num_experts = num_experts
+        self.scaling = alpha / rank * num_experts  # the released code divides by the total rank (§2.2)
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
+        self.lora_route = nn.Linear(in_features, num_experts, bias=False, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Training init of §2.2: A and router Kaiming-uniform(a=√5), B zeros (starts as a no-op)."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_route.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The delta only, scaling · Σ_e softmax(route(x))_e · B_e A_e x, in x's dtype: [..., out]."""
+        out_dtype = x.dtype
+        x = x.to(self.lora_A.weight.dtype)
+        gate = torch.softmax(self.lora_route(x), dim=-1).to(out_dtype)  # [..., k]
+        a = self.dropout(self.lora_A(x) * self.scaling)  # [..., R]
+        # repeat_interleave(gate, R/k) ⊙ a, done by broadcasting: [..., k, R/k] * [..., k, 1] -> [..., R]
+        h = (a.unflatten(-1, (self.num_experts, -1)) * gate.unsqueeze(-1)).flatten(-2)
+        return self.lora_B(h.to(self.lora_B.weight.dtype)).to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, num_experts={self.num_experts}, scaling={self.scaling:g}"
+
+
+class PluginSelection:
+    """Which plugins the wrappers of one model apply: None (base only), one name for every row, or one name
+    (or None) per sample along dim 0. Shared by reference, so switching touches no layer."""
+
+    def __init__(self) -> None:
+        self.active: Selection = None
+        self._groups: dict[torch.device, list[tuple[str, Tensor]]] = {}
+
+    def set(self, plugins: str | Sequence[str | None] | None) -> None:
+        """Select plugins (see the class docstring); sequences are copied, so later edits do not leak in."""
+        self.active = plugins if plugins is None or isinstance(plugins, str) else tuple(plugins)
+        self._groups = {}
+
+    def groups(self, device: torch.device) -> list[tuple[str, Tensor]]:
+        """For a per-sample selection: (plugin, row indices) for each plugin present, cached per device."""
+        if device not in self._groups:
+            assert isinstance(self.active, tuple)
+            names = dict.fromkeys(n for n in self.active if n is not None)
+            self._groups[device] = [
+                (name, torch.tensor([i for i, n in enumerate(self.active) if n == name], device=device))
+                for name in names
+            ]
+        return self._groups[device]
+
+
+def _unknown_plugin(name: object, known: Iterable[str]) -> ValueError:
+    return ValueError(f"unknown H-LoRA plugin {name!r}; known plugins: {', '.join(known) or '(none)'}")
+
+
+class HLoRALinear(nn.Module):
+    """An `nn.Linear` (kept as `base_layer`, frozen by the caller) plus named H-LoRA plugins; the shared
+    `PluginSelection` decides which plugin each row gets."""
+
+    def __init__(self, base_layer: nn.Linear, selection: PluginSelection) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.plugins = nn.ModuleDict()
+        self.selection = selection
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+
+    def add_plugin(self, name: str, cfg: PluginConfig, dtype: torch.dtype | None = None) -> HLoRAPlugin:
+        """Attach a freshly initialised plugin on the base layer's device (dtype defaults to the base's)."""
+        if name in self.plugins:
+            raise ValueError(f"H-LoRA plugin {name!r} already exists")
+        weight = self.base_layer.weight
+        plugin = HLoRAPlugin(
+            self.in_features, self.out_features, cfg.rank, cfg.alpha, cfg.num_experts, cfg.dropout,
+            device=weight.device, dtype=dtype or weight.dtype,
+        )
+        self.plugins[name] = plugin
+        return plugin
+
+    def _plugin(self, name: str) -> HLoRAPlugin:
+        if name not in self.plugins:
+            raise _unknown_plugin(name, self.plugins.keys())
+        return self.plugins[name]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """base(x) plus the selected plugin's delta; per-sample selections add each delta to its rows only."""
+        y = self.base_layer(x)
+        active = self.selection.active
+        if active is None:
+            return y
+        if isinstance(active, str):
+            return y + self._plugin(active)(x).to(y.dtype)
+        if len(active) != x.shape[0]:
+            raise ValueError(
+                f"per-sample H-LoRA selection has {len(active)} entries but the input has {x.shape[0]} "
+                f"samples (dim 0 of shape {tuple(x.shape)})"
+            )
+        groups = self.selection.groups(x.device)
+        if len(groups) == 1 and len(groups[0][1]) == x.shape[0]:
+            return y + self._plugin(groups[0][0])(x).to(y.dtype)
+        for name, rows in groups:
+            delta = self._plugin(name)(x.index_select(0, rows))  # [n_rows, ..., out]
+            y = y.index_add(0, rows, delta.to(y.dtype))  # out-of-place: autograd sees both terms
+        return y
+
+
+class HLoRAController:
+    """Handle returned by `inject_hlora`: the wrapped layers, plugin selection, freezing and plugin state."""
+
+    def __init__(
+        self, layers: dict[str, HLoRALinear], selection: PluginSelection, dtype: torch.dtype | None
+    ) -> None:
+        self.layers = layers
+        self.selection = selection
+        self.dtype = dtype
+        self.configs: dict[str, PluginConfig] = {}
+
+    @property
+    def plugin_names(self) -> tuple[str, ...]:
+        return tuple(self.configs)
+
+    def _check(self, name: str) -> None:
+        if name not in self.configs:
+            raise _unknown_plugin(name, self.configs)
+
+    def add_plugin(self, name: str, cfg: PluginConfig) -> None:
+        """Add a freshly initialised plugin to every wrapped layer."""
+        if name in self.configs:
+            raise ValueError(f"H-LoRA plugin {name!r} already exists")
+        for layer in self.layers.values():
+            layer.add_plugin(name, cfg, self.dtype)
+        self.configs[name] = cfg
+
+    @contextmanager
+    def use(self, plugins: str | Sequence[str | None] | None) -> Iterator[None]:
+        """Within the block apply no plugin (None), one plugin to all rows (a name), or one per sample (a
+        sequence of names, None = base only, along dim 0 of every input); then restore the previous one."""
+        if plugins is not None:
+            for name in [plugins] if isinstance(plugins, str) else plugins:
+                if name is not None:
+                    self._check(name)
+        previous = self.selection.active
+        self.selection.set(plugins)
+        try:
+            yield
+        finally:
+            self.selection.set(previous)
+
+    def parameters_of(self, plugin: str) -> list[nn.Parameter]:
+        """Adapter parameters (A, B, router of every layer) of one plugin."""
+        self._check(plugin)
+        return [p for layer in self.layers.values() for p in layer.plugins[plugin].parameters()]
+
+    def set_trainable(self, model: nn.Module, plugins: Iterable[str]) -> None:
+        """Freeze every parameter of `model` except those of the named plugins."""
+        trainable = [p for name in plugins for p in self.parameters_of(name)]
+        model.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+
+    def plugin_state_dict(self, plugin: str) -> dict[str, Tensor]:
+        """One plugin's tensors keyed `{path of the original Linear}.lora_{A|B|route}.weight` (§2.4 without
+        the `base_model.model.` prefix)."""
+        self._check(plugin)
+        return {
+            f"{path}.{key}": value
+            for path, layer in self.layers.items()
+            for key, value in layer.plugins[plugin].state_dict().items()
+        }
+
+    def load_plugin_state_dict(self, plugin: str, state: Mapping[str, Tensor]) -> None:
+        """Strictly load one plugin: every key present and used, shapes equal; values are cast to the plugin
+        dtype. Nothing is copied unless everything fits."""
+        own = self.plugin_state_dict(plugin)
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        mismatched = [
+            f"{k}: expected {list(own[k].shape)}, got {list(state[k].shape)}"
+            for k in own
+            if k in state and state[k].shape != own[k].shape
+        ]
+        if missing or unexpected or mismatched:
+            problems = [
+                _listing(f"missing key{'s' * (len(missing) != 1)}", missing),
+                _listing(f"unexpected key{'s' * (len(unexpected) != 1)}", unexpected),
+                _listing(f"shape mismatch{'es' * (len(mismatched) != 1)}", mismatched),
+            ]
+            raise HLoRAStateError(f"H-LoRA plugin {plugin!r}: " + "; ".join(p for p in problems if p))
+        with torch.no_grad():
+            for key, tensor in own.items():
+                tensor.copy_(state[key])  # state_dict tensors share storage with the parameters
+
+
+def _listing(what: str, items: list[str], first: int = 5) -> str:
+    if not items:
+        return ""
+    more = f", ... ({len(items) - first} more)" if len(items) > first else ""
+    return f"{len(items)} {what}: " + ", ".join(items[:first]) + more
+
+
+def _matches(path: str, names: Iterable[str]) -> bool:
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+def inject_hlora(
+    model: nn.Module,
+    plugins: Mapping[str, PluginConfig],
+    targets: Iterable[str] | None = None,
+    exclude: Iterable[str] = ("lm_head",),
+    dtype: torch.dtype | None = None,
+) -> HLoRAController:
+    """Wrap every `nn.Linear` whose path ends with a target name in an `HLoRALinear` holding `plugins`.
+
+    Default targets: the last path components of all `nn.Linear`s minus `exclude`. Each target must match at
+    least one module, and only `nn.Linear`s. Plugin dtype defaults to each base layer's. The selection starts
+    as None (base model); parameter `requires_grad` is left as is (see `HLoRAController.set_trainable`).
+    """
+    modules = dict(model.named_modules())
+    if any(isinstance(m, HLoRALinear) for m in modules.values()):
+        raise ValueError("model already has H-LoRA layers; add plugins with HLoRAController.add_plugin")
+    exclude = tuple(exclude)
+    linears = [path for path, m in modules.items() if isinstance(m, nn.Linear)]
+    if targets is None:
+        targets = {path.rsplit(".", 1)[-1] for path in linears}
+    targets = sorted(set(targets) - set(exclude))
+    if not targets:
+        raise ValueError("no H-LoRA targets: the model has no nn.Linear outside the excluded names")
+    candidates = [p for p in modules if p and not _matches(p, exclude)]
+    matched = {t: [p for p in candidates if _matches(p, [t])] for t in targets}
+    unmatched = [t for t, paths in matched.items() if not paths]
+    if unmatched:
+        raise ValueError(
+            f"H-LoRA targets matched no module of {type(model).__name__}: {', '.join(unmatched)}"
+        )
+    for t, paths in matched.items():
+        wrong = [f"{p} ({type(modules[p]).__name__})" for p in paths if not isinstance(modules[p], nn.Linear)]
+        if wrong:
+            raise ValueError(f"H-LoRA target {t!r} matches non-Linear modules: {', '.join(wrong)}")
+
+    selection = PluginSelection()
+    layers: dict[str, HLoRALinear] = {}
+    chosen = {p for paths in matched.values() for p in paths}
+    for path in [p for p in modules if p in chosen]:
+        parent, _, child = path.rpartition(".")
+        wrapper = HLoRALinear(modules[path], selection)
+        setattr(model.get_submodule(parent), child, wrapper)
+        layers[path] = wrapper
+    controller = HLoRAController(layers, selection, dtype)
+    for name, cfg in plugins.items():
+        controller.add_plugin(name, cfg)
+    return controller
+
+
+def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict without adapters and with `.base_layer` removed: the original HF key layout."""
+    wrappers = [f"{p}." if p else "" for p, m in model.named_modules() if isinstance(m, HLoRALinear)]
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        prefix = next((w for w in wrappers if key.startswith(w)), None)
+        if prefix is None:
+            out[key] = value
+        elif key.startswith(prefix + "base_layer."):
+            out[prefix + key[len(prefix) + len("base_layer."):]] = value
+    return out
+
+
+def infer_plugin_shape(state: Mapping[str, Tensor]) -> tuple[int, int]:
+    """(total rank R, experts k) of a plugin state dict, read from the lora_A / lora_B / lora_route shapes and
+    checked to agree across all layers (keys may carry any prefix)."""
+    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+    ranks |= {v.shape[1] for k, v in state.items() if k.endswith("lora_B.weight")}
+    experts = {v.shape[0] for k, v in state.items() if k.endswith("lora_route.weight")}
+    if len(ranks) != 1 or len(experts) != 1:
+        raise HLoRAStateError(
+            f"cannot infer the H-LoRA shape: ranks found {sorted(ranks)}, "
+            f"expert counts found {sorted(experts)} (need exactly one of each)"
+        )
+    return ranks.pop(), experts.pop()
