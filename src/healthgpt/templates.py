@@ -68,7 +68,7 @@ class ChatTemplate:
             parts += [tags[role], content, self.sep]
         if add_generation_prompt:
             if messages[-1]["role"] != "user":
-                raise PromptError("add_generation_prompt=True needs the conversation to end with a user message")
+                raise PromptError("add_generation_prompt needs a conversation ending with a user message")
             parts.append(self.assistant_tag)
         return "".join(parts)
 
@@ -113,7 +113,8 @@ def get_template(name: str) -> ChatTemplate:
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise KeyError(f"unknown chat template {name!r}; known templates: {', '.join(sorted(TEMPLATES))}") from None
+        known = ", ".join(sorted(TEMPLATES))
+        raise KeyError(f"unknown chat template {name!r}; known templates: {known}") from None
 
 
 def _check_text(text: str, what: str) -> None:

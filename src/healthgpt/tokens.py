@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
-import torch
 from tokenizers import AddedToken
 from torch import Tensor
 from transformers.tokenization_python import Trie
@@ -66,7 +65,8 @@ class ImageVocab:
     def codes_to_ids(self, codes: Tensor) -> Tensor:
         """Token ids of VQ codes (by arithmetic); codes outside `[0, num_codes)` raise."""
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.num_codes):
-            raise ValueError(f"VQ codes must lie in [0, {self.num_codes}), got [{codes.min()}, {codes.max()}]")
+            lo, hi = int(codes.min()), int(codes.max())
+            raise ValueError(f"VQ codes must lie in [0, {self.num_codes}), got values in [{lo}, {hi}]")
         return codes + self.first_code_id
 
     def ids_to_codes(self, ids: Tensor) -> Tensor:
@@ -151,7 +151,7 @@ def _load_without_dummy_prefix(path: Path) -> tuple[spm.SentencePieceProcessor, 
 
 
 class _SlowLlamaTokenizer:
-    """transformers 4.41 `LlamaTokenizer(legacy=False)` `tokenize` + `convert_tokens_to_ids`, on sentencepiece.
+    """transformers 4.41 `LlamaTokenizer(legacy=False)` tokenize + convert_tokens_to_ids, on sentencepiece.
 
     Written by hand because transformers 5 dropped that slow tokenizer; its tokenizers drop the leading
     `▁` of every chunk, which the published ids (and so the released weights) have.
@@ -178,7 +178,8 @@ class _SlowLlamaTokenizer:
         self.trie = Trie(self.added)
         # 4.41's `all_special_tokens`: bos/eos/unk/pad plus `additional_special_tokens`, which the published
         # code replaced by the image tokens; only these make a chunk's leading `▁` disappear.
-        named = (self.tokenizer.bos_token, self.tokenizer.eos_token, self.tokenizer.unk_token, self.tokenizer.pad_token)
+        tok = self.tokenizer
+        named = (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token)
         image = {START_IMAGE, END_IMAGE, PIXEL_NEWLINE}
         self.special = {str(t) for t in named if t is not None} | {
             t for t in self.added if t in image or _CODE_TOKEN.fullmatch(t)
@@ -216,7 +217,7 @@ class _SlowLlamaTokenizer:
 
 
 class PromptTokenizer:
-    """Turns a prompt string into ids exactly as the published code does (chunks split on <image>, joined by -200).
+    """Prompt string -> ids exactly as the published code (chunks split on <image>, joined by -200).
 
     SentencePiece tokenizers with a dummy prefix (Llama/Phi-3) go through the 4.41 slow algorithm; byte-level
     BPE tokenizers (Phi-4, Qwen2.5) through the tokenizer itself, which is already exact for them.
@@ -246,7 +247,7 @@ class PromptTokenizer:
     def encode_text(self, text: str) -> list[int]:
         """Ids of one text chunk (no BOS), as the published slow tokenizer gives them."""
         if IMAGE_PLACEHOLDER in text:
-            raise ValueError(f"encode_text got {IMAGE_PLACEHOLDER!r}: use encode_prompt for prompts with images")
+            raise ValueError(f"text contains {IMAGE_PLACEHOLDER!r}: use encode_prompt for image prompts")
         if self._slow is not None:
             return self._slow.encode(text)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
