@@ -1,0 +1,226 @@
+"""`HealthGPT`: the facade every entry point uses — ask, stream, chat (and later generate images) on one loaded
+model whose plugins are chosen per request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from .checkpoints import load_base_llm, load_official_fusion, load_official_plugin, load_vision_tower, resolve_dtype
+from .config import COMPREHENSION, HealthGPTConfig, get_variant
+from .generation import Request, SamplingParams, generate, stream
+from .model import HealthGPTModel, build_model, expand_image_slots
+from .nano import nano_tokenizer, random_llm, random_vision
+from .templates import PromptError, get_template, user_content
+from .tokens import START_IMAGE, PromptTokenizer
+from .vision import ImagePreprocessor
+
+
+class PromptTooLongError(PromptError):
+    """The prompt plus the answer budget do not fit the model's context."""
+
+
+class HealthGPT:
+    """A loaded HealthGPT: model, tokenizer, preprocessing and chat template, with both plugins resident."""
+
+    def __init__(
+        self,
+        model: HealthGPTModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: HealthGPTConfig,
+        preprocessor: ImagePreprocessor,
+        prompt_tokenizer: PromptTokenizer | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.preprocessor = preprocessor
+        self.prompts = prompt_tokenizer or PromptTokenizer(tokenizer)
+        self.template = get_template(config.template)
+
+    @classmethod
+    def random(cls, variant: str | HealthGPTConfig = "nano", *, seed: int = 0) -> HealthGPT:
+        """An untrained model of the real architecture with random weights (tests, demos, benchmarks)."""
+        config = get_variant(variant) if isinstance(variant, str) else variant
+        tokenizer = nano_tokenizer(config.llm.vocab_rows, config.template)
+        stops = tokenizer.convert_tokens_to_ids(list(get_template(config.template).stop_strings))
+        llm = random_llm(
+            config.llm, len(tokenizer), seed=seed, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(set(stops))
+        )
+        vision = random_vision(config.vision, seed=seed + 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 2)
+            model = build_model(config, llm, vision, tokenizer)
+        pre = ImagePreprocessor.for_clip(config.vision.image_size, config.vision.image_mean, config.vision.image_std)
+        return cls(model, tokenizer, config, pre)
+
+    @classmethod
+    def from_official(
+        cls,
+        config: str | HealthGPTConfig,
+        base_model: str | Path,
+        vision_tower: str | Path,
+        plugin_files: Mapping[str, str | Path],
+        *,
+        fusion_file: str | Path | None = None,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+    ) -> HealthGPT:
+        """Load the published layout: a base LLM folder, a CLIP folder and the official H-LoRA files
+        (`{plugin: path}`); only the plugins given are kept. Loading is strict (see `healthgpt.checkpoints`)."""
+        config = get_variant(config) if isinstance(config, str) else config
+        unknown = sorted(set(plugin_files) - set(config.plugins))
+        if unknown:
+            raise ValueError(f"{config.name} has no plugin(s) {unknown}; it has {sorted(config.plugins)}")
+        config = config.replace(plugins={k: v for k, v in config.plugins.items() if k in plugin_files})
+        torch_dtype = resolve_dtype(dtype)
+        llm, tokenizer = load_base_llm(base_model, torch_dtype)
+        vision = load_vision_tower(vision_tower, torch_dtype)
+        model = build_model(config, llm, vision, tokenizer)
+        for plugin, path in plugin_files.items():
+            load_official_plugin(model, plugin, path)
+        if fusion_file is not None:
+            load_official_fusion(model, fusion_file)
+        prompts = PromptTokenizer(tokenizer)
+        return cls(model.to(device), tokenizer, config, ImagePreprocessor.from_pretrained(str(vision_tower)), prompts)
+
+    # ----- prompts -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The base model's eos ids plus the template's stop tokens."""
+        eos = self.model.llm.generation_config.eos_token_id
+        ids = set([eos] if isinstance(eos, int) else (eos or []))
+        unk = self.tokenizer.unk_token_id
+        for s in self.template.stop_strings:
+            tid = self.tokenizer.convert_tokens_to_ids(s)
+            if tid is not None and tid != unk:
+                ids.add(tid)
+        return sorted(ids)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.stop_ids[0]
+
+    def build_request(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        images: Sequence[Image.Image] = (),
+        *,
+        plugin: str = COMPREHENSION,
+        system: str | None = None,
+        image_generation: bool = False,
+        max_new_tokens: int = 0,
+    ) -> Request:
+        """Token ids (with image slots) and pixel values for one conversation whose first user turn shows `images`."""
+        if not messages or not str(messages[-1].get("content", "")).strip():
+            raise PromptError("the question is empty: give a non-empty question or instruction")
+        first = {**messages[0], "content": user_content(messages[0]["content"], len(images))}
+        prompt = self.template.render([first, *messages[1:]], system=system or self.config.system_prompt)
+        if image_generation:
+            prompt += START_IMAGE
+        ids = self.prompts.encode_prompt(prompt)
+        limit = self.model.llm.config.max_position_embeddings
+        length = len(expand_image_slots(ids, self.model.num_patches))
+        if length + max_new_tokens > limit:
+            raise PromptTooLongError(
+                f"the prompt is {length} tokens and the answer may take {max_new_tokens} more, but the model's context "
+                f"is {limit} tokens: shorten the question or the conversation, or lower max_new_tokens"
+            )
+        pixels = self.preprocessor(images) if images else None
+        return Request(input_ids=ids, plugin=plugin, pixel_values=pixels, image_span=image_generation)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids, cut at the first stop token (never by dropping a fixed number of characters)."""
+        stops = set(self.stop_ids)
+        cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+        return self.tokenizer.decode(list(ids[:cut]), skip_special_tokens=True).strip()
+
+    def _generate_kwargs(self) -> dict[str, Any]:
+        return dict(stop_ids=self.stop_ids, pad_id=self.pad_id)
+
+    # ----- public API ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def ask(
+        self,
+        image: Image.Image | None | Sequence[Image.Image | None],
+        question: str | Sequence[str],
+        *,
+        system: str | None = None,
+        **sampling: Any,
+    ) -> str | list[str]:
+        """Answer a question about an image (or text alone with `image=None`); lists of images and questions give a
+        batched call and a list of answers."""
+        batched = not isinstance(question, str)
+        questions = list(question) if batched else [question]
+        imgs = list(image) if batched and isinstance(image, (list, tuple)) else [image] * len(questions)
+        if len(imgs) != len(questions):
+            raise ValueError(f"{len(imgs)} images for {len(questions)} questions")
+        params = SamplingParams(**sampling)
+        requests = [
+            self.build_request(
+                [{"role": "user", "content": q}],
+                [im] if im is not None else [],
+                system=system,
+                max_new_tokens=params.max_new_tokens,
+            )
+            for im, q in zip(imgs, questions, strict=True)
+        ]
+        outs = generate(self.model, requests, params, **self._generate_kwargs())
+        answers = [self._decode(o) for o in outs]
+        return answers if batched else answers[0]
+
+    def stream(
+        self, image: Image.Image | None, question: str, *, system: str | None = None, **sampling: Any
+    ) -> Iterator[str]:
+        """Yield the answer's text as it is generated."""
+        yield from self.stream_chat([{"role": "user", "content": question}], image, system=system, **sampling)
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        image: Image.Image | None = None,
+        *,
+        system: str | None = None,
+        **sampling: Any,
+    ) -> str:
+        """Answer the last user message of a multi-turn conversation; `image` belongs to the first user turn."""
+        return "".join(self.stream_chat(messages, image, system=system, **sampling)).strip()
+
+    @torch.inference_mode()
+    def stream_chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        image: Image.Image | None = None,
+        *,
+        system: str | None = None,
+        **sampling: Any,
+    ) -> Iterator[str]:
+        """Stream the reply to a conversation, text piece by text piece."""
+        params = SamplingParams(**sampling)
+        request = self.build_request(
+            messages, [image] if image is not None else [], system=system, max_new_tokens=params.max_new_tokens
+        )
+        stops = set(self.stop_ids)
+        ids: list[int] = []
+        sent = ""
+        for step in stream(self.model, [request], params, **self._generate_kwargs()):
+            token = int(step.tokens[0])
+            if token in stops:
+                break
+            ids.append(token)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                continue
+            if len(text) > len(sent):
+                yield text[len(sent) :]
+                sent = text

@@ -1,0 +1,136 @@
+"""The unified HealthGPT model: a transformers causal LM with H-LoRA plugins, a CLIP tower read at two depths,
+one projector per plugin, and VQ image codes in the vocabulary.
+
+Composition, not subclassing: the HF model, the vision encoder and the projectors are members. Image slots in the
+token ids (`IMAGE_TOKEN_INDEX`, one per visual patch) are filled by a masked scatter after a count check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import HealthGPTConfig
+from .hlora import HLoRAController, inject_hlora
+from .tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageVocab, add_image_tokens
+from .vision import VisionEncoder, build_projector, project_images
+
+
+class ImageSlotError(ValueError):
+    """The prompt's image placeholders and the images given do not match."""
+
+
+def expand_image_slots(ids: Sequence[int], num_patches: int) -> list[int]:
+    """Replace each `IMAGE_TOKEN_INDEX` sentinel by `num_patches` slots, so sequence lengths are final before
+    batching (the published code splices features in instead; the resulting embeddings are the same)."""
+    out: list[int] = []
+    for i in ids:
+        out.extend([IMAGE_TOKEN_INDEX] * num_patches if i == IMAGE_TOKEN_INDEX else [i])
+    return out
+
+
+def attach_image_vocab(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, num_codes: int) -> ImageVocab:
+    """Add the image tokens (REFERENCE §1.6), resize embeddings and head to the tokenizer, and set every row from the
+    first new id on to the mean of the rows before it (as the published loader does, padding rows included)."""
+    vocab = add_image_tokens(tokenizer, num_codes)
+    first_new = vocab.start_id
+    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for weight in (llm.get_input_embeddings().weight, llm.get_output_embeddings().weight):
+            mean = weight[:first_new].float().mean(dim=0)
+            weight[first_new:] = mean.to(weight.dtype)
+    return vocab
+
+
+class HealthGPTModel(nn.Module):
+    """LLM + vision + per-plugin projectors; `forward` gives logits and the loss on response tokens only."""
+
+    def __init__(
+        self,
+        llm: PreTrainedModel,
+        hlora: HLoRAController,
+        vision: VisionEncoder,
+        projectors: Mapping[str, nn.Module],
+        vision_layers: Mapping[str, int],
+        image_vocab: ImageVocab | None,
+        num_patches: int,
+    ) -> None:
+        super().__init__()
+        self.llm = llm
+        self.hlora = hlora
+        self.vision = vision
+        self.projectors = nn.ModuleDict(dict(projectors))
+        self.vision_layers = dict(vision_layers)
+        self.image_vocab = image_vocab
+        self.num_patches = num_patches
+
+    @property
+    def plugin_names(self) -> tuple[str, ...]:
+        return tuple(self.projectors)
+
+    def check_plugins(self, plugins: str | Sequence[str], batch: int) -> list[str]:
+        """One plugin name per sample, validated."""
+        names = [plugins] * batch if isinstance(plugins, str) else list(plugins)
+        if len(names) != batch:
+            raise ValueError(f"{batch} samples but {len(names)} plugin names")
+        unknown = sorted(set(names) - set(self.plugin_names))
+        if unknown:
+            raise ValueError(f"unknown plugin(s) {unknown}; this model has {list(self.plugin_names)}")
+        return names
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, plugins: Sequence[str]) -> torch.Tensor:
+        """Token embeddings [B,T,H] with every image slot replaced by its image's projected patch features."""
+        slots = input_ids == IMAGE_TOKEN_INDEX  # [B,T]
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(slots, 0))  # [B,T,H]
+        per_row = slots.sum(dim=1).tolist()
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if any(n % self.num_patches for n in per_row) or sum(per_row) != n_images * self.num_patches:
+            raise ImageSlotError(
+                f"the prompt has {sum(per_row) / self.num_patches:g} image slot(s) "
+                f"({sum(per_row)} positions, {self.num_patches} per image) but {n_images} image(s) were given; "
+                "put one '<image>' in the question's turn per image (healthgpt.templates.user_content does this)"
+            )
+        if n_images == 0:
+            return embeds
+        image_plugins = [p for p, n in zip(plugins, per_row, strict=True) for _ in range(n // self.num_patches)]
+        feats = project_images(self.vision, self.projectors, self.vision_layers, pixel_values, image_plugins)
+        return embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        plugins: str | Sequence[str],
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **llm_kwargs,
+    ):
+        """Causal-LM output of the HF model (`.logits`, `.loss` when `labels` are given, `.cache`).
+
+        `labels` use `IGNORE_INDEX` (-100) on prompt and image positions, so the loss covers response tokens only."""
+        names = self.check_plugins(plugins, input_ids.shape[0])
+        with self.hlora.use(names):
+            embeds = self.embed(input_ids, pixel_values, names)
+            if labels is not None:
+                labels = labels.masked_fill(input_ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+
+
+def build_model(
+    config: HealthGPTConfig,
+    llm: PreTrainedModel,
+    vision: VisionEncoder,
+    tokenizer: PreTrainedTokenizerBase,
+) -> HealthGPTModel:
+    """Compose a HealthGPT model from a loaded base LLM, CLIP tower and tokenizer: image vocabulary (Phi variants),
+    H-LoRA plugins on every LLM linear but `lm_head`, and a freshly initialised projector per plugin."""
+    vocab = attach_image_vocab(llm, tokenizer, config.vq.num_codes) if config.add_image_tokens else None
+    dtype = llm.get_input_embeddings().weight.dtype
+    hlora = inject_hlora(llm, config.plugins, dtype=dtype)
+    hidden = llm.config.hidden_size
+    projectors = {name: build_projector(vision.hidden_size, hidden).to(dtype) for name in config.plugins}
+    layers = {name: plugin.vision_layer for name, plugin in config.plugins.items()}
+    return HealthGPTModel(llm, hlora, vision, projectors, layers, vocab, vision.num_patches)

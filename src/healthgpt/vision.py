@@ -1,0 +1,144 @@
+"""Hierarchical visual perception: one CLIP tower read at two depths, one projector per plugin.
+
+Comprehension reads `hidden_states[-2]` (abstract features), generation `hidden_states[1]` (concrete features),
+CLS dropped (REFERENCE §1.3). The tower runs once per image even when several depths are needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+# Modes that PIL converts to RGB without losing meaning; 16-bit/float images need windowing first.
+_CONVERTIBLE_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr"}
+
+
+class ImageInputError(ValueError):
+    """An image the model cannot take as it is; the message says how to fix it."""
+
+
+def pad_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad to a centred square canvas of the longer side (the published `expand2square`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+class ImagePreprocessor:
+    """PIL image -> CLIP pixel values: RGB, pad to square with the mean colour, then `CLIPImageProcessor`."""
+
+    def __init__(self, processor: CLIPImageProcessorPil) -> None:
+        self.processor = processor
+        # int(mean * 255) per channel, as the published code computes it: (122, 116, 104) for CLIP.
+        self.background = tuple(int(m * 255) for m in processor.image_mean)
+
+    @classmethod
+    def for_clip(cls, image_size: int, mean: Sequence[float], std: Sequence[float]) -> ImagePreprocessor:
+        """The processor of openai/clip-vit-large-patch14-336 at another size (for small configs)."""
+        return cls(
+            CLIPImageProcessorPil(
+                size={"shortest_edge": image_size},
+                crop_size={"height": image_size, "width": image_size},
+                resample=3,
+                image_mean=list(mean),
+                image_std=list(std),
+            )
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> ImagePreprocessor:
+        return cls(CLIPImageProcessorPil.from_pretrained(path))
+
+    def to_rgb(self, image: Image.Image) -> Image.Image:
+        if not isinstance(image, Image.Image):
+            raise ImageInputError(
+                f"expected a PIL image, got {type(image).__name__}; load files with healthgpt.io.load_image"
+            )
+        if image.mode not in _CONVERTIBLE_MODES:
+            raise ImageInputError(
+                f"image mode {image.mode!r} (e.g. 16-bit or float pixels) cannot be shown to the model as it is; "
+                "window it to 8-bit first, e.g. healthgpt.io.load_image(path, window='soft_tissue').to_pil()"
+            )
+        if image.width == 0 or image.height == 0:
+            raise ImageInputError(f"image has an empty size {image.size}")
+        return image.convert("RGB")
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """[N,3,S,S] float32 pixel values."""
+        squares = [pad_to_square(self.to_rgb(im), self.background) for im in images]
+        return torch.as_tensor(self.processor(images=squares, return_tensors="np")["pixel_values"])
+
+
+def build_projector(in_dim: int, out_dim: int) -> nn.Sequential:
+    """`mlp2x_gelu`: Linear -> GELU -> Linear (state keys `0.*`, `2.*` as in the released files)."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
+class VisionEncoder(nn.Module):
+    """A frozen `CLIPVisionModel` whose patch features can be read at several depths in one pass."""
+
+    def __init__(self, tower: CLIPVisionModel) -> None:
+        super().__init__()
+        self.tower = tower
+        self.tower.requires_grad_(False)
+
+    @classmethod
+    def random(
+        cls, image_size: int, patch_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int
+    ) -> VisionEncoder:
+        config = CLIPVisionConfig(
+            image_size=image_size,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            intermediate_size=intermediate_size,
+            hidden_act="quick_gelu",
+        )
+        return cls(CLIPVisionModel(config))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.tower.config.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.tower.config.image_size // self.tower.config.patch_size) ** 2
+
+    @torch.no_grad()
+    def features(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Patch features (CLS dropped) at each requested `hidden_states` index: {layer: [N, P, C]}."""
+        dtype = next(self.tower.parameters()).dtype
+        out = self.tower(pixel_values.to(dtype), output_hidden_states=True)
+        return {layer: out.hidden_states[layer][:, 1:] for layer in layers}
+
+
+def project_images(
+    encoder: VisionEncoder,
+    projectors: Mapping[str, nn.Module],
+    vision_layers: Mapping[str, int],
+    pixel_values: torch.Tensor,
+    plugins: Sequence[str],
+) -> torch.Tensor:
+    """Visual embeddings [N, P, H] in LLM space, image i read at the depth of `plugins[i]` and projected by its
+    projector. The tower runs once for all images and depths."""
+    if len(plugins) != pixel_values.shape[0]:
+        raise ValueError(f"{pixel_values.shape[0]} images but {len(plugins)} plugin names")
+    feats = encoder.features(pixel_values, sorted({vision_layers[p] for p in plugins}))
+    outputs: list[torch.Tensor | None] = [None] * len(plugins)
+    for plugin in dict.fromkeys(plugins):
+        rows = [i for i, p in enumerate(plugins) if p == plugin]
+        projector = projectors[plugin]
+        x = feats[vision_layers[plugin]][rows]  # [n, P, C]
+        y = projector(x.to(next(projector.parameters()).dtype))  # [n, P, H]
+        for j, i in enumerate(rows):
+            outputs[i] = y[j]
+    return torch.stack(outputs)  # [N, P, H]
