@@ -41,13 +41,37 @@ def _hf_image(size=(4, 3), name="x.png"):
 def test_vqa_rad_osf_json(tmp_path):
     _png(tmp_path / "VQA_RAD Image Folder" / "synpic1.jpg", size=(5, 5))
     records = [
-        {"qid": 1, "image_name": "synpic1.jpg", "question": "Is there a mass?", "answer": "Yes",
-         "answer_type": "CLOSED", "question_type": "PRES", "phrase_type": "test_freeform", "image_organ": "CHEST"},
-        {"qid": 2, "image_name": "synpic1.jpg", "question": "How many masses?", "answer": 2,
-         "answer_type": "OPEN ", "question_type": "COUNT", "phrase_type": "test_para", "image_organ": "CHEST"},
-        {"qid": 3, "image_name": "synpic1.jpg", "question": "Is it normal?", "answer": "No",
-         "answer_type": "CLOSED", "question_type": "ABN", "phrase_type": "freeform", "image_organ": "CHEST"},
-    ]  # fmt: skip
+        {
+            "qid": 1,
+            "image_name": "synpic1.jpg",
+            "question": "Is there a mass?",
+            "answer": "Yes",
+            "answer_type": "CLOSED",
+            "question_type": "PRES",
+            "phrase_type": "test_freeform",
+            "image_organ": "CHEST",
+        },
+        {
+            "qid": 2,
+            "image_name": "synpic1.jpg",
+            "question": "How many masses?",
+            "answer": 2,
+            "answer_type": "OPEN ",
+            "question_type": "COUNT",
+            "phrase_type": "test_para",
+            "image_organ": "CHEST",
+        },
+        {
+            "qid": 3,
+            "image_name": "synpic1.jpg",
+            "question": "Is it normal?",
+            "answer": "No",
+            "answer_type": "CLOSED",
+            "question_type": "ABN",
+            "phrase_type": "freeform",
+            "image_organ": "CHEST",
+        },
+    ]
     (tmp_path / "VQA_RAD Dataset Public.json").write_text(json.dumps(records))
     test = load_vqa_rad(tmp_path)
     assert [(it.id, it.kind, it.answer, it.question_type) for it in test] == [
@@ -60,8 +84,14 @@ def test_vqa_rad_osf_json(tmp_path):
 
 
 def test_vqa_rad_osf_rejects_unknown_answer_type(tmp_path):
-    rec = {"qid": 1, "image_name": "a.jpg", "question": "q", "answer": "yes", "answer_type": "MAYBE",
-           "phrase_type": "test_freeform"}  # fmt: skip
+    rec = {
+        "qid": 1,
+        "image_name": "a.jpg",
+        "question": "q",
+        "answer": "yes",
+        "answer_type": "MAYBE",
+        "phrase_type": "test_freeform",
+    }
     (tmp_path / "VQA_RAD Dataset Public.json").write_text(json.dumps([rec]))
     with pytest.raises(ValueError, match="answer_type"):
         load_vqa_rad(tmp_path)
@@ -92,17 +122,51 @@ def test_vqa_rad_missing_folder_raises(tmp_path):
 
 def test_slake_english_only(tmp_path):
     _png(tmp_path / "imgs" / "xmlab1" / "source.jpg", size=(7, 7))
-    base = {"img_id": 1, "img_name": "xmlab1/source.jpg", "location": "Lung", "modality": "CT", "base_type": "vqa"}
+    base = {
+        "img_id": 1,
+        "img_name": "xmlab1/source.jpg",
+        "location": "Lung",
+        "modality": "CT",
+        "base_type": "vqa",
+    }
     records = [
-        {**base, "qid": 10, "question": "Is the lung healthy?", "answer": "No", "q_lang": "en",
-         "answer_type": "CLOSED", "content_type": "Abnormality"},
-        {**base, "qid": 11, "question": "Which organ is bigger, liver or spleen?", "answer": "Liver",
-         "q_lang": "en", "answer_type": "CLOSED", "content_type": "Size"},
-        {**base, "qid": 12, "question": "What modality?", "answer": "CT", "q_lang": "en",
-         "answer_type": "OPEN", "content_type": "Modality"},
-        {**base, "qid": 13, "question": "肺健康吗?", "answer": "不", "q_lang": "zh",
-         "answer_type": "CLOSED", "content_type": "Abnormality"},
-    ]  # fmt: skip
+        {
+            **base,
+            "qid": 10,
+            "question": "Is the lung healthy?",
+            "answer": "No",
+            "q_lang": "en",
+            "answer_type": "CLOSED",
+            "content_type": "Abnormality",
+        },
+        {
+            **base,
+            "qid": 11,
+            "question": "Which organ is bigger, liver or spleen?",
+            "answer": "Liver",
+            "q_lang": "en",
+            "answer_type": "CLOSED",
+            "content_type": "Size",
+        },
+        {
+            **base,
+            "qid": 12,
+            "question": "What modality?",
+            "answer": "CT",
+            "q_lang": "en",
+            "answer_type": "OPEN",
+            "content_type": "Modality",
+        },
+        {
+            **base,
+            "qid": 13,
+            "question": "肺健康吗?",
+            "answer": "不",
+            "q_lang": "zh",
+            "answer_type": "CLOSED",
+            "content_type": "Abnormality",
+        },
+    ]
     (tmp_path / "test.json").write_text(json.dumps(records, ensure_ascii=False))
     items = load_slake(tmp_path)
     assert [(it.id, it.kind, it.modality, it.question_type) for it in items] == [
@@ -121,7 +185,10 @@ def test_pathvqa_parquet_and_text_layouts(tmp_path):
     _write_parquet(tmp_path / "hf" / "data" / "test-00000-of-00002.parquet", rows[:1])
     _write_parquet(tmp_path / "hf" / "data" / "test-00001-of-00002.parquet", rows[1:])
     items = load_pathvqa(tmp_path / "hf")
-    assert [(it.id, it.kind) for it in items] == [("pathvqa/test/00000", "closed"), ("pathvqa/test/00001", "open")]
+    assert [(it.id, it.kind) for it in items] == [
+        ("pathvqa/test/00000", "closed"),
+        ("pathvqa/test/00001", "open"),
+    ]
 
     text = tmp_path / "text"
     _png(text / "images" / "test" / "test_0001.jpg")
@@ -139,8 +206,14 @@ def test_pathvqa_parquet_and_text_layouts(tmp_path):
 
 
 def _omni_record(qid, modality_key="modality_type", modality="CT(Computed Tomography)", **extra):
-    rec = {"dataset": "Fake", "question_id": qid, "question_type": "Modality Recognition",
-           "question": "What modality is shown?", "image_path": "Images/Fake/a.png", modality_key: modality}  # fmt: skip
+    rec = {
+        "dataset": "Fake",
+        "question_id": qid,
+        "question_type": "Modality Recognition",
+        "question": "What modality is shown?",
+        "image_path": "Images/Fake/a.png",
+        modality_key: modality,
+    }
     rec.update(extra)
     return rec
 
@@ -150,13 +223,29 @@ def test_omnimedvqa_mcq_and_modality_names(tmp_path):
     folder = tmp_path / "QA_information" / "Open-access"
     folder.mkdir(parents=True)
     records = [
-        _omni_record("Fake_0", gt_answer="MRI", option_A="CT", option_B="MRI", option_C="PET", option_D="X-ray"),
-        _omni_record("Fake_1", modality="MR (Mag-netic Resonance Imaging)", gt_answer="Glioma.",
-                     option_A="Meningioma", option_B="glioma"),
-        _omni_record("Fake_2", modality_key="modality", modality="ultrasound", gt_answer="No", option_A="Yes",
-                     option_B="No", option_C=None),
-        _omni_record("Fake_3", modality="Dermoscopy", gt_answer="Nevus", option_A="Nevus", option_B="Melanoma"),
-    ]  # fmt: skip
+        _omni_record(
+            "Fake_0", gt_answer="MRI", option_A="CT", option_B="MRI", option_C="PET", option_D="X-ray"
+        ),
+        _omni_record(
+            "Fake_1",
+            modality="MR (Mag-netic Resonance Imaging)",
+            gt_answer="Glioma.",
+            option_A="Meningioma",
+            option_B="glioma",
+        ),
+        _omni_record(
+            "Fake_2",
+            modality_key="modality",
+            modality="ultrasound",
+            gt_answer="No",
+            option_A="Yes",
+            option_B="No",
+            option_C=None,
+        ),
+        _omni_record(
+            "Fake_3", modality="Dermoscopy", gt_answer="Nevus", option_A="Nevus", option_B="Melanoma"
+        ),
+    ]
     (folder / "Fake.json").write_text(json.dumps(records))
     items = load_omnimedvqa(tmp_path)
     assert [(it.id, it.modality, it.options, it.answer, it.answer_letter) for it in items] == [
@@ -176,14 +265,25 @@ def test_omnimedvqa_mcq_and_modality_names(tmp_path):
 def test_omnimedvqa_answer_not_an_option_raises(tmp_path):
     folder = tmp_path / "QA_information" / "Open-access"
     folder.mkdir(parents=True)
-    (folder / "Bad.json").write_text(json.dumps([_omni_record("B0", gt_answer="PET", option_A="CT", option_B="MR")]))
+    (folder / "Bad.json").write_text(
+        json.dumps([_omni_record("B0", gt_answer="PET", option_A="CT", option_B="MR")])
+    )
     with pytest.raises(ValueError, match="not exactly one of the options"):
         load_omnimedvqa(tmp_path)
 
 
 def _mmmu_row(id_, **kw):
-    row = {"id": id_, "question": "<image 1> Which drug?", "options": "[]", "explanation": "", "img_type": "['Tables']",
-           "answer": "A", "topic_difficulty": "Easy", "question_type": "multiple-choice", "subfield": "Pharmacology"}  # fmt: skip
+    row = {
+        "id": id_,
+        "question": "<image 1> Which drug?",
+        "options": "[]",
+        "explanation": "",
+        "img_type": "['Tables']",
+        "answer": "A",
+        "topic_difficulty": "Easy",
+        "question_type": "multiple-choice",
+        "subfield": "Pharmacology",
+    }
     row.update({f"image_{k}": None for k in range(1, 8)})
     row.update(kw)
     return row
@@ -191,10 +291,17 @@ def _mmmu_row(id_, **kw):
 
 def test_mmmu_med_parquet_and_json(tmp_path):
     rows = [
-        _mmmu_row("validation_Pharmacy_1", options="['Aspirin', 'Heparin', 'Warfarin']", answer="B",
-                  image_1=_hf_image((3, 3)), image_2=_hf_image((2, 2))),
-        _mmmu_row("validation_Pharmacy_2", question_type="open", answer="['3.5', '3.50']", image_1=_hf_image()),
-    ]  # fmt: skip
+        _mmmu_row(
+            "validation_Pharmacy_1",
+            options="['Aspirin', 'Heparin', 'Warfarin']",
+            answer="B",
+            image_1=_hf_image((3, 3)),
+            image_2=_hf_image((2, 2)),
+        ),
+        _mmmu_row(
+            "validation_Pharmacy_2", question_type="open", answer="['3.5', '3.50']", image_1=_hf_image()
+        ),
+    ]
     _write_parquet(tmp_path / "Pharmacy" / "validation-00000-of-00001.parquet", rows)
     _png(tmp_path / "Public_Health" / "img" / "q1.png", size=(9, 9))
     row = _mmmu_row("validation_Public_Health_1", options=["Cohort", "Case-control"], image_1="img/q1.png")

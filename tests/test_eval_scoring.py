@@ -1,4 +1,4 @@
-"""Scorer rules against hand-computed values: every item counts, "normal" is not "no", MCQ by letter or text."""
+"""Scorer rules on hand-computed values: every item counts, "normal" is not "no", MCQ by letter or text."""
 
 import pytest
 
@@ -132,7 +132,11 @@ def test_mcq_answered_with_the_option_text_counts_and_empty_is_wrong():
     assert score_item(item, "B").correct is True
     assert score_item(item, "A").correct is False
     assert score_item(item, "").correct is False
-    assert summarize([item], {"1": ""})["datasets"]["vqa-rad"]["mcq"] == {"n": 1, "accuracy": 0.0, "unparsed": 1}
+    assert summarize([item], {"1": ""})["datasets"]["vqa-rad"]["mcq"] == {
+        "n": 1,
+        "accuracy": 0.0,
+        "unparsed": 1,
+    }
 
 
 def test_all_mixes_closed_accuracy_and_open_recall():
@@ -162,7 +166,11 @@ def test_omvqa_is_the_mean_over_modalities_and_breakdowns_count():
     m = summarize(items, {"1": "A", "2": "A", "3": "B", "4": "B", "5": "B"})
     ds = m["datasets"]["omnimedvqa"]
     assert ds["accuracy"] == pytest.approx(40.0)
-    assert ds["by_modality"]["MRI"] == {"n": 3, "accuracy": pytest.approx(100 / 3), "all": pytest.approx(100 / 3)}
+    assert ds["by_modality"]["MRI"] == {
+        "n": 3,
+        "accuracy": pytest.approx(100 / 3),
+        "all": pytest.approx(100 / 3),
+    }
     # Table 9's seven modalities only (Dermoscopy is not one), each weighing the same: (100 + 33.3) / 2
     assert ds["modality_mean_of"] == ["CT", "MRI"]
     assert m["table1"]["OMVQA"] == pytest.approx((100 + 100 / 3) / 2)
