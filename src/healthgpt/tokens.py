@@ -158,8 +158,6 @@ class _SlowLlamaTokenizer:
     """
 
     def __init__(self, tokenizer: Any, sp: spm.SentencePieceProcessor) -> None:
-        if tokenizer.init_kwargs.get("legacy") is not False:
-            raise ValueError("only the legacy=False LlamaTokenizer behaviour (Phi-3) is reproduced")
         self.tokenizer = tokenizer
         self.sp = sp
         self.unk = str(tokenizer.unk_token)
