@@ -163,6 +163,7 @@ class _SlowLlamaTokenizer:
         self.unk = str(tokenizer.unk_token)
         self.unk_length = len(self.sp.encode(self.unk))
         self._cached_len = -1
+        self._refresh()
 
     def _refresh(self) -> None:
         """Rebuild the added-token tables when the tokenizer grew (e.g. after `add_image_tokens`)."""
