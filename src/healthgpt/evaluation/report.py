@@ -73,7 +73,7 @@ def metrics_markdown(metrics: Mapping[str, Any], run: Mapping[str, Any]) -> str:
 
 
 def compare_runs(run_dirs: Iterable[str | Path], labels: Sequence[str] | None = None) -> str:
-    """Runs side by side: settings and item sets, Table-1 rows, per-dataset close / open recall / all."""
+    """Runs side by side: their settings and item sets, Table-1 rows, then one table per dataset."""
     runs = []
     for d in map(Path, run_dirs):
         metrics = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
@@ -84,7 +84,6 @@ def compare_runs(run_dirs: Iterable[str | Path], labels: Sequence[str] | None = 
             raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
         runs = [(label, m, r) for label, (_, m, r) in zip(labels, runs, strict=True)]
     names = sorted({name for _, m, _ in runs for name in m["datasets"]})
-    detail_cols = [("close", ("closed", "accuracy")), ("open recall", ("open", "recall")), ("all", ("all",))]
     parts = [
         "## Runs",
         _table(
@@ -105,13 +104,16 @@ def compare_runs(run_dirs: Iterable[str | Path], labels: Sequence[str] | None = 
             ["run", *_TABLE1_HEADERS],
             [[label] + [m["table1"].get(h) for h in _TABLE1_HEADERS] for label, m, _ in runs],
         ),
-        "## Per dataset",
-        _table(
-            ["run"] + [f"{n} {h}" for n in names for h, _ in detail_cols],
-            [
-                [label] + [_get(m["datasets"].get(n, {}), p) for n in names for _, p in detail_cols]
-                for label, m, _ in runs
-            ],
-        ),
     ]
+    for name in names:
+        parts.append(f"### {name}")
+        parts.append(
+            _table(
+                ["run"] + [h for h, _ in _DATASET_COLUMNS],
+                [
+                    [label] + [_get(m["datasets"].get(name, {}), p) for _, p in _DATASET_COLUMNS]
+                    for label, m, _ in runs
+                ],
+            )
+        )
     return "\n\n".join(parts) + "\n"

@@ -22,6 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from healthgpt import __version__
 from healthgpt.evaluation.items import EvalItem, Predictor
 from healthgpt.evaluation.prompts import DEFAULT_PROMPTS, PromptSet, render_prompt
 from healthgpt.evaluation.report import metrics_markdown
@@ -109,7 +110,11 @@ def _start_run(out_dir: Path, identity: dict[str, Any]) -> dict[str, Any]:
     else:
         run = {
             **identity,
-            "harness": {"python": sys.version.split()[0], "platform": platform.platform()},
+            "harness": {
+                "healthgpt": __version__,
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+            },
             "started_at": _now(),
         }
     _write_json(path, run)
