@@ -52,10 +52,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def processors(self) -> LogitsProcessorList:
+    def processors(self, constraint: LogitsProcessor | None = None) -> LogitsProcessorList:
+        """Penalty, then the constraint (before the warpers, so top-k/top-p only see allowed tokens), then the
+        temperature/top-k/top-p warpers of transformers."""
         procs = LogitsProcessorList()
         if self.repetition_penalty not in (None, 1.0):
             procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if constraint is not None:
+            procs.append(constraint)
         if not self.greedy:
             procs.append(TemperatureLogitsWarper(self.temperature))
             if self.top_k is not None:
@@ -165,12 +169,12 @@ def stream(
     plugins = model.check_plugins([r.plugin for r in requests], len(requests))
     batch = len(requests)
 
-    procs = sampling.processors()
     constraint = None
     if model.image_vocab is not None and span_length is not None:
         allow = torch.tensor(list(allow_images) if allow_images is not None else [True] * batch, device=device)
         in_span = torch.tensor([r.image_span for r in requests], device=device)
         constraint = ImageSpanConstraint(model.image_vocab, span_length, in_span, allow)
+    procs = sampling.processors(constraint)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -197,8 +201,6 @@ def stream(
     for _ in range(sampling.max_new_tokens):
         raw = out.logits[:, -1].float()  # [B, V]
         scores = procs(generated, raw)
-        if constraint is not None:
-            scores = constraint(generated, scores)
         if sampling.greedy:
             token = scores.argmax(dim=-1)
         else:

@@ -1,0 +1,47 @@
+"""Shared test fixtures: tiny random models of the real architectures, and the published-code fixture folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from healthgpt.api import HealthGPT
+from healthgpt.config import GENERATION, get_variant
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def published_fixture_dir() -> Path:
+    """`shared/fixtures/published-m3-comprehension` beside the checkout (override with HEALTHGPT_SHARED_DIR)."""
+    shared = Path(os.environ.get("HEALTHGPT_SHARED_DIR", REPO.parent / "shared"))
+    return shared / "fixtures" / "published-m3-comprehension"
+
+
+@pytest.fixture(scope="session")
+def published() -> Path:
+    path = published_fixture_dir()
+    if not path.is_dir():
+        pytest.skip(f"the published-code fixture folder {path} is not beside this checkout (set HEALTHGPT_SHARED_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def nano() -> HealthGPT:
+    """The nano variant with random weights; generation plugin B matrices made non-zero so plugins differ."""
+    return HealthGPT.random("nano", seed=0)
+
+
+def tiny_config(arch: str):
+    """A nano-sized config of the Phi-3 (m3/l14 family) or Qwen2 (xl32 family) architecture."""
+    base = get_variant("nano")
+    if arch == "phi3":
+        return base
+    return base.replace(
+        name="tiny-qwen2",
+        llm=base.llm.__class__(**{**base.llm.__dict__, "arch": "qwen2", "num_kv_heads": 2}),
+        template="qwen_2",
+        add_image_tokens=False,
+        plugins={k: v for k, v in base.plugins.items() if k != GENERATION},
+    )
