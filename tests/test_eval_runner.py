@@ -7,6 +7,7 @@ from PIL import Image
 
 from healthgpt.evaluation import (
     RunMismatchError,
+    ask_predictor,
     compare_runs,
     load_mmmu_med,
     load_omnimedvqa,
@@ -313,3 +314,24 @@ def test_compare_runs_side_by_side(items, tmp_path):
     assert md.count("| short | recall | 14 |") == 2
     with pytest.raises(ValueError):
         compare_runs([tmp_path / "a"], labels=["x", "y"])
+
+
+def test_ask_predictor_sends_first_image_and_prompt(items, tmp_path):
+    calls = []
+
+    def ask(images, questions, **sampling):
+        calls.append((images, questions, sampling))
+        return ["yes"] * len(questions)
+
+    mmmu = [it for it in items if it.dataset == "mmmu-med"]
+    run_eval(
+        ask_predictor(ask, max_new_tokens=16), mmmu, tmp_path, batch_size=2, run_info=RUN_INFO, progress=False
+    )
+    ((images, questions, sampling),) = calls
+    assert [im.size for im in images] == [(4, 4), (4, 4)]
+    assert questions == [render_prompt(it) for it in mmmu]
+    assert questions[0] == (
+        "<image 1> ?\nA. Aspirin\nB. Heparin\n"
+        "Answer with the option's letter from the given choices directly."
+    )
+    assert sampling == {"max_new_tokens": 16}

@@ -17,7 +17,14 @@ from healthgpt.evaluation.image_pairs import generation_table, score_image_pairs
 from healthgpt.evaluation.items import EvalItem, Predictor
 from healthgpt.evaluation.prompts import DEFAULT_PROMPTS, PROMPT_SETS, PromptSet, render_prompt
 from healthgpt.evaluation.report import compare_runs, metrics_markdown
-from healthgpt.evaluation.runner import RunMismatchError, read_predictions, run_eval, score_run, sha256_file
+from healthgpt.evaluation.runner import (
+    RunMismatchError,
+    ask_predictor,
+    read_predictions,
+    run_eval,
+    score_run,
+    sha256_file,
+)
 from healthgpt.evaluation.scoring import score_item, summarize, table1
 
 __all__ = [
@@ -29,6 +36,7 @@ __all__ = [
     "Predictor",
     "PromptSet",
     "RunMismatchError",
+    "ask_predictor",
     "compare_runs",
     "generation_table",
     "load_benchmark",

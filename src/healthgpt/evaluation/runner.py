@@ -16,7 +16,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,17 @@ def _start_run(out_dir: Path, identity: dict[str, Any]) -> dict[str, Any]:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def ask_predictor(ask: Callable[..., list[str]], **sampling: Any) -> Predictor:
+    """A predictor over a batched `ask(images, questions, **sampling)` (as `HealthGPT.ask`): each item's first
+    image (None if it has none; the model takes one image) and its rendered prompt."""
+
+    def predict(items: list[EvalItem]) -> list[str]:
+        images = [it.load_images()[0] if it.images else None for it in items]
+        return list(ask(images, [it.prompt for it in items], **sampling))
+
+    return predict
 
 
 def run_eval(
