@@ -26,7 +26,7 @@ from healthgpt import __version__
 from healthgpt.evaluation.items import EvalItem, Predictor
 from healthgpt.evaluation.prompts import DEFAULT_PROMPTS, PromptSet, render_prompt
 from healthgpt.evaluation.report import metrics_markdown
-from healthgpt.evaluation.scoring import SCORING_VERSION, item_scores, summarize
+from healthgpt.evaluation.scoring import OPEN_METRICS, SCORING_VERSION, item_scores, summarize
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ def _batches(items: list[EvalItem], size: int) -> Iterable[list[EvalItem]]:
 def _start_run(out_dir: Path, identity: dict[str, Any]) -> dict[str, Any]:
     """The run record: checked against an existing run.json (resume) or written fresh."""
     path = out_dir / RUN_FILE
+    if not path.exists() and (out_dir / PREDICTIONS_FILE).exists():
+        raise RunMismatchError(f"{out_dir} holds predictions but no {RUN_FILE}: what made them is unknown")
     if path.exists():
         run = json.loads(path.read_text(encoding="utf-8"))
         differing = [k for k in _IDENTITY_KEYS if run.get(k) != identity[k]]
@@ -154,6 +156,8 @@ def run_eval(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if open_metric not in OPEN_METRICS:
+        raise ValueError(f"open_metric must be one of {OPEN_METRICS}, got {open_metric!r}")
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         raise ValueError("item ids must be unique")
