@@ -1,0 +1,82 @@
+"""`load_image` and `write_volume`: pick the reader or writer from the file's content and name."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from healthgpt.io.dicom import read_dicom, read_dicom_series, save_dicom_series
+from healthgpt.io.errors import ImageInputError
+from healthgpt.io.image import MedicalImage, Pixels, Plane, SliceIndex, select
+from healthgpt.io.nifti import NIFTI_SUFFIXES, read_nifti, save_nifti
+from healthgpt.io.raster import read_raster
+from healthgpt.io.windowing import WindowSpec, parse_window
+
+_NIFTI_MAGIC = (b"n+1\0", b"ni1\0")  # at byte 344 of a NIfTI-1 header
+
+
+def load_image(
+    path: str | Path,
+    *,
+    window: WindowSpec = None,
+    slice_index: SliceIndex = None,
+    axis: Plane | int | None = None,
+    frame: int | None = None,
+) -> MedicalImage:
+    """Read PNG/JPEG/TIFF/BMP, DICOM (file or series folder) or NIfTI into physical units.
+
+    Volumes (NIfTI, series folders, multi-frame DICOM) give their middle slice unless `slice_index` is an
+    index or "all". `axis` ("axial", "coronal", "sagittal" or RAS axis 0-2) reslices a volume; by default
+    NIfTI is sliced axially and DICOM along its own stack. `frame` picks the volume of a 4D NIfTI (default
+    0), the frame of a multi-frame DICOM or the page of a multi-page image. `window` sets the display window
+    used by `to_pil()`; without it, the file's own DICOM window, else CT soft tissue, else percentiles.
+    """
+    path = Path(path)
+    chosen = parse_window(window, path)
+    image = select(_read(path, frame), slice_index, axis)
+    return replace(image, window=chosen) if chosen is not None else image
+
+
+def write_volume(
+    slices: MedicalImage | Pixels | Sequence[Pixels],
+    source: MedicalImage,
+    path: str | Path,
+    *,
+    description: str = "healthgpt synthetic",
+) -> Path:
+    """Write slices with the source's geometry: NIfTI for .nii/.nii.gz, a DICOM series for a folder name."""
+    path = Path(path)
+    if path.name.endswith(NIFTI_SUFFIXES):
+        return save_nifti(slices, path, source)
+    if not path.suffix:
+        return save_dicom_series(slices, source, path, description=description)
+    raise ImageInputError(
+        path,
+        f"has the unsupported output suffix {path.suffix!r}",
+        "end it with .nii or .nii.gz, or give a folder name (no suffix) for a DICOM series",
+    )
+
+
+def _read(path: Path, frame: int | None) -> MedicalImage:
+    if path.is_dir():
+        if frame is not None:
+            raise ImageInputError(
+                path,
+                "frame applies to one multi-frame file, not a series folder",
+                "use slice_index to pick a slice",
+            )
+        return read_dicom_series(path)
+    if not path.exists():
+        raise ImageInputError(
+            path, "does not exist", f"check the path (relative paths start at {Path.cwd()})"
+        )
+    with path.open("rb") as file:
+        head = file.read(348)
+    if not head:
+        raise ImageInputError(path, "is empty (0 bytes)", "copy or export the file again")
+    if head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom"):
+        return read_dicom(path, frame)
+    if path.name.lower().endswith(NIFTI_SUFFIXES) or head[344:348] in _NIFTI_MAGIC:
+        return read_nifti(path, frame)
+    return read_raster(path, frame)

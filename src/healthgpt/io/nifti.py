@@ -1,0 +1,99 @@
+"""NIfTI in (RAS-canonical, then radiological display planes) and out (keeping geometry) via nibabel."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
+from healthgpt.io.atomic import atomic_target
+from healthgpt.io.errors import ImageInputError
+from healthgpt.io.image import MedicalImage, Pixels, as_slices, spacing_of
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
+
+
+def read_nifti(path: Path, frame: int | None) -> MedicalImage:
+    """A 3D volume (or volume `frame` of a 4D series, default 0), RAS-canonical, sliced axially by default."""
+    try:
+        image = nib.as_closest_canonical(nib.load(path))
+        data = _frame(image, frame, path)
+        values = np.asarray(data, dtype=np.float32)
+    except ImageInputError:
+        raise
+    except _READ_ERRORS as exc:
+        raise ImageInputError(
+            path,
+            f"cannot be read as NIfTI ({exc}); it is truncated or corrupt",
+            "copy or export the file again",
+        ) from exc
+    volume = MedicalImage(
+        array=values, path=path, affine=image.affine, pixel_spacing=spacing_of(image.affine)
+    )
+    return volume.reoriented("axial")
+
+
+def save_nifti(
+    data: MedicalImage | Pixels | Sequence[Pixels],
+    path: str | Path,
+    geometry: MedicalImage | np.ndarray,
+) -> Path:
+    """Write a slice or (S, H, W) volume with the geometry of `geometry`, atomically; returns the path.
+
+    `geometry` is the source image (its affine is rescaled to the output grid, e.g. a 256x256 generated
+    slice) or a 4x4 affine of (slice, row, column) indices. Colour PIL images are stored as luminance.
+    The file is written in RAS-canonical order, so it re-reads with the source's canonical affine.
+    """
+    path = Path(path)
+    if not path.name.endswith(NIFTI_SUFFIXES):
+        raise ImageInputError(path, "is not a NIfTI file name", "end it with .nii or .nii.gz")
+    volume = np.stack(as_slices(data, path, gray=True))
+    affine = _affine_for(geometry, volume, path)
+    if volume.dtype.kind == "f":
+        volume = volume.astype(np.float32)
+    image = nib.Nifti1Image(volume, affine)
+    image.header.set_xyzt_units("mm")
+    with atomic_target(path) as tmp:
+        nib.save(nib.as_closest_canonical(image), tmp)
+    return path
+
+
+def _frame(image: nib.spatialimages.SpatialImage, frame: int | None, path: Path) -> np.ndarray:
+    """The 3D data to show: the volume itself, or one volume of a 4D series (read lazily)."""
+    if len(image.shape) not in (3, 4):
+        raise ImageInputError(
+            path,
+            f"has shape {image.shape}; only 3D and 4D NIfTI are images here",
+            "squeeze or split the extra dimensions first",
+        )
+    frames = image.shape[3] if len(image.shape) == 4 else 1
+    if frame is not None and not 0 <= frame < frames:
+        raise ImageInputError(
+            path, f"frame {frame} is out of range for {frames} volumes", f"use 0..{frames - 1}"
+        )
+    return image.dataobj[..., frame or 0] if len(image.shape) == 4 else image.dataobj
+
+
+def _affine_for(geometry: MedicalImage | np.ndarray, volume: np.ndarray, path: Path) -> np.ndarray:
+    if isinstance(geometry, np.ndarray):
+        affine = geometry
+    else:
+        if geometry.num_slices != volume.shape[0]:
+            raise ImageInputError(
+                path,
+                f"got {volume.shape[0]} slices for a source of {geometry.num_slices}",
+                "write one output slice per source slice",
+            )
+        affine = geometry.grid_affine(*volume.shape[1:3])
+    if affine is None or np.shape(affine) != (4, 4):
+        raise ImageInputError(
+            path,
+            "has no 4x4 affine to write with",
+            "pass a source image loaded from NIfTI or DICOM with geometry, or a 4x4 affine",
+        )
+    return affine
