@@ -157,7 +157,7 @@ def _decode_error(ds: Dataset, path: Path, exc: Exception) -> ImageInputError:
     if syntax is None or not UID(syntax).is_compressed:
         return ImageInputError(
             path,
-            f"its pixel data cannot be read ({detail}); the file is truncated or corrupt",
+            f"is truncated or corrupt: its pixel data cannot be read ({detail})",
             "copy or export the file again",
         )
     syntax = UID(syntax)
@@ -337,11 +337,15 @@ def _set_pixels(ds: Dataset, pixels: np.ndarray, invert: bool, out_dir: Path) ->
     if pixels.dtype == np.uint8:
         ds.set_pixel_data(pixels, "RGB" if pixels.ndim == 3 else "MONOCHROME2", 8)
         return
-    if pixels.ndim == 3 or not np.all(np.isfinite(pixels)):
+    if pixels.ndim == 3:
+        raise ImageInputError(
+            out_dir, f"slice {ds.InstanceNumber} is colour but {pixels.dtype}", "pass uint8 RGB"
+        )
+    if not np.all(np.isfinite(pixels)):
         raise ImageInputError(
             out_dir,
-            f"slice {ds.InstanceNumber} has {pixels.dtype} values that are colour, NaN or infinite",
-            "pass finite grey values, or uint8 for display images",
+            f"slice {ds.InstanceNumber} has NaN or infinite values",
+            "replace them, e.g. np.nan_to_num",
         )
     values = pixels.astype(np.float64)
     rounded = np.rint(values)

@@ -29,7 +29,7 @@ def read_nifti(path: Path, frame: int | None) -> MedicalImage:
     except _READ_ERRORS as exc:
         raise ImageInputError(
             path,
-            f"cannot be read as NIfTI ({exc}); it is truncated or corrupt",
+            f"is truncated or corrupt: nibabel cannot read it ({exc})",
             "copy or export the file again",
         ) from exc
     volume = MedicalImage(

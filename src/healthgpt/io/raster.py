@@ -45,7 +45,7 @@ def read_raster(path: Path, frame: int | None) -> MedicalImage:
         ) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageInputError(
-            path, f"cannot be decoded ({exc}); it is truncated or corrupt", "copy or export the file again"
+            path, f"is truncated or corrupt: PIL cannot decode it ({exc})", "copy or export the file again"
         ) from exc
 
 
