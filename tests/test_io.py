@@ -278,9 +278,24 @@ def test_processed_series_volume_round_trips_through_dicom_and_nifti(tmp_path):
     np.testing.assert_allclose(reread.affine, volume.affine, atol=1e-4)
     uids = {pydicom.dcmread(p).SOPInstanceUID for p in dicom_out.iterdir()}
     assert len(uids) == 3 and not uids & {ds.SOPInstanceUID for ds in volume.datasets}
-    nifti = nib.load(write_volume(processed, volume, tmp_path / "processed.nii.gz"))
+    nifti_path = write_volume(processed, volume, tmp_path / "processed.nii.gz")
+    nifti = nib.load(nifti_path)
     assert nifti.shape == (128, 128, 3)  # RAS order: x, y, z
     np.testing.assert_allclose(nifti.affine @ [0, 0, 0, 1], volume.affine @ [0, 127, 127, 1], atol=1e-4)
+    # DICOM and NIfTI share one display convention: the NIfTI reads back as the DICOM volume did
+    np.testing.assert_array_equal(load_image(nifti_path, slice_index="all").array, processed)
+
+
+def test_dicom_volume_reslices_by_plane(tmp_path):
+    write_ct_series(tmp_path / "series", [-60.0, -75.0, -45.0], [1, 2, 3])
+    volume = load_image(tmp_path / "series", slice_index="all")
+    axial = load_image(tmp_path / "series", slice_index="all", axis="axial")
+    np.testing.assert_array_equal(axial.array, volume.array)  # an axial series is already in axial view
+    coronal = load_image(tmp_path / "series", slice_index="all", axis="coronal")
+    # coronal view: slices run posterior -> anterior (rows of the axial image reversed), rows superior first
+    np.testing.assert_array_equal(coronal.array, volume.array[::-1, ::-1, :].transpose(1, 0, 2))
+    # so coronal voxel (s, r, c) is axial voxel (S - 1 - r, 127 - s, c)
+    np.testing.assert_allclose(coronal.affine @ [2, 1, 3, 1], volume.affine @ [3 - 1 - 1, 127 - 2, 3, 1])
 
 
 def test_save_png_renders_medical_image(tmp_path):

@@ -105,6 +105,11 @@ def series_with_shared_positions(tmp: Path):
     return lambda: load_image(tmp / "echoes"), tmp / "echoes"
 
 
+def colour_png_with_window(tmp: Path):
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp / "photo.png")
+    return lambda: load_image(tmp / "photo.png", window="lung"), tmp / "photo.png"
+
+
 def load_with(path: str, **options: object) -> Case:
     return lambda tmp: (lambda: load_image(path, **options), Path(path))
 
@@ -167,6 +172,12 @@ CASES: list[tuple[str, Case, str]] = [
     ("axis on a 2D image", load_with(CT, axis="coronal"), "is a 2D image"),
     ("frame out of range", load_with(get_testdata_file("rtdose.dcm"), frame=15), "frame 15 is out of range"),
     ("unknown window preset", load_with(CT, window="lungs"), "unknown window 'lungs'"),
+    ("window on a colour image", colour_png_with_window, "is a colour image"),
+    (
+        "volume rendered whole",
+        lambda tmp: (lambda: load_image(NIFTI, slice_index="all").to_pil(), Path(NIFTI)),
+        "is a volume of 25 slices",
+    ),
     ("zero window width", load_with(CT, window="40,0"), "has width 0.0"),
     ("png into missing folder", png_to_missing_folder, "folder to write into does not exist"),
     ("png of float array", png_of_float_array, "cannot store a float32 array"),

@@ -50,11 +50,10 @@ def read_dicom(path: Path, frame: int | None) -> MedicalImage:
         )
     picked = [frame] if frame is not None else list(range(frames))
     pixels = _decode(ds, path, frame if frames > 1 else None)
-    values = (
-        _values(ds, pixels, picked[0])
-        if len(picked) == 1
-        else np.stack([_values(ds, p, i) for i, p in zip(picked, pixels, strict=True)])
-    )
+    if len(picked) == 1:
+        values = _values(ds, pixels, picked[0])
+    else:
+        values = np.stack([_values(ds, p, i) for i, p in zip(picked, pixels, strict=True)])
     return _image(path, values, [(ds, i) for i in picked], (ds,))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from healthgpt.io.dicom import read_dicom, read_dicom_series, save_dicom_series
@@ -33,9 +32,8 @@ def load_image(
     used by `to_pil()`; without it, the file's own DICOM window, else CT soft tissue, else percentiles.
     """
     path = Path(path)
-    chosen = parse_window(window, path)
-    image = select(_read(path, frame), slice_index, axis)
-    return replace(image, window=chosen) if chosen is not None else image
+    parse_window(window, path)  # fail on a bad window before decoding anything
+    return select(_read(path, frame), slice_index, axis).with_window(window)
 
 
 def write_volume(

@@ -133,8 +133,19 @@ class MedicalImage:
         height, width = self.plane_shape
         return self.pixel_spacing[0] * height / rows, self.pixel_spacing[1] * width / cols
 
+    def with_window(self, window: WindowSpec) -> MedicalImage:
+        """This image displayed with `window`: a preset name, "multi", "percentile", "C,W" or a window."""
+        chosen = parse_window(window, self.name)
+        if chosen is not None and self.color:
+            raise ImageInputError(
+                self.name, "is a colour image; windows apply to grey images", "pass no window"
+            )
+        return self if chosen is None else replace(self, window=chosen)
+
     def to_pil(self, window: WindowSpec = None) -> Image.Image:
         """Render a 2D image as 8-bit RGB: `window`, else the image's own window, else the modality's."""
+        if window is not None:
+            return self.with_window(window).to_pil()
         if self.is_volume:
             raise ImageInputError(
                 self.name,
@@ -142,14 +153,9 @@ class MedicalImage:
                 "render one slice: image.slice(i).to_pil() or loop over image.slices()",
             )
         if self.color:
-            if window is not None:
-                raise ImageInputError(
-                    self.name, "is a colour image; windows apply to grey images", "pass no window"
-                )
             pixels = np.rint(np.clip(self.array, 0, 255)).astype(np.uint8)
         else:
-            chosen = parse_window(window, self.name) or self.window or default_window(self.modality)
-            pixels = chosen.apply(self.array)
+            pixels = (self.window or default_window(self.modality)).apply(self.array)
             pixels = 255 - pixels if self.invert else pixels
         return Image.fromarray(pixels).convert("RGB")
 
