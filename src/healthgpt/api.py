@@ -4,25 +4,40 @@ model whose plugins are chosen per request."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .checkpoints import load_base_llm, load_official_fusion, load_official_plugin, load_vision_tower, resolve_dtype
-from .config import COMPREHENSION, HealthGPTConfig, get_variant
+from .config import COMPREHENSION, GENERATION, HealthGPTConfig, get_variant
 from .generation import Request, SamplingParams, generate, stream
 from .model import HealthGPTModel, build_model, expand_image_slots
 from .nano import nano_tokenizer, random_llm, random_vision
+from .tasks import resolve_instruction
 from .templates import PromptError, get_template, user_content
 from .tokens import START_IMAGE, PromptTokenizer
 from .vision import ImagePreprocessor
+from .vqgan import VQGAN
 
 
 class PromptTooLongError(PromptError):
     """The prompt plus the answer budget do not fit the model's context."""
+
+
+@dataclass
+class GeneratedImage:
+    """A generated image with the VQ codes it was decoded from and how it was made."""
+
+    image: Image.Image
+    codes: torch.Tensor  # [grid, grid] raster order
+    instruction: str
+    task: str | None
+    sampling: dict[str, Any] = field(default_factory=dict)
 
 
 class HealthGPT:
@@ -35,7 +50,9 @@ class HealthGPT:
         config: HealthGPTConfig,
         preprocessor: ImagePreprocessor,
         prompt_tokenizer: PromptTokenizer | None = None,
+        vqgan: VQGAN | None = None,
     ) -> None:
+        self.vqgan = vqgan.eval() if vqgan is not None else None
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config
@@ -57,7 +74,10 @@ class HealthGPT:
             torch.manual_seed(seed + 2)
             model = build_model(config, llm, vision, tokenizer)
         pre = ImagePreprocessor.for_clip(config.vision.image_size, config.vision.image_mean, config.vision.image_std)
-        return cls(model, tokenizer, config, pre)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 3)
+            vqgan = VQGAN.from_config(config.vq) if config.add_image_tokens else None
+        return cls(model, tokenizer, config, pre, vqgan=vqgan)
 
     @classmethod
     def from_official(
@@ -224,3 +244,66 @@ class HealthGPT:
             if len(text) > len(sent):
                 yield text[len(sent) :]
                 sent = text
+
+    @torch.inference_mode()
+    def generate_image(
+        self,
+        image: Image.Image | None | Sequence[Image.Image | None],
+        task_or_instruction: str = "reconstruct",
+        *,
+        text: str | None = None,
+        guidance_scale: float | None = None,
+        progress: bool = True,
+        **sampling: Any,
+    ) -> GeneratedImage | list[GeneratedImage]:
+        """Generate an image with the generation plugin: a task name (`reconstruct`, `ct2mri`, `mri2ct`,
+        `super_resolution`, `report_to_cxr` with `text=` the report) or a free instruction. A list of images gives a
+        batch. The span is constrained to exactly the VQ grid's codes, then decoded by the VQGAN.
+
+        `guidance_scale` (> 1) turns on classifier-free guidance against the same instruction without the image."""
+        if self.vqgan is None or self.model.image_vocab is None or GENERATION not in self.model.plugin_names:
+            raise ValueError(
+                f"this {self.config.name} model cannot generate images: it needs the generation plugin, "
+                "the image-token vocabulary and a VQGAN"
+            )
+        instruction, task = resolve_instruction(task_or_instruction, text)
+        batched = isinstance(image, (list, tuple))
+        images = list(image) if batched else [image]
+        if task is not None and task.needs_image and any(im is None for im in images):
+            raise ValueError(f"task {task.name!r} needs an input image")
+        span = self.config.vq.num_image_tokens
+        params = SamplingParams(**{**sampling, "max_new_tokens": span + 1})
+        messages = [{"role": "user", "content": instruction}]
+
+        def request(im: Image.Image | None) -> Request:
+            shown = [im] if im is not None else []
+            return self.build_request(
+                messages, shown, plugin=GENERATION, image_generation=True, max_new_tokens=params.max_new_tokens
+            )
+
+        requests = [request(im) for im in images]
+        unconditional = None
+        if guidance_scale is not None and guidance_scale != 1.0:
+            unconditional = [request(None) for _ in images]
+        codes = torch.zeros((len(images), span), dtype=torch.long)
+        steps = stream(
+            self.model,
+            requests,
+            params,
+            span_length=span,
+            stop_after_image=True,
+            unconditional=unconditional,
+            guidance_scale=guidance_scale or 1.0,
+            **self._generate_kwargs(),
+        )
+        for i, step in enumerate(tqdm(steps, total=span + 1, desc="image codes", disable=not progress, leave=False)):
+            if i < span:
+                codes[:, i] = self.model.image_vocab.ids_to_codes(step.tokens.cpu())
+        grid = self.vqgan.grid
+        pictures = self.vqgan.codes_to_pil(codes.to(next(self.vqgan.parameters()).device))
+        meta = {**sampling, "guidance_scale": guidance_scale}
+        results = [
+            GeneratedImage(pic, c.reshape(grid, grid), instruction, task.name if task else None, meta)
+            for pic, c in zip(pictures, codes, strict=True)
+        ]
+        return results if batched else results[0]

@@ -101,13 +101,22 @@ class ImageSpanConstraint(LogitsProcessor):
         self.allow_start = allow_start.clone()  # [B] bool
         self.count = torch.zeros_like(in_span, dtype=torch.long)  # codes emitted in the current span
         self.spans_closed = torch.zeros_like(in_span, dtype=torch.long)
+        self._masks: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _token_masks(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(code tokens, all image tokens) as [V] boolean masks, built once."""
+        if self._masks is None:
+            v = self.vocab
+            code = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+            code[v.first_code_id : v.first_code_id + v.num_codes] = True
+            image_token = code.clone()
+            image_token[[v.start_id, v.end_id, v.newline_id]] = True
+            self._masks = (code, image_token)
+        return self._masks
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         v = self.vocab
-        code = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
-        code[v.first_code_id : v.first_code_id + v.num_codes] = True
-        image_token = code.clone()
-        image_token[[v.start_id, v.end_id, v.newline_id]] = True
+        code, image_token = self._token_masks(scores)
         need_code = self.in_span & (self.count < self.span_length)
         need_end = self.in_span & (self.count >= self.span_length)
         allowed = torch.where(need_code[:, None], code, ~image_token)  # [B, V]
@@ -149,25 +158,32 @@ def stream(
     span_length: int | None = None,
     allow_images: Sequence[bool] | None = None,
     stop_after_image: bool = False,
+    unconditional: Sequence[Request] | None = None,
+    guidance_scale: float = 1.0,
     use_cache: bool = True,
     return_logits: bool = False,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position for a batch of requests (left-padded, one forward per step).
 
     Rows stop at a stop token outside an image span (the stop token is yielded), or when their image span closes if
-    `stop_after_image`. With an image vocabulary, image spans are constrained to `span_length` codes."""
+    `stop_after_image`. With an image vocabulary, image spans are constrained to `span_length` codes. With
+    `unconditional` requests (one per request), classifier-free guidance runs both in the same batch and samples from
+    `uncond + guidance_scale * (cond - uncond)`."""
     if not requests:
         return
+    batch = len(requests)
+    if unconditional is not None and len(unconditional) != batch:
+        raise ValueError(f"{batch} requests but {len(unconditional)} unconditional requests")
+    every = [*requests, *(unconditional or [])]
     device = next(model.llm.parameters()).device
-    rows = [expand_image_slots(r.input_ids, model.num_patches) for r in requests]
+    rows = [expand_image_slots(r.input_ids, model.num_patches) for r in every]
     if any(not r for r in rows):
         raise ValueError("empty prompt: every request needs at least one token")
     ids, mask = _left_pad(rows, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    images = [r.pixel_values for r in requests if r.pixel_values is not None and len(r.pixel_values)]
+    images = [r.pixel_values for r in every if r.pixel_values is not None and len(r.pixel_values)]
     pixel_values = torch.cat(images).to(device) if images else None
-    plugins = model.check_plugins([r.plugin for r in requests], len(requests))
-    batch = len(requests)
+    plugins = model.check_plugins([r.plugin for r in every], len(every))
 
     constraint = None
     if model.image_vocab is not None and span_length is not None:
@@ -195,17 +211,19 @@ def stream(
                 logits_to_keep=1,
             )
 
-    embeds = model.embed(ids, pixel_values, plugins)  # [B, T, H]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: left padding does not shift positions
+    embeds = model.embed(ids, pixel_values, plugins)  # [R, T, H], R = B or 2B rows
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [R, T]: left padding does not shift positions
     out = forward(embeds, positions, DynamicCache(config=model.llm.config) if use_cache else None)
     for _ in range(sampling.max_new_tokens):
-        raw = out.logits[:, -1].float()  # [B, V]
+        raw = out.logits[:, -1].float()  # [R, V]
+        if unconditional is not None:
+            raw = raw[batch:] + guidance_scale * (raw[:batch] - raw[batch:])  # [B, V]
         scores = procs(generated, raw)
         if sampling.greedy:
             token = scores.argmax(dim=-1)
         else:
             token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-        token = token.masked_fill(finished, pad_id)
+        token = token.masked_fill(finished, pad_id)  # [B]
         yield Step(tokens=token, active=~finished, logits=raw if return_logits else None)
         done_now = torch.isin(token, stops)
         if constraint is not None:
@@ -218,8 +236,9 @@ def stream(
         if finished.all():
             return
         generated = torch.cat([generated, token[:, None]], dim=1)
+        fed = token if unconditional is None else token.repeat(2)  # both halves of a guided batch see the token
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        new_embed = embed_tokens(token[:, None])  # [B, 1, H]
+        new_embed = embed_tokens(fed[:, None])  # [R, 1, H]
         if use_cache:
             positions = positions[:, -1:] + 1
             out = forward(new_embed, positions, out.cache)
