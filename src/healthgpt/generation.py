@@ -79,6 +79,7 @@ class Request:
     plugin: str
     pixel_values: torch.Tensor | None = None  # [n_images, 3, S, S]
     image_span: bool = False
+    max_new_tokens: int | None = None  # this row's own budget, at most the batch's SamplingParams.max_new_tokens
 
 
 @dataclass
@@ -196,6 +197,7 @@ def stream(
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    limits = torch.tensor([r.max_new_tokens or sampling.max_new_tokens for r in requests], device=device)
     generated = torch.empty((batch, 0), dtype=torch.long, device=device)
     embed_tokens = model.llm.get_input_embeddings()
 
@@ -214,7 +216,7 @@ def stream(
     embeds = model.embed(ids, pixel_values, plugins)  # [R, T, H], R = B or 2B rows
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [R, T]: left padding does not shift positions
     out = forward(embeds, positions, DynamicCache(config=model.llm.config) if use_cache else None)
-    for _ in range(sampling.max_new_tokens):
+    for step in range(sampling.max_new_tokens):
         raw = out.logits[:, -1].float()  # [R, V]
         if unconditional is not None:
             raw = raw[batch:] + guidance_scale * (raw[:batch] - raw[batch:])  # [B, V]
@@ -232,7 +234,7 @@ def stream(
             done_now &= ~was_in_span
             if stop_after_image:
                 done_now |= was_in_span & ~constraint.in_span
-        finished |= done_now
+        finished |= done_now | (limits <= step + 1)
         if finished.all():
             return
         generated = torch.cat([generated, token[:, None]], dim=1)
