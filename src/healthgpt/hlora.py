@@ -78,22 +78,22 @@ class PluginSelection:
 
     def __init__(self) -> None:
         self.active: Selection = None
+        self._rows: dict[str, list[int]] = {}
         self._groups: dict[torch.device, list[tuple[str, Tensor]]] = {}
 
     def set(self, plugins: str | Sequence[str | None] | None) -> None:
         """Select plugins (see the class docstring); sequences are copied, so later edits do not leak in."""
         self.active = plugins if plugins is None or isinstance(plugins, str) else tuple(plugins)
+        self._rows = {}
+        for i, name in enumerate(self.active if isinstance(self.active, tuple) else ()):
+            if name is not None:
+                self._rows.setdefault(name, []).append(i)
         self._groups = {}
 
     def groups(self, device: torch.device) -> list[tuple[str, Tensor]]:
         """For a per-sample selection: (plugin, row indices) for each plugin present, cached per device."""
         if device not in self._groups:
-            assert isinstance(self.active, tuple)
-            names = dict.fromkeys(n for n in self.active if n is not None)
-            self._groups[device] = [
-                (name, torch.tensor([i for i, n in enumerate(self.active) if n == name], device=device))
-                for name in names
-            ]
+            self._groups[device] = [(n, torch.tensor(r, device=device)) for n, r in self._rows.items()]
         return self._groups[device]
 
 
