@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from pytest import MonkeyPatch
 
 from healthgpt.config import TAMING_GUMBEL_F8, get_variant
 from healthgpt.vqgan import VQGAN, AttnBlock, CheckpointError, VQGANError, load_taming_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "taming_gumbel_f8_keys.txt"
-# The brief's small config: ch 16, ch_mult (1,2,2,4), z/embed 16, 256 codes, image 64; attention at 8 to cover it.
+# A small config (ch 16, ch_mult (1,2,2,4), z/embed 16, 256 codes, image 64) with attention at 8 to cover it.
 TINY = dict(
     num_codes=256, embed_dim=16, z_channels=16, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
     attn_resolutions=(8,), image_size=64,
@@ -152,6 +153,8 @@ def test_codes_to_pil_and_preprocess_match_numpy() -> None:
     assert batch.shape == (2, 3, 64, 64) and batch.dtype == torch.float32
     np.testing.assert_allclose(batch[0].permute(1, 2, 0).numpy(), ref, atol=1e-6)
     assert torch.equal(batch[0], batch[1])
+    with pytest.raises(VQGANError, match="non-empty list"):
+        model.preprocess([])
 
 
 def test_decode_rejects_wrong_count_range_and_dtype() -> None:
@@ -229,6 +232,20 @@ def test_save_load_round_trip_is_exact_and_atomic(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "vq").iterdir()) == ["vqgan.json", "vqgan.safetensors"]
     with pytest.raises(CheckpointError, match="not a saved VQGAN.*VQGAN.save"):
         VQGAN.load(tmp_path / "missing")
+    (tmp_path / "vq" / "vqgan.json").write_text('{"codes": 3}')
+    with pytest.raises(CheckpointError, match="does not fit VQGAN"):
+        VQGAN.load(tmp_path / "vq")
+
+
+def test_failed_save_leaves_no_partial_file(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    def broken(tensors: dict[str, torch.Tensor], filename: str) -> None:
+        Path(filename).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("healthgpt.vqgan.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        tiny().save(tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def taming_yaml(path: Path, target: str = "taming.models.vqgan.GumbelVQ") -> Path:
@@ -242,33 +259,34 @@ def taming_yaml(path: Path, target: str = "taming.models.vqgan.GumbelVQ") -> Pat
         lossconfig={"target": "taming.modules.losses.vqperceptual.DummyLoss"},
         temperature_scheduler_config={"target": "taming.lr_scheduler.LambdaWarmUpCosineScheduler"},
     )
-    path.write_text(yaml.safe_dump({"model": {"base_learning_rate": 4.5e-6, "target": target, "params": params}}))
+    model = {"base_learning_rate": 4.5e-6, "target": target, "params": params}
+    path.write_text(yaml.safe_dump({"model": model}))
     return path
 
 
-def lightning_ckpt(path: Path, state: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A PL 1.x-style checkpoint: callback states keyed by the ModelCheckpoint *class*, loss keys, optimizer."""
+def lightning_ckpt(path: Path, state: dict[str, torch.Tensor], monkeypatch: MonkeyPatch) -> Path:
+    """A PL 1.x-style checkpoint: callback states keyed by the ModelCheckpoint *class*, loss keys etc."""
     parts = LIGHTNING_MODULE.split(".")
     for i in range(1, len(parts) + 1):  # a fake pytorch_lightning, only so pickle can name the class
         monkeypatch.setitem(sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
     model_checkpoint = type("ModelCheckpoint", (), {"__module__": LIGHTNING_MODULE})
     sys.modules[LIGHTNING_MODULE].ModelCheckpoint = model_checkpoint
-    full = {**state, "loss.discriminator.main.0.weight": torch.ones(4, 3, 4, 4), "loss.logvar": torch.zeros(())}
+    loss = {"loss.discriminator.main.0.weight": torch.ones(4, 3, 4, 4), "loss.logvar": torch.zeros(())}
     torch.save({
         "epoch": 3, "global_step": 1000, "pytorch-lightning_version": "1.0.8",
         "callbacks": {model_checkpoint: {"best_model_score": torch.tensor(0.5), "best_model_path": "x.ckpt"}},
-        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6, "betas": (0.5, 0.9), "params": [0]}]}],
-        "lr_schedulers": [], "state_dict": full, "numpy_value": np.float64(0.25),
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6, "betas": (0.5, 0.9)}]}],
+        "lr_schedulers": [], "state_dict": {**state, **loss}, "numpy_value": np.float64(0.25),
     }, path)
     monkeypatch.undo()  # loading happens without any pytorch_lightning module
     return path
 
 
-def test_lightning_checkpoint_loads_without_lightning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lightning_checkpoint_loads_without_lightning(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
     source = tiny(seed=3)
     ckpt = lightning_ckpt(tmp_path / "last.ckpt", source.state_dict(), monkeypatch)
     taming_yaml(tmp_path / "model.yaml")
-    with pytest.raises(pickle.UnpicklingError):  # plain weights_only refuses it, so the allow-list is exercised
+    with pytest.raises(pickle.UnpicklingError):  # plain weights_only refuses it: the allow-list is exercised
         torch.load(ckpt, weights_only=True)
     loaded = load_taming_checkpoint(ckpt)
     assert not loaded.training and loaded.arch == source.arch
@@ -277,7 +295,7 @@ def test_lightning_checkpoint_loads_without_lightning(tmp_path: Path, monkeypatc
     assert torch.equal(loaded.encode(images(2)), source.encode(images(2)))
 
 
-def test_taming_log_layout_and_vqmodel_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_taming_log_layout_and_vqmodel_target(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "configs").mkdir()
     source = tiny("vq", seed=4)
@@ -289,7 +307,7 @@ def test_taming_log_layout_and_vqmodel_target(tmp_path: Path, monkeypatch: pytes
     assert torch.equal(loaded.decode(codes), source.decode(codes))
 
 
-def test_missing_decoder_key_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_decoder_key_is_named(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
     state = tiny().state_dict()
     del state["decoder.conv_out.weight"]
     ckpt = lightning_ckpt(tmp_path / "last.ckpt", state, monkeypatch)
@@ -297,16 +315,17 @@ def test_missing_decoder_key_is_named(tmp_path: Path, monkeypatch: pytest.Monkey
         load_taming_checkpoint(ckpt, taming_yaml(tmp_path / "other.yaml"))
 
 
-def test_wrong_shape_names_key_and_both_shapes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_shape_names_key_and_both_shapes(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
     state = tiny().state_dict()
     state["quantize.embed.weight"] = torch.zeros(255, 16)
     ckpt = lightning_ckpt(tmp_path / "last.ckpt", state, monkeypatch)
     taming_yaml(tmp_path / "model.yaml")
-    with pytest.raises(CheckpointError, match=r"quantize.embed.weight: checkpoint \(255, 16\) vs model \(256, 16\)"):
+    expected = r"quantize.embed.weight: checkpoint \(255, 16\) vs model \(256, 16\)"
+    with pytest.raises(CheckpointError, match=expected):
         load_taming_checkpoint(ckpt)
 
 
-def test_unexpected_non_loss_key_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unexpected_non_loss_key_is_refused(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
     state = {**tiny().state_dict(), "colorize": torch.zeros(3, 4, 1, 1)}
     ckpt = lightning_ckpt(tmp_path / "last.ckpt", state, monkeypatch)
     taming_yaml(tmp_path / "model.yaml")

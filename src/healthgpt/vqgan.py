@@ -1,10 +1,11 @@
 """Taming-transformers-compatible VQGAN image tokenizer (REFERENCE §3) in plain PyTorch.
 
-The module tree and state-dict keys are those of taming's `GumbelVQ` (HealthGPT's f8 / 8,192-code model) and
-`VQModel`, so their Lightning `last.ckpt` files load as they are, strictly. Written by hand because no maintained
-library ships the taming architecture under its key names (diffusers' VQModel renames every key); the layers follow
-`taming/modules/diffusionmodules/model.py` and `taming/modules/vqvae/quantize.py`, the code is our own.
-Encoding is deterministic (argmax of the Gumbel logits, or the nearest codebook entry), unlike taming's eval path.
+The module tree and state-dict keys are those of taming's `GumbelVQ` (HealthGPT's f8 / 8,192-code model)
+and `VQModel`, so their Lightning `last.ckpt` files load as they are, strictly. Written by hand because no
+maintained library ships the taming architecture under its key names (diffusers' VQModel renames every key);
+the layers follow `taming/modules/diffusionmodules/model.py` and `taming/modules/vqvae/quantize.py`, the code
+is our own. Encoding is deterministic (argmax of the Gumbel logits, or the nearest codebook entry), unlike
+taming's eval path.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class Stage(nn.Module):
         super().__init__()
         channels = [in_channels] + [out_channels] * num_blocks
         self.block = nn.ModuleList(
-            ResnetBlock(channels[i], out_channels, dropout=dropout, num_groups=num_groups) for i in range(num_blocks)
+            ResnetBlock(c_in, out_channels, dropout=dropout, num_groups=num_groups) for c_in in channels[:-1]
         )
         n_attn = num_blocks if attention else 0
         self.attn = nn.ModuleList(AttnBlock(out_channels, num_groups=num_groups) for _ in range(n_attn))
@@ -153,7 +154,7 @@ class MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """taming `Encoder` (double_z False): conv_in, `down` levels, `mid`, `norm_out`, swish, `conv_out` to z."""
+    """taming `Encoder` (double_z False): conv_in, `down` levels, `mid`, `norm_out`, swish, `conv_out`."""
 
     def __init__(
         self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
@@ -187,9 +188,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """taming `Decoder`: conv_in from z, `mid`, `up` levels (num_res_blocks + 1 blocks each) run from the lowest
-    resolution up, `norm_out`, swish, `conv_out` to RGB. Like taming, `up` is built in reverse and prepended,
-    so `up[i]` is level i."""
+    """taming `Decoder`: conv_in from z, `mid`, `up` levels (num_res_blocks + 1 blocks each) run from the
+    lowest resolution up, `norm_out`, swish, `conv_out` to RGB. Like taming, `up` is built in reverse and
+    prepended, so `up[i]` is level i."""
 
     def __init__(
         self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
@@ -225,8 +226,8 @@ class Decoder(nn.Module):
 
 
 class GumbelQuantize(nn.Module):
-    """taming `GumbelQuantize`: `proj` (1x1 conv to code logits) and `embed` (the codebook). Training samples a
-    hard Gumbel-softmax (straight-through) with a KL-to-uniform term; encoding takes the argmax, no noise."""
+    """taming `GumbelQuantize`: `proj` (1x1 conv to code logits) and `embed` (the codebook). Training
+    samples a hard Gumbel-softmax (straight-through) plus a KL-to-uniform term; encoding takes the argmax."""
 
     def __init__(self, in_channels: int, num_codes: int, embed_dim: int, *, kl_weight: float) -> None:
         super().__init__()
@@ -287,19 +288,20 @@ class VQGAN(nn.Module):
 
     def __init__(
         self, *, num_codes: int = 8192, embed_dim: int = 256, z_channels: int = 256, ch: int = 128,
-        ch_mult: Sequence[int] = (1, 1, 2, 4), num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (32,),
-        image_size: int = 256, quantizer: Literal["gumbel", "vq"] = "gumbel", dropout: float = 0.0,
-        num_groups: int = 32, kl_weight: float = 1e-8, beta: float = 0.25,
+        ch_mult: Sequence[int] = (1, 1, 2, 4), num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (32,), image_size: int = 256,
+        quantizer: Literal["gumbel", "vq"] = "gumbel", dropout: float = 0.0, num_groups: int = 32,
+        kl_weight: float = 1e-8, beta: float = 0.25,
     ) -> None:
         super().__init__()
         factor = 2 ** (len(ch_mult) - 1)
         if image_size % factor:
-            raise VQGANError(f"image_size {image_size} must be a multiple of the down-sampling factor {factor}")
+            raise VQGANError(f"image_size {image_size} must be a multiple of the down-sampling {factor}")
         if quantizer not in ("gumbel", "vq"):
             raise VQGANError(f"quantizer must be 'gumbel' or 'vq', got {quantizer!r}")
         if quantizer == "gumbel" and embed_dim != z_channels:
             # taming's GumbelVQ feeds quant_conv's embed_dim output to a proj built for z_channels inputs.
-            raise VQGANError(f"a Gumbel VQGAN needs embed_dim == z_channels, got {embed_dim} and {z_channels}")
+            raise VQGANError(f"a Gumbel VQGAN needs embed_dim == z_channels, got {embed_dim}, {z_channels}")
         self.arch: dict[str, Any] = dict(
             num_codes=num_codes, embed_dim=embed_dim, z_channels=z_channels, ch=ch, ch_mult=list(ch_mult),
             num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions), image_size=image_size,
@@ -321,7 +323,7 @@ class VQGAN(nn.Module):
 
     @classmethod
     def from_config(cls, vq: VQConfig) -> VQGAN:
-        """A randomly initialised VQGAN of `vq`'s architecture (weights: `load_taming_checkpoint`, `VQGAN.load`)."""
+        """A randomly initialised VQGAN of `vq`'s architecture; weights come from the loaders."""
         return cls(
             num_codes=vq.num_codes, embed_dim=vq.embed_dim, z_channels=vq.z_channels, ch=vq.ch,
             ch_mult=vq.ch_mult, num_res_blocks=vq.num_res_blocks, attn_resolutions=vq.attn_resolutions,
@@ -349,7 +351,7 @@ class VQGAN(nn.Module):
                 "resize with VQGAN.preprocess"
             )
         if images.numel() and (images.min() < -1.01 or images.max() > 1.01):
-            raise VQGANError("images must be in [-1, 1] (x / 127.5 - 1 for 8-bit pixels); see VQGAN.preprocess")
+            raise VQGANError("images must be in [-1, 1] (x / 127.5 - 1 for 8-bit); see VQGAN.preprocess")
         weight = self.quant_conv.weight
         return images.to(device=weight.device, dtype=weight.dtype)
 
@@ -357,10 +359,9 @@ class VQGAN(nn.Module):
         n = self.grid * self.grid
         if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.ndim not in (2, 3):
             raise VQGANError(f"codes must be an integer tensor (B, {self.grid}, {self.grid}) or (B, {n})")
-        if codes.shape[1:].numel() != n:
-            raise VQGANError(
-                f"each image needs exactly {n} codes ({self.grid}x{self.grid} grid), got {codes.shape[1:].numel()}"
-            )
+        count = codes.shape[1:].numel()
+        if count != n:
+            raise VQGANError(f"each image needs exactly {n} codes ({self.grid}x{self.grid}), got {count}")
         low, high = int(codes.min()), int(codes.max())
         if low < 0 or high >= self.num_codes:
             raise VQGANError(f"codes must lie in [0, {self.num_codes}), got values from {low} to {high}")
@@ -374,14 +375,15 @@ class VQGAN(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
-        """Images (B, 3, S, S) clamped to [-1, 1] from codes (B, grid, grid) or raster-order (B, grid*grid)."""
+        """Images (B, 3, S, S) clamped to [-1, 1] from codes (B, grid, grid) or raster order (B, grid**2)."""
         z_q = self.quantize.lookup(self._check_codes(codes))
         return self.decoder(self.post_quant_conv(z_q)).clamp(-1.0, 1.0)
 
     def forward(self, images: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-        """Training pass: (reconstruction, quantizer loss). Gumbel: KL term, `temperature` of the Gumbel-softmax;
-        VQ: codebook + commitment loss with straight-through gradients."""
-        z_q, quant_loss = self.quantize(self.quant_conv(self.encoder(self._check_images(images))), temperature)
+        """Training pass: (reconstruction, quantizer loss). Gumbel: KL term, `temperature` of the
+        Gumbel-softmax; VQ: codebook + commitment loss with straight-through gradients."""
+        z = self.quant_conv(self.encoder(self._check_images(images)))
+        z_q, quant_loss = self.quantize(z, temperature)
         return self.decoder(self.post_quant_conv(z_q)), quant_loss
 
     def codes_to_pil(self, codes: Tensor) -> list[Image.Image]:
@@ -391,7 +393,9 @@ class VQGAN(nn.Module):
         return [Image.fromarray(a) for a in arrays]  # (H, W, 3) uint8 -> RGB
 
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
-        """(B, 3, S, S) float32 in [-1, 1]: RGB, LANCZOS resize to image_size, aspect ratio not kept (§3.3)."""
+        """(B, 3, S, S) float32 in [-1, 1]: RGB, LANCZOS resize to image_size, aspect not kept (§3.3)."""
+        if not images:
+            raise VQGANError("preprocess needs a non-empty list of PIL images")
         size = (self.image_size, self.image_size)
         arrays = [np.asarray(im.convert("RGB").resize(size, Image.Resampling.LANCZOS)) for im in images]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -402,7 +406,8 @@ class VQGAN(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-        _atomic_write(directory / ARCH_FILE, lambda tmp: Path(tmp).write_text(json.dumps(self.arch, indent=2)))
+        arch = json.dumps(self.arch, indent=2)
+        _atomic_write(directory / ARCH_FILE, lambda tmp: Path(tmp).write_text(arch))
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> VQGAN:
@@ -434,9 +439,8 @@ def _find_model_yaml(ckpt_path: Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise CheckpointError(
-        f"{ckpt_path}: no model.yaml at {' or '.join(map(str, candidates))}; pass yaml_path=<taming model.yaml>"
-    )
+    tried = " or ".join(map(str, candidates))
+    raise CheckpointError(f"{ckpt_path}: no model.yaml at {tried}; pass yaml_path=<taming model.yaml>")
 
 
 def arch_from_taming_yaml(yaml_path: str | Path) -> dict[str, Any]:
@@ -445,19 +449,21 @@ def arch_from_taming_yaml(yaml_path: str | Path) -> dict[str, Any]:
         model = yaml.safe_load(Path(yaml_path).read_text())["model"]
         target = model["target"]
         if target not in TAMING_TARGETS:
-            raise CheckpointError(f"{yaml_path}: model.target {target!r} is not one of {', '.join(TAMING_TARGETS)}")
+            known = ", ".join(TAMING_TARGETS)
+            raise CheckpointError(f"{yaml_path}: model.target {target!r} is not one of {known}")
         params = model["params"]
         dd = params["ddconfig"]
-        for key, supported in (("double_z", False), ("in_channels", 3), ("out_ch", 3)):  # no taming defaults fit
-            if dd[key] != supported:
-                raise CheckpointError(f"{yaml_path}: ddconfig.{key} = {dd[key]!r} is unsupported (needs {supported})")
+        for key, needed in (("double_z", False), ("in_channels", 3), ("out_ch", 3)):  # no usable defaults
+            if dd[key] != needed:
+                raise CheckpointError(f"{yaml_path}: ddconfig.{key}={dd[key]!r} unsupported (needs {needed})")
         if params.get("remap") is not None:
             raise CheckpointError(f"{yaml_path}: codebook remapping (params.remap) is unsupported")
         return dict(
-            num_codes=params["n_embed"], embed_dim=params["embed_dim"], z_channels=dd["z_channels"], ch=dd["ch"],
-            ch_mult=list(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
+            num_codes=params["n_embed"], embed_dim=params["embed_dim"], z_channels=dd["z_channels"],
+            ch=dd["ch"], ch_mult=list(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
             attn_resolutions=list(dd["attn_resolutions"]), image_size=dd["resolution"],
-            quantizer=TAMING_TARGETS[target], dropout=dd.get("dropout", 0.0), kl_weight=params.get("kl_weight", 1e-8),
+            quantizer=TAMING_TARGETS[target], dropout=dd.get("dropout", 0.0),
+            kl_weight=params.get("kl_weight", 1e-8),
         )
     except OSError as e:
         raise CheckpointError(f"{yaml_path}: cannot read the taming model.yaml ({e}); pass yaml_path") from e
@@ -470,8 +476,8 @@ class _LightningStandIn:
 
 
 def _allowed_globals() -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:
-    """The explicit allow-list for Lightning checkpoints: numpy scalars/dtypes and Lightning class stand-ins."""
-    numpy_scalar = np.float64(0).__reduce__()[0]  # `numpy.(_)core.multiarray.scalar`, whatever numpy's version
+    """The explicit allow-list for Lightning checkpoints: numpy scalars/dtypes, Lightning class stand-ins."""
+    numpy_scalar = np.float64(0).__reduce__()[0]  # `numpy.(_)core.multiarray.scalar` in any numpy version
     numeric_dtypes = {type(np.dtype(c)) for c in "?" + np.typecodes["AllInteger"] + np.typecodes["AllFloat"]}
     return [
         np.dtype,
@@ -493,7 +499,7 @@ def _torch_load(path: Path) -> Any:
             with torch.serialization.safe_globals(_allowed_globals()):
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # torch's reason, without its long preamble
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # torch's reason without its preamble
         raise CheckpointError(
             f"{path}: cannot be read with the weights-only loader and its allow-list of harmless classes "
             f"({found.group(1) if found else e}). "
@@ -506,8 +512,11 @@ def _torch_load(path: Path) -> Any:
 
 def _build_loaded(arch: dict[str, Any], state: dict[str, Tensor], source: str) -> VQGAN:
     """Build `arch` without allocating weights, then assign `state` after a strict key and shape check."""
-    with torch.device("meta"):
-        model = VQGAN(**arch)
+    try:
+        with torch.device("meta"):
+            model = VQGAN(**arch)
+    except TypeError as e:
+        raise CheckpointError(f"{source}: architecture {arch} does not fit VQGAN ({e})") from e
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
