@@ -185,6 +185,8 @@ def stream(
     images = [r.pixel_values for r in every if r.pixel_values is not None and len(r.pixel_values)]
     pixel_values = torch.cat(images).to(device) if images else None
     plugins = model.check_plugins([r.plugin for r in every], len(every))
+    # One name for a uniform batch: the wrappers then skip the per-sample gather/scatter.
+    selection = plugins[0] if len(set(plugins)) == 1 else plugins
 
     constraint = None
     if model.image_vocab is not None and span_length is not None:
@@ -203,7 +205,7 @@ def stream(
 
     def forward(inputs: torch.Tensor, pos: torch.Tensor, past: DynamicCache | None):
         # The plugin selection is set per call, so interleaved streams on one model cannot leak into each other.
-        with model.hlora.use(plugins):
+        with model.hlora.use(selection):
             return model.llm(
                 inputs_embeds=inputs,
                 attention_mask=mask,
