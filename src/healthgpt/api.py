@@ -169,7 +169,6 @@ class HealthGPT:
         return dict(stop_ids=self.stop_ids, pad_id=self.pad_id)
 
     # ----- public API ----------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def ask(
         self,
         image: Image.Image | None | Sequence[Image.Image | None],
@@ -178,72 +177,92 @@ class HealthGPT:
         system: str | None = None,
         **sampling: Any,
     ) -> str | list[str]:
-        """Answer a question about an image (or text alone with `image=None`); lists of images and questions give a
-        batched call and a list of answers."""
-        batched = not isinstance(question, str)
-        questions = list(question) if batched else [question]
-        imgs = list(image) if batched and isinstance(image, (list, tuple)) else [image] * len(questions)
-        if len(imgs) != len(questions):
-            raise ValueError(f"{len(imgs)} images for {len(questions)} questions")
-        params = SamplingParams(**sampling)
-        requests = [
-            self.build_request(
-                [{"role": "user", "content": q}],
-                [im] if im is not None else [],
-                system=system,
-                max_new_tokens=params.max_new_tokens,
-            )
-            for im, q in zip(imgs, questions, strict=True)
-        ]
-        outs = generate(self.model, requests, params, **self._generate_kwargs())
-        answers = [self._decode(o) for o in outs]
+        """Answer a question about an image (or text alone with `image=None`); a list of questions and/or images gives
+        a batched call and a list of answers (a single image or question is shared by every row)."""
+        batched, conversations, images = _single_turns(image, question)
+        answers = self.chat(conversations, images, system=system, **sampling)
         return answers if batched else answers[0]
 
     def stream(
-        self, image: Image.Image | None, question: str, *, system: str | None = None, **sampling: Any
-    ) -> Iterator[str]:
-        """Yield the answer's text as it is generated."""
-        yield from self.stream_chat([{"role": "user", "content": question}], image, system=system, **sampling)
-
-    def chat(
         self,
-        messages: Sequence[Mapping[str, str]],
-        image: Image.Image | None = None,
+        image: Image.Image | None | Sequence[Image.Image | None],
+        question: str | Sequence[str],
         *,
         system: str | None = None,
         **sampling: Any,
-    ) -> str:
-        """Answer the last user message of a multi-turn conversation; `image` belongs to the first user turn."""
-        return "".join(self.stream_chat(messages, image, system=system, **sampling)).strip()
+    ) -> Iterator[str] | Iterator[tuple[int, str]]:
+        """Yield the answer's text as it is generated; a batch (lists, as in `ask`) yields `(row, text)` pairs."""
+        batched, conversations, images = _single_turns(image, question)
+        pieces = self.stream_chat(conversations, images, system=system, **sampling)
+        return pieces if batched else (piece for _, piece in pieces)
 
     @torch.inference_mode()
-    def stream_chat(
+    def chat(
         self,
-        messages: Sequence[Mapping[str, str]],
-        image: Image.Image | None = None,
+        messages: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
+        image: Image.Image | None | Sequence[Image.Image | None] = None,
         *,
         system: str | None = None,
         **sampling: Any,
-    ) -> Iterator[str]:
-        """Stream the reply to a conversation, text piece by text piece."""
+    ) -> str | list[str]:
+        """Answer the last user message of a multi-turn conversation; `image` belongs to the first user turn.
+        A list of conversations (with one shared image or a list of one per conversation) gives a list of replies."""
+        batched, requests, params = self._chat_requests(messages, image, system, sampling)
+        replies = [self._decode(ids) for ids in generate(self.model, requests, params, **self._generate_kwargs())]
+        return replies if batched else replies[0]
+
+    def stream_chat(
+        self,
+        messages: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
+        image: Image.Image | None | Sequence[Image.Image | None] = None,
+        *,
+        system: str | None = None,
+        **sampling: Any,
+    ) -> Iterator[str] | Iterator[tuple[int, str]]:
+        """Stream the reply to a conversation, text piece by text piece; a list of conversations yields
+        `(row, text)` pairs. The pieces of a row join to its `chat` reply (before stripping)."""
+        batched, requests, params = self._chat_requests(messages, image, system, sampling)
+        pieces = self._pieces(requests, params)
+        return pieces if batched else (piece for _, piece in pieces)
+
+    def _chat_requests(
+        self,
+        messages: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
+        image: Image.Image | None | Sequence[Image.Image | None],
+        system: str | None,
+        sampling: Mapping[str, Any],
+    ) -> tuple[bool, list[Request], SamplingParams]:
+        """(batched, one request per conversation, sampling); checks every row before anything runs."""
+        batched = bool(messages) and not isinstance(messages[0], Mapping)
+        conversations = list(messages) if batched else [messages]
         params = SamplingParams(**sampling)
-        request = self.build_request(
-            messages, [image] if image is not None else [], system=system, max_new_tokens=params.max_new_tokens
-        )
+        requests = [
+            self.build_request(c, [im] if im is not None else [], system=system, max_new_tokens=params.max_new_tokens)
+            for c, im in zip(conversations, _per_row(image, len(conversations)), strict=True)
+        ]
+        return batched, requests, params
+
+    @torch.inference_mode()
+    def _pieces(self, requests: Sequence[Request], params: SamplingParams) -> Iterator[tuple[int, str]]:
+        """(row, new text) as each row's reply grows; text held back for an incomplete character is flushed at
+        the end, so a row's pieces join to the decoded reply."""
         stops = set(self.stop_ids)
-        ids: list[int] = []
-        sent = ""
-        for step in stream(self.model, [request], params, **self._generate_kwargs()):
-            token = int(step.tokens[0])
-            if token in stops:
-                break
-            ids.append(token)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                continue
-            if len(text) > len(sent):
-                yield text[len(sent) :]
-                sent = text
+        ids: list[list[int]] = [[] for _ in requests]
+        sent = [""] * len(requests)
+        for step in stream(self.model, requests, params, **self._generate_kwargs()):
+            for row in step.active.nonzero().flatten().tolist():
+                token = int(step.tokens[row])
+                if token in stops:  # the row's last step
+                    continue
+                ids[row].append(token)
+                text = self.tokenizer.decode(ids[row], skip_special_tokens=True)
+                if not text.endswith("\ufffd") and len(text) > len(sent[row]):  # wait for the rest of a character
+                    yield row, text[len(sent[row]) :]
+                    sent[row] = text
+        for row, row_ids in enumerate(ids):
+            text = self.tokenizer.decode(row_ids, skip_special_tokens=True)
+            if len(text) > len(sent[row]):
+                yield row, text[len(sent[row]) :]
 
     @torch.inference_mode()
     def generate_image(
@@ -307,3 +326,25 @@ class HealthGPT:
             for pic, c in zip(pictures, codes, strict=True)
         ]
         return results if batched else results[0]
+
+
+def _per_row(image: Image.Image | None | Sequence[Image.Image | None], rows: int) -> list[Image.Image | None]:
+    """One image per row: a list must have one entry per row; a single image (or None) is shared by every row."""
+    if not isinstance(image, (list, tuple)):
+        return [image] * rows
+    if len(image) != rows:
+        raise ValueError(f"{len(image)} images for {rows} questions or conversations: give one image per row")
+    return list(image)
+
+
+def _single_turns(
+    image: Image.Image | None | Sequence[Image.Image | None], question: str | Sequence[str]
+) -> tuple[bool, list[list[dict[str, str]]], list[Image.Image | None]]:
+    """(batched, one single-turn conversation per row, one image per row) for `ask` and `stream`."""
+    many_images = isinstance(image, (list, tuple))
+    if isinstance(question, str):
+        questions = [question] * (len(image) if many_images else 1)
+    else:
+        questions = list(question)
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    return many_images or not isinstance(question, str), conversations, _per_row(image, len(questions))
