@@ -2,8 +2,9 @@
 
 All three wrap the same frozen nn.Linear (M3 qkv_proj, 3072 -> 9216) and train only their adapters; the input
 requires grad, as it does inside a network. Methods are timed interleaved in one run (warm-up, then the median
-of N repeats; the minimum too, as the CPU may be shared), and ratios are against LoRA.
-Run: `python bench/hlora.py` (about a minute on 2 quiet CPU cores).
+and the minimum of N repeats), and ratios are against LoRA. By default one thread is timed by its process CPU
+time, which a busy shared machine barely disturbs (wall time there measures the neighbours); `--clock wall
+--threads 2` times the usual way. Run: `python bench/hlora.py` (about 75 s of CPU).
 """
 
 from __future__ import annotations
@@ -63,16 +64,17 @@ def hlora_layer(base: nn.Linear, plugins: dict[str, PluginConfig], active: str |
     return layer
 
 
-def time_step(layer: nn.Module, x: Tensor, grad: Tensor) -> float:
+def time_step(layer: nn.Module, x: Tensor, grad: Tensor, clock: Callable[[], float]) -> float:
     """Seconds for one forward + backward (adapter grads and input grad)."""
     x.grad = None
     layer.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    start = clock()
     layer(x).backward(grad)
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def run(rank: int, experts: list[int], x: Tensor, base: nn.Linear, repeats: int) -> None:
+def run(rank: int, experts: list[int], x: Tensor, base: nn.Linear, repeats: int,
+        clock: Callable[[], float]) -> None:
     alpha = 2.0 * rank
     grad = torch.randn(*x.shape[:-1], base.out_features)
     samples = x.shape[0]
@@ -91,11 +93,11 @@ def run(rank: int, experts: list[int], x: Tensor, base: nn.Linear, repeats: int)
     layers = {name: make() for name, make in methods.items()}
     times: dict[str, list[float]] = {name: [] for name in layers}
     for layer in layers.values():  # warm-up
-        time_step(layer, x, grad)
+        time_step(layer, x, grad, clock)
     for i in range(repeats):
         names = list(layers)
         for name in names[i % len(names):] + names[:i % len(names)]:  # rotate to spread drift evenly
-            times[name].append(time_step(layers[name], x, grad))
+            times[name].append(time_step(layers[name], x, grad, clock))
 
     med = {name: statistics.median(t) for name, t in times.items()}
     low = {name: min(t) for name, t in times.items()}
@@ -111,7 +113,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8, 32])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     parser.add_argument("--samples", type=int, default=4, help="batch rows; tokens = samples x seq")
     parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
@@ -120,10 +123,11 @@ def main() -> None:
     torch.manual_seed(0)
     base = nn.Linear(3072, 9216, bias=False).requires_grad_(False)  # M3 qkv_proj
     x = torch.randn(args.samples, args.seq, 3072, requires_grad=True)  # [B, T, in]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, "
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), fp32 CPU, {args.clock} time, "
           f"median and min of {args.repeats} after 1 warm-up")
     for rank in args.ranks:
-        run(rank, args.experts, x, base, args.repeats)
+        run(rank, args.experts, x, base, args.repeats, clock)
 
 
 if __name__ == "__main__":
