@@ -1,0 +1,116 @@
+"""Images sent to the server: `data:` URIs and uploads (PNG/JPEG/DICOM/NIfTI, recognised by content), optional
+remote URLs, and the limits checked before any pixel is decoded. File-system paths are never read."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import tempfile
+import zlib
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import pydicom
+from nibabel.spatialimages import HeaderDataError
+from nibabel.wrapstruct import WrapStructError
+from PIL import Image, UnidentifiedImageError
+
+from ..io import ImageInputError, load_image
+
+_NIFTI_MAGIC = (b"n+1\0", b"ni1\0")  # at byte 344 of a NIfTI-1 header
+_FORMATS = "PNG, JPEG, DICOM or NIfTI"
+
+
+class ImageRejected(ValueError):
+    """An image in a request that the server will not read; the message says why and what to send instead."""
+
+
+def is_remote(url: str) -> bool:
+    """True for http(s) URLs."""
+    return url.lower().startswith(("http://", "https://"))
+
+
+def data_uri_bytes(url: str, name: str) -> bytes:
+    """The bytes of a base64 `data:` URI; anything else that is not a remote URL (file://, paths) is refused."""
+    if not url.startswith("data:"):
+        if url.lower().startswith("file:") or not is_remote(url):
+            raise ImageRejected(
+                f"{name} is a file path or file:// URL; the server never reads files from a request: send the image "
+                "inline as a data: URI (data:image/png;base64,...)"
+            )
+        raise ImageRejected(f"{name} is not a data: URI")
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise ImageRejected(f"{name} must be a base64 data: URI such as data:image/png;base64,...")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageRejected(f"{name} is not valid base64 ({exc})") from None
+
+
+async def fetch_remote(url: str, client: httpx.AsyncClient, max_bytes: int, name: str) -> bytes:
+    """Download a remote image, refusing more than `max_bytes`."""
+    try:
+        async with client.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise ImageRejected(f"{name}: {url} answered HTTP {response.status_code}")
+            data = bytearray()
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > max_bytes:
+                    raise ImageRejected(f"{name}: {url} is larger than the server's limit of {max_bytes} bytes")
+            return bytes(data)
+    except httpx.HTTPError as exc:
+        raise ImageRejected(f"{name}: could not download {url} ({exc})") from None
+
+
+def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
+    """The RGB picture the model sees: rasters as they are, DICOM/NIfTI (middle slice of a volume) in their default
+    display window. Pixel counts are checked from the headers first (blocking: run it off the event loop)."""
+    if not data:
+        raise ImageRejected(f"{name} is empty")
+    suffix = _suffix(data)
+    pixels = _pixel_count(data, suffix, name)
+    if pixels > max_pixels:
+        raise ImageRejected(f"{name} has {pixels} pixels, more than the server's limit of {max_pixels}")
+    with tempfile.TemporaryDirectory(prefix="healthgpt-upload-") as folder:
+        path = Path(folder) / f"upload{suffix}"
+        path.write_bytes(data)
+        try:
+            return load_image(path).to_pil()
+        except ImageInputError as exc:
+            raise ImageRejected(f"{name} {exc.problem}; send a {_FORMATS} image") from None
+
+
+def _suffix(data: bytes) -> str:
+    """The file name ending `healthgpt.io.load_image` recognises, chosen from the content."""
+    if data[128:132] == b"DICM":
+        return ".dcm"
+    if data[:2] == b"\x1f\x8b":
+        return ".nii.gz"
+    if data[344:348] in _NIFTI_MAGIC:
+        return ".nii"
+    return ""
+
+
+def _pixel_count(data: bytes, suffix: str, name: str) -> int:
+    """Pixels (all slices of a volume) from the header alone."""
+    try:
+        if suffix == ".dcm":
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            return int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+        if suffix:
+            head = zlib.decompressobj(wbits=31).decompress(data, 348) if suffix == ".nii.gz" else data[:348]
+            shape = nib.Nifti1Header.from_fileobj(io.BytesIO(head)).get_data_shape()
+            return math.prod(int(n) for n in shape[:3])  # a 4D series shows one volume
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except Image.DecompressionBombError:
+        raise ImageRejected(f"{name} has too many pixels to decode safely") from None
+    except UnidentifiedImageError:
+        raise ImageRejected(f"{name} is not a {_FORMATS} image (its content is not recognised)") from None
+    except (AttributeError, ValueError, OSError, EOFError, zlib.error, HeaderDataError, WrapStructError) as exc:
+        raise ImageRejected(f"{name} has an unreadable header ({type(exc).__name__}: {exc})") from None
