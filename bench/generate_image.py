@@ -1,0 +1,134 @@
+"""Seconds per generated image (1,024 codes): our constrained loop vs the published approach.
+
+Published approach (REFERENCE §3.4): `transformers` `generate` from the prompt embeddings with no constraint
+(`max_new_tokens` 1100, greedy), decode the ids to text, drop the last 8 characters, parse every integer with a
+regex, and decode only if exactly 1,024 were found (otherwise the published code crashes). Ours: the shared loop
+with the image-span constraint, codes by id arithmetic, stop right after `<end_index>`. Same weights, same prompt,
+same VQGAN decode. Each mode runs in its own subprocess so peak RSS is its own.
+
+    python bench/generate_image.py [--batches 1 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from healthgpt.api import HealthGPT
+from healthgpt.config import GENERATION, LLMConfig, VQConfig, get_variant
+
+PUBLISHED_MAX_NEW_TOKENS = 1100
+
+
+def small_config():
+    """nano's architecture with a 32x32 code grid (1,024 codes, as the real VQGAN) and a 256-wide, 4-layer LLM."""
+    nano = get_variant("nano")
+    llm = LLMConfig(
+        arch="phi3",
+        source="small",
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        intermediate_size=704,
+        vocab_rows=512,
+        max_position_embeddings=2048,
+    )
+    vq = VQConfig(
+        num_codes=8192,
+        embed_dim=16,
+        image_size=256,
+        z_channels=16,
+        ch=16,
+        ch_mult=(1, 2, 2, 4),
+        num_res_blocks=1,
+        attn_resolutions=(),
+    )
+    return nano.replace(name="small", llm=llm, vq=vq)
+
+
+def published(model: HealthGPT, images: list[Image.Image]) -> tuple[int, int]:
+    """(new tokens, images that parsed to exactly 1,024 codes) the published way."""
+    reqs = [
+        model.build_request(
+            [{"role": "user", "content": "Reconstruct the image."}], [im], plugin=GENERATION, image_generation=True
+        )
+        for im in images
+    ]
+    from healthgpt.generation import _left_pad
+    from healthgpt.model import expand_image_slots
+
+    ids, mask = _left_pad([expand_image_slots(r.input_ids, model.model.num_patches) for r in reqs], model.pad_id)
+    pixels = torch.cat([r.pixel_values for r in reqs])
+    with torch.inference_mode(), model.model.hlora.use(GENERATION):
+        embeds = model.model.embed(ids, pixels, [GENERATION] * len(reqs))
+        out = model.model.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=PUBLISHED_MAX_NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=model.pad_id,
+        )
+    valid = 0
+    for text in model.tokenizer.batch_decode(out, skip_special_tokens=False):
+        codes = [int(x) for x in re.findall(r"\d+", text[:-8])]
+        if len(codes) == 1024:
+            model.vqgan.codes_to_pil(torch.tensor([codes]))
+            valid += 1
+    return out.numel(), valid
+
+
+def ours(model: HealthGPT, images: list[Image.Image]) -> tuple[int, int]:
+    out = model.generate_image(images, "reconstruct", progress=False)
+    return len(images) * (model.config.vq.num_image_tokens + 1), len(out)
+
+
+def child(mode: str, batch: int) -> None:
+    torch.manual_seed(0)
+    model = HealthGPT.random(small_config(), seed=0)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)) for _ in range(batch)]
+    start = time.perf_counter()
+    tokens, valid = (ours if mode == "ours" else published)(model, images)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "tokens": tokens, "valid": valid, "peak_mb": peak}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; small config, 1,024 codes per image, greedy")
+    print(f"{'batch':>5} {'mode':<10} {'s/image':>8} {'tok/s':>8} {'valid':>6} {'peak MB':>8}")
+    for batch in args.batches:
+        rows = {}
+        for mode in ("published", "ours"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", mode, str(batch)], capture_output=True, text=True, check=True
+            )
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows[mode] = r
+            print(
+                f"{batch:>5} {mode:<10} {r['seconds'] / batch:>8.2f} {r['tokens'] / r['seconds']:>8.1f} "
+                f"{r['valid']:>3}/{batch:<2} {r['peak_mb']:>8.0f}"
+            )
+        speedup = (rows["published"]["seconds"]) / rows["ours"]["seconds"]
+        print(f"{batch:>5} speed-up per image (published / ours): {speedup:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
