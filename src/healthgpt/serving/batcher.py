@@ -253,9 +253,9 @@ class Batcher:
         kwargs: dict = {"stop_ids": hg.stop_ids, "pad_id": hg.pad_id}
         vocab = hg.model.image_vocab
         span = hg.config.vq.num_image_tokens
-        if vocab is not None:
-            # Every row is constrained the same way whatever it is batched with: text rows may not open image
-            # spans, image rows emit exactly `span` codes and stop when their span closes.
+        if vocab is not None and any(job.is_image for job in jobs):
+            # Image rows emit exactly `span` codes and stop when their span closes; text rows beside them may not
+            # open a span (a text-only batch runs unconstrained, exactly as `HealthGPT.ask`).
             kwargs |= {"span_length": span, "allow_images": [False] * len(jobs), "stop_after_image": True}
         if first.guidance_scale != 1.0:
             kwargs |= {"unconditional": [job.unconditional for job in jobs], "guidance_scale": first.guidance_scale}
@@ -297,20 +297,22 @@ class Batcher:
         if len(job.ids) >= job.budget:
             self._finish_text(job, "length")
 
-    def _detokenize(self, job: Job) -> str:
-        """The text the newest token completes, decoding a few tokens of context (O(1) per token); waits while the
-        text ends in an incomplete multi-byte character."""
+    def _detokenize(self, job: Job, final: bool = False) -> str:
+        """The text the newest tokens complete, decoding a few tokens of context (O(1) per token). Until `final`,
+        it waits while the text ends in an incomplete multi-byte character."""
         decode = self.model.tokenizer.decode
         prefix, read = job._decoded
         before = decode(job.ids[prefix:read], skip_special_tokens=True)
         after = decode(job.ids[prefix:], skip_special_tokens=True)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
         job._decoded = (read, len(job.ids))
         return after[len(before) :]
 
     def _finish_text(self, job: Job, reason: str) -> None:
         job.finished = True
+        if rest := self._detokenize(job, final=True):
+            _emit(job, TextDelta(rest))
         text = self.model.tokenizer.decode(job.ids, skip_special_tokens=True).strip()
         completion = len(job.ids) + (reason == "stop")
         _emit(job, TextDone(text, reason, _prompt_tokens(self.model, job), completion))
