@@ -18,11 +18,12 @@ from healthgpt.vision import project_images
 
 @pytest.fixture(scope="module")
 def m3(published) -> HealthGPT:
-    return HealthGPT.from_official(
+    return HealthGPT.from_pretrained(
         "m3",
-        published / "tiny_phi3",
-        published / "tiny_clip",
-        {"comprehension": published / "case_a_m3_com" / "com_hlora_weights.bin"},
+        base_model=published / "tiny_phi3",
+        vision_tower=published / "tiny_clip",
+        plugin_files={"comprehension": published / "case_a_m3_com" / "com_hlora_weights.bin"},
+        dtype="float32",
     )
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .checkpoints import load_base_llm, load_official_fusion, load_official_plugin, load_vision_tower, resolve_dtype
+from . import checkpoints
 from .config import COMPREHENSION, GENERATION, HealthGPTConfig, get_variant
 from .generation import Request, SamplingParams, generate, stream
 from .model import HealthGPTModel, build_model, expand_image_slots
@@ -80,34 +80,23 @@ class HealthGPT:
         return cls(model, tokenizer, config, pre, vqgan=vqgan)
 
     @classmethod
-    def from_official(
-        cls,
-        config: str | HealthGPTConfig,
-        base_model: str | Path,
-        vision_tower: str | Path,
-        plugin_files: Mapping[str, str | Path],
-        *,
-        fusion_file: str | Path | None = None,
-        dtype: str | torch.dtype = "float32",
-        device: str | torch.device = "cpu",
-    ) -> HealthGPT:
-        """Load the published layout: a base LLM folder, a CLIP folder and the official H-LoRA files
-        (`{plugin: path}`); only the plugins given are kept. Loading is strict (see `healthgpt.checkpoints`)."""
-        config = get_variant(config) if isinstance(config, str) else config
-        unknown = sorted(set(plugin_files) - set(config.plugins))
-        if unknown:
-            raise ValueError(f"{config.name} has no plugin(s) {unknown}; it has {sorted(config.plugins)}")
-        config = config.replace(plugins={k: v for k, v in config.plugins.items() if k in plugin_files})
-        torch_dtype = resolve_dtype(dtype)
-        llm, tokenizer = load_base_llm(base_model, torch_dtype)
-        vision = load_vision_tower(vision_tower, torch_dtype)
-        model = build_model(config, llm, vision, tokenizer)
-        for plugin, path in plugin_files.items():
-            load_official_plugin(model, plugin, path)
-        if fusion_file is not None:
-            load_official_fusion(model, fusion_file)
-        prompts = PromptTokenizer(tokenizer)
-        return cls(model.to(device), tokenizer, config, ImagePreprocessor.from_pretrained(str(vision_tower)), prompts)
+    def from_pretrained(cls, source: str | Path | HealthGPTConfig | None = None, **kwargs: Any) -> HealthGPT:
+        """Load our bundle or the official release (local folders, a variant name or a Hub id such as
+        `lintw/HealthGPT-M3`), strictly; arguments as `healthgpt.checkpoints.load`."""
+        parts = checkpoints.load(source, **kwargs)
+        return cls(parts.model, parts.tokenizer, parts.config, parts.preprocessor, parts.prompts, vqgan=parts.vqgan)
+
+    def save_pretrained(self, directory: str | Path, *, include_base: bool = False) -> Path:
+        """Write this model as a bundle (base LLM and CLIP by reference, or included); see `checkpoints.save_bundle`."""
+        return checkpoints.save_bundle(
+            directory,
+            self.model,
+            self.tokenizer,
+            self.config,
+            self.preprocessor,
+            vqgan=self.vqgan,
+            include_base=include_base,
+        )
 
     # ----- prompts -------------------------------------------------------------------------------------------
     @property

@@ -1,17 +1,43 @@
-"""Loading the officially released HealthGPT files strictly: keys mapped deterministically onto our modules,
-rank and expert count read from the tensors and checked, every expected key present and every key used.
+"""Loading and saving HealthGPT weights strictly, from the official release or from our own bundle.
 
-The released `.bin` files are `torch.save` dicts keyed from the published PeftModel root (REFERENCE §2.4):
-`base_model.model.model.layers.{i}.….lora_{A,B,route}.weight`, `base_model.model.model.mm_projector.{0,2}.*`,
-and for the fusion file `base_model.model.model.embed_tokens.weight` / `base_model.model.lm_head.weight`.
+Official layout (REFERENCE §2.4, §8): a base LLM folder, a CLIP folder, `torch.save` H-LoRA files keyed from the
+published PeftModel root (`base_model.model.model.layers.{i}.….lora_{A,B,route}.weight`,
+`base_model.model.model.mm_projector.{0,2}.*`), the fusion file (`base_model.model.model.embed_tokens.weight`,
+`base_model.model.lm_head.weight`) and taming's VQGAN; `healthgpt.hub` finds them locally or on the Hub.
+Our bundle: `config.json` (HealthGPTConfig), `bundle.json` (what is included or referenced) and safetensors files
+with the same official keys, so one mapping serves both.
+
+Keys map deterministically: an official name minus `base_model.model.` is our module path. Rank and expert count
+are read from the shapes and checked against the config; every expected key must be present and every key used.
+`.bin` files are read with `torch.load(weights_only=True)` (no code in them runs), all files memory-mapped, so
+loading in the stored dtype never holds two copies of the weights.
+
+The fusion layer (`fusion=`). The published code uses the stage-2 embedding table and head only for generation;
+comprehension runs on the base rows (image rows mean-initialised). With both plugins in one model:
+* "generation" (default, published behaviour): the generation plugin gets its own copy of both tables, chosen per
+  sample by the same selection as the H-LoRA plugins (`PluginTable`); comprehension keeps the base tables;
+* "all": the fusion tables replace the base tables for every plugin (the paper's shared stage-2 layer);
+* "none": the fusion file is not loaded (generation then sees mean-initialised image rows).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import json
+import logging
+import pickle
+import shutil
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -20,18 +46,58 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .hlora import HLoRAStateError, infer_plugin_shape
-from .model import HealthGPTModel
-from .vision import VisionEncoder
+from .config import GENERATION, VARIANTS, HealthGPTConfig, LLMConfig, VisionConfig
+from .hlora import HLoRAStateError, PluginSelection, infer_plugin_shape
+from .hub import OfficialFiles, WeightsNotFoundError, is_repo_id, resolve_official_files, variant_of_hub_id
+from .io.atomic import atomic_target
+from .model import HealthGPTModel, build_model
+from .tokens import PromptTokenizer
+from .vision import ImagePreprocessor, VisionEncoder
+from .vqgan import VQGAN, load_taming_checkpoint
+
+log = logging.getLogger(__name__)
 
 OFFICIAL_PREFIX = "base_model.model."
 PROJECTOR_PREFIX = OFFICIAL_PREFIX + "model.mm_projector."
 EMBED_KEY = OFFICIAL_PREFIX + "model.embed_tokens.weight"
 HEAD_KEY = OFFICIAL_PREFIX + "lm_head.weight"
+FUSION_MODES = ("generation", "all", "none")
+MANIFEST = "bundle.json"
+BUNDLE_FORMAT = "healthgpt-bundle"
+BUNDLE_VERSION = 1
+
+__all__ = [
+    "CheckpointError",
+    "FUSION_MODES",
+    "LoadedModel",
+    "PluginTable",
+    "WeightsNotFoundError",
+    "check_keys",
+    "convert_official",
+    "load",
+    "load_bundle",
+    "load_official",
+    "load_state_file",
+    "official_plugin_tensors",
+    "resolve_dtype",
+    "save_bundle",
+]
 
 
 class CheckpointError(ValueError):
-    """A weight file that is missing, unreadable, or does not fit the model; the message says which and why."""
+    """A weight file that is unreadable or does not fit the model; the message names the file and what is wrong."""
+
+
+@dataclass
+class LoadedModel:
+    """Everything the `HealthGPT` facade is made of."""
+
+    model: HealthGPTModel
+    tokenizer: PreTrainedTokenizerBase
+    config: HealthGPTConfig
+    preprocessor: ImagePreprocessor
+    prompts: PromptTokenizer
+    vqgan: VQGAN | None = None
 
 
 _DTYPES = {
@@ -54,122 +120,607 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
 
 
-def _require_dir(path: str | Path, what: str, needed: str) -> Path:
-    path = Path(path)
-    if not (path / needed).is_file():
-        raise CheckpointError(
-            f"{path}: no {needed} here, so this is not a {what} folder; give the folder that "
-            f"holds {needed} (download it with `huggingface-cli download`)"
-        )
-    return path
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
-def load_base_llm(path: str | Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base causal LM and its tokenizer from a local transformers folder."""
-    path = _require_dir(path, "base LLM", "config.json")
-    llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return llm, tokenizer
-
-
-def load_vision_tower(path: str | Path, dtype: torch.dtype) -> VisionEncoder:
-    """The CLIP vision tower from a local transformers folder (a full CLIP or a CLIPVisionModel checkpoint)."""
-    path = _require_dir(path, "CLIP vision tower", "config.json")
-    return VisionEncoder(CLIPVisionModel.from_pretrained(path, dtype=dtype))
-
-
-def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A tensor dict from a `.bin`/`.pt` (`torch.load(weights_only=True)`: no code runs) or `.safetensors` file."""
+# ----- files -------------------------------------------------------------------------------------------------------
+def load_state_file(path: str | Path) -> dict[str, Tensor]:
+    """A memory-mapped tensor dict from a `.safetensors` file or a `torch.save` file (`.bin`/`.pt`, read with
+    `weights_only=True`: only tensors are unpickled, no code runs)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: weight file not found; check the path (or download it from the Hub)")
+        raise WeightsNotFoundError(f"{path}: weight file not found; check the path (or download it from the Hub)")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
+            state = load_file(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch/safetensors raise many types for corrupt files; name the file instead
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: cannot read the weights ({type(e).__name__}: {e}); the file may be "
-            "truncated or not a weight file — download it again"
+            f"{path}: holds Python objects other than tensors; refusing to unpickle them (weights_only=True). ({e})"
         ) from e
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: cannot read the weights ({type(e).__name__}: {e}); the file may be truncated or not a "
+            "weight file — download or write it again"
+        ) from e
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     return dict(state)
 
 
-def _describe(keys: list[str], first: int = 5) -> str:
-    more = f" ... ({len(keys) - first} more)" if len(keys) > first else ""
-    return ", ".join(keys[:first]) + more
+def _listing(what: str, items: Sequence[str], first: int = 5) -> str:
+    more = f", ... ({len(items) - first} more)" if len(items) > first else ""
+    return f"{len(items)} {what}: " + ", ".join(items[:first]) + more
 
 
-def load_official_plugin(model: HealthGPTModel, plugin: str, path: str | Path) -> None:
-    """Load an official H-LoRA file (`com_hlora_weights*.bin`, `gen_hlora_weights.bin`) into one plugin and its
-    projector. Raises `CheckpointError` naming the file, the wrong rank/experts, or the missing/unused keys."""
-    state = load_state_file(path)
-    lora = {k[len(OFFICIAL_PREFIX) :]: v for k, v in state.items() if k.startswith(OFFICIAL_PREFIX) and ".lora_" in k}
-    projector = {k[len(PROJECTOR_PREFIX) :]: v for k, v in state.items() if k.startswith(PROJECTOR_PREFIX)}
-    unused = sorted(set(state) - {OFFICIAL_PREFIX + k for k in lora} - {PROJECTOR_PREFIX + k for k in projector})
-    if unused:
-        raise CheckpointError(f"{path}: {len(unused)} key(s) not used by plugin {plugin!r}: {_describe(unused)}")
-    if not lora:
-        raise CheckpointError(f"{path}: no H-LoRA tensors (keys '{OFFICIAL_PREFIX}…lora_A.weight') in the file")
+def check_keys(state: Mapping[str, Tensor], expected: Mapping[str, torch.Size], source: str, what: str) -> None:
+    """Raise `CheckpointError` unless `state` has exactly the `expected` keys with the expected shapes; the message
+    lists the first missing, unused and mis-shaped keys with their counts."""
+    missing = sorted(expected.keys() - state.keys())
+    unused = sorted(state.keys() - expected.keys())
+    wrong = [
+        f"{k} (file {list(state[k].shape)}, model {list(s)})"
+        for k, s in expected.items()
+        if k in state and state[k].shape != s
+    ]
+    problems = [
+        _listing(name, items)
+        for name, items in (("missing", missing), ("unused", unused), ("with the wrong shape", wrong))
+        if items
+    ]
+    if problems:
+        raise CheckpointError(f"{source}: does not fit {what}: " + "; ".join(problems))
+
+
+# ----- base model, vision tower, VQGAN -----------------------------------------------------------------------------
+def load_base_llm(
+    path: Path, dtype: torch.dtype, *, device_map: str | dict | None = None, tokenizer_path: Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PromptTokenizer]:
+    """The causal LM (memory-mapped, meta-initialised by transformers), its tokenizer, and the prompt tokenizer that
+    reproduces the published ids (the SentencePiece `tokenizer.model`, when the folder has one)."""
+    _require(path, "config.json", "base LLM")
+    tokenizer_path = tokenizer_path or path
+    llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    sentencepiece = tokenizer_path / "tokenizer.model"
+    prompts = PromptTokenizer(tokenizer, sentencepiece_model=sentencepiece if sentencepiece.is_file() else None)
+    return llm, tokenizer, prompts
+
+
+def load_vision_tower(path: Path, dtype: torch.dtype) -> tuple[VisionEncoder, ImagePreprocessor]:
+    """The CLIP vision tower (from a full CLIP or a CLIPVisionModel folder) and its image preprocessing."""
+    _require(path, "config.json", "CLIP vision tower")
+    _require(path, "preprocessor_config.json", "CLIP vision tower")
+    tower = CLIPVisionModel.from_pretrained(path, dtype=dtype)
+    return VisionEncoder(tower), ImagePreprocessor.from_pretrained(str(path))
+
+
+def load_vqgan(path: str | Path) -> VQGAN:
+    """A VQGAN from a folder written by `VQGAN.save`, a folder with taming's `last.ckpt` + `model.yaml`, or a
+    `.ckpt` file (its `model.yaml` beside it)."""
+    path = Path(path)
+    if (path / "vqgan.json").is_file():
+        return VQGAN.load(path)
+    if path.is_dir():
+        return load_taming_checkpoint(path / "last.ckpt", path / "model.yaml")
+    return load_taming_checkpoint(path)
+
+
+def _require(folder: Path, name: str, what: str) -> None:
+    if not (folder / name).is_file():
+        raise WeightsNotFoundError(f"{folder}: no {name} here, so this is not a {what} folder")
+
+
+def _llm_config(llm: PreTrainedModel, source: str) -> LLMConfig:
+    """The LLM part of the config as read from the loaded model (before any vocabulary change)."""
+    c = llm.config
+    return LLMConfig(
+        arch=c.model_type,
+        source=source,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_key_value_heads or c.num_attention_heads,
+        intermediate_size=c.intermediate_size,
+        vocab_rows=c.vocab_size,
+        max_position_embeddings=c.max_position_embeddings,
+        rope_theta=float(c.rope_parameters["rope_theta"]),
+    )
+
+
+def _vision_config(vision: VisionEncoder, pre: ImagePreprocessor, source: str) -> VisionConfig:
+    c = vision.tower.config
+    return VisionConfig(
+        source=source,
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        intermediate_size=c.intermediate_size,
+        image_mean=tuple(pre.processor.image_mean),
+        image_std=tuple(pre.processor.image_std),
+    )
+
+
+def _warn_if_differs(name: str, found: Any, expected: Any, what: str) -> None:
+    keys = [k for k in found.__dataclass_fields__ if k != "source" and getattr(found, k) != getattr(expected, k)]
+    if keys:
+        diffs = ", ".join(f"{k} {getattr(found, k)} (variant: {getattr(expected, k)})" for k in keys)
+        log.warning("the %s loaded for %s differs from the variant's: %s", what, name, diffs)
+
+
+# ----- plugins -----------------------------------------------------------------------------------------------------
+def official_plugin_tensors(model: HealthGPTModel, plugin: str) -> dict[str, Tensor]:
+    """One plugin's H-LoRA and projector tensors under their official key names (sharing storage with the model)."""
+    lora = {OFFICIAL_PREFIX + k: v for k, v in model.hlora.plugin_state_dict(plugin).items()}
+    projector = {PROJECTOR_PREFIX + k: v for k, v in model.projectors[plugin].state_dict().items()}
+    return lora | projector
+
+
+def load_plugin_state(model: HealthGPTModel, plugin: str, state: Mapping[str, Tensor], source: str) -> None:
+    """Strictly load one plugin (H-LoRA + projector) from official keys: rank and experts first, then keys, shapes."""
     cfg = model.hlora.configs[plugin]
     try:
-        rank, experts = infer_plugin_shape(lora)
+        rank, experts = infer_plugin_shape({k: v for k, v in state.items() if ".lora_" in k})
     except HLoRAStateError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+        raise CheckpointError(f"{source}: {e}") from e
     if (rank, experts) != (cfg.rank, cfg.num_experts):
         raise CheckpointError(
-            f"{path}: the file holds H-LoRA rank {rank} with {experts} experts, but plugin {plugin!r} is configured "
+            f"{source}: the file holds H-LoRA rank {rank} with {experts} experts, but plugin {plugin!r} is configured "
             f"with rank {cfg.rank} and {cfg.num_experts} experts; use the variant this file belongs to"
         )
+    targets = official_plugin_tensors(model, plugin)
+    check_keys(state, {k: v.shape for k, v in targets.items()}, source, f"plugin {plugin!r}")
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(state[key])
+
+
+# ----- fusion layer ------------------------------------------------------------------------------------------------
+class PluginTable(nn.Module):
+    """The LLM's input embedding or output head, with whole replacement tables for some plugins (the generation
+    plugin's fusion layer). The model's `PluginSelection` picks the table per call or per sample, as for H-LoRA.
+    `weight` stays the base table, so the HF key names and `get_input_embeddings().weight` are unchanged."""
+
+    def __init__(self, base: nn.Embedding | nn.Linear, selection: PluginSelection) -> None:
+        super().__init__()
+        self.weight = base.weight
+        self.bias = getattr(base, "bias", None)
+        self.padding_idx = getattr(base, "padding_idx", None)
+        self.is_embedding = isinstance(base, nn.Embedding)
+        self.tables = nn.ParameterDict()
+        self.selection = selection
+
+    def _lookup(self, x: Tensor, name: str | None) -> Tensor:
+        weight = self.tables[name] if name is not None and name in self.tables else self.weight
+        if self.is_embedding:
+            return F.embedding(x, weight, self.padding_idx)  # [..., H]
+        return F.linear(x, weight, self.bias)  # [..., V]
+
+    def forward(self, x: Tensor) -> Tensor:
+        active = self.selection.active
+        if active is None or isinstance(active, str):
+            return self._lookup(x, active)
+        if len(active) != x.shape[0]:
+            raise ValueError(f"per-sample plugin selection has {len(active)} entries but the input has {x.shape[0]}")
+        out = self._lookup(x, None)
+        for name, rows in self.selection.groups(x.device):
+            if name in self.tables:
+                out = out.index_copy(0, rows, self._lookup(x.index_select(0, rows), name))
+        return out
+
+
+def _tables(model: HealthGPTModel) -> dict[str, nn.Module]:
+    return {EMBED_KEY: model.llm.get_input_embeddings(), HEAD_KEY: model.llm.get_output_embeddings()}
+
+
+def set_plugin_tables(model: HealthGPTModel, plugin: str, state: Mapping[str, Tensor]) -> None:
+    """Give `plugin` its own embedding table and head (`state` keyed `EMBED_KEY`, `HEAD_KEY`), cast to the base
+    tables' dtype and device (no copy when they already match, e.g. memory-mapped from a bundle)."""
+    setters = {EMBED_KEY: model.llm.set_input_embeddings, HEAD_KEY: model.llm.set_output_embeddings}
+    for key, module in _tables(model).items():
+        if not isinstance(module, PluginTable):
+            module = PluginTable(module, model.hlora.selection)
+            setters[key](module)
+        table = state[key].to(dtype=module.weight.dtype, device=module.weight.device)
+        module.tables[plugin] = nn.Parameter(table, requires_grad=False)
+
+
+def load_fusion_state(model: HealthGPTModel, state: Mapping[str, Tensor], source: str, fusion: str) -> None:
+    """Apply the fusion tables as `fusion` says ("generation": the generation plugin's own tables; "all": into the
+    base tables)."""
+    bases = {k: m.weight for k, m in _tables(model).items()}
+    check_keys(state, {k: w.shape for k, w in bases.items()}, source, "the fusion layer (embedding table and head)")
+    if fusion == "all":
+        with torch.no_grad():
+            for key, weight in bases.items():
+                weight.copy_(state[key])
+    else:
+        set_plugin_tables(model, GENERATION, state)
+
+
+# ----- loading -----------------------------------------------------------------------------------------------------
+def _assemble(
+    config: HealthGPTConfig,
+    plugins: Sequence[str],
+    llm_dir: Path,
+    vision_dir: Path,
+    dtype: torch.dtype,
+    device_map: str | dict | None,
+    tokenizer_dir: Path | None = None,
+) -> tuple[HealthGPTModel, PreTrainedTokenizerBase, PromptTokenizer, ImagePreprocessor, HealthGPTConfig]:
+    """Base LLM + CLIP + fresh plugins and projectors; the config's shapes are those of the loaded models."""
+    unknown = sorted(set(plugins) - set(config.plugins))
+    if unknown:
+        raise ValueError(f"{config.name} has no plugin(s) {unknown}; it has {sorted(config.plugins)}")
+    # CLIP first: its fp32 -> dtype conversion peaks before the LLM's weights are resident.
+    vision, pre = load_vision_tower(vision_dir, dtype)
+    llm, tokenizer, prompts = load_base_llm(llm_dir, dtype, device_map=device_map, tokenizer_path=tokenizer_dir)
+    llm_cfg, vision_cfg = _llm_config(llm, str(llm_dir)), _vision_config(vision, pre, str(vision_dir))
+    config = config.replace(
+        llm=llm_cfg,
+        vision=vision_cfg,
+        plugins={k: v for k, v in config.plugins.items() if k in plugins},
+        dtype=_dtype_name(dtype),
+    )
+    model = build_model(config, llm, vision, tokenizer)
+    return model, tokenizer, prompts, pre, config
+
+
+def _place(model: HealthGPTModel, vqgan: VQGAN | None, device: str | torch.device, device_map: Any) -> None:
+    """Move to `device`; with a `device_map` the LLM is already dispatched and the rest joins its embedding."""
+    if device_map is not None:
+        device = model.llm.get_input_embeddings().weight.device
+        model.vision.to(device)
+        model.projectors.to(device)
+    else:
+        model.to(device)
+    if vqgan is not None:
+        vqgan.to(device)
+
+
+def load_official(
+    config: HealthGPTConfig,
+    files: OfficialFiles,
+    *,
+    vqgan: str | Path | None = None,
+    fusion: str = "generation",
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    system_prompt: str | None = None,
+) -> LoadedModel:
+    """Load the official layout with one plugin per file in `files`; see the module docstring for `fusion`."""
+    if fusion not in FUSION_MODES:
+        raise ValueError(f"fusion must be one of {FUSION_MODES}, got {fusion!r}")
+    torch_dtype = resolve_dtype(dtype or config.dtype)
+    variant = config
+    model, tokenizer, prompts, pre, config = _assemble(
+        config, list(files.plugin_files), files.base_model, files.vision_tower, torch_dtype, device_map
+    )
+    _warn_if_differs(variant.name, config.llm, variant.llm, "base LLM")
+    _warn_if_differs(variant.name, config.vision, variant.vision, "vision tower")
+    for plugin, path in files.plugin_files.items():
+        load_plugin_state(model, plugin, load_state_file(path), str(path))
+    if files.fusion_file is not None and fusion != "none":
+        if fusion == "generation" and GENERATION not in config.plugins:
+            log.warning("%s: not loaded; with fusion='generation' only generation uses it", files.fusion_file)
+        else:
+            load_fusion_state(model, load_state_file(files.fusion_file), str(files.fusion_file), fusion)
+    vq = load_vqgan(vqgan) if vqgan is not None else None
+    if vq is not None:
+        config = config.replace(vq=dataclasses.replace(config.vq, source=str(vqgan)))
+    if system_prompt is not None:
+        config = config.replace(system_prompt=system_prompt)
+    _place(model, vq, device, device_map)
+    return LoadedModel(model, tokenizer, config, pre, prompts, vq)
+
+
+def load(
+    source: str | Path | HealthGPTConfig | None = None,
+    *,
+    variant: str | HealthGPTConfig | None = None,
+    base_model: str | Path | None = None,
+    vision_tower: str | Path | None = None,
+    plugins: Sequence[str] | None = None,
+    plugin_files: Mapping[str, str | Path] | None = None,
+    fusion_file: str | Path | None = None,
+    vqgan: str | Path | None = None,
+    fusion: str = "generation",
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    system_prompt: str | None = None,
+    cache_dir: str | Path | None = None,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load a HealthGPT from our bundle or from the official layout; what `HealthGPT.from_pretrained` calls.
+
+    `source`: a bundle folder (has `bundle.json`); a folder holding the official H-LoRA files; a variant name
+    (`m3`, `l14`, `xl32`) or config; a variant's Hub id (`lintw/HealthGPT-M3`, ...); or None with `variant=`.
+    Official layout: `plugins` (default: the keys of `plugin_files`, else all of the variant's) each come from
+    `plugin_files`, the source folder or the Hub, as do `base_model`, `vision_tower` (folders or Hub ids) and the
+    fusion file (needed by the generation plugin unless `fusion="none"`); `vqgan` is a VQGAN folder or taming
+    `last.ckpt` (not on the Hub; without it images cannot be decoded). `dtype` defaults to the variant's (float16)
+    or the bundle's. `device_map="auto"` spreads the LLM over the GPUs through accelerate (vision tower, projectors
+    and VQGAN go to the embedding's device). `system_prompt` replaces the template's published default.
+    """
+    folder: Path | None = None
+    if isinstance(source, (str, Path)) and (Path(source) / MANIFEST).is_file():
+        extra = dict(variant=variant, plugins=plugins, plugin_files=plugin_files, fusion_file=fusion_file, vqgan=vqgan)
+        given = sorted(k for k, v in extra.items() if v is not None)
+        if given or fusion != "generation":
+            raise ValueError(f"{source} is a bundle; {', '.join(given) or 'fusion'} apply only to the official layout")
+        return load_bundle(
+            source,
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            system_prompt=system_prompt,
+            base_model=base_model,
+            vision_tower=vision_tower,
+        )
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        folder = Path(source)
+    elif source is not None:
+        if variant is not None:
+            raise ValueError(f"give the variant once: source={source!r} and variant={variant!r}")
+        variant = source
+    config = _variant(variant, folder)
+    wanted = list(plugins or plugin_files or config.plugins)
+    need_fusion = fusion == "all" or (fusion == "generation" and GENERATION in wanted)
+    files = resolve_official_files(
+        config,
+        wanted,
+        need_fusion=need_fusion,
+        base_model=base_model,
+        vision_tower=vision_tower,
+        plugin_files=plugin_files,
+        fusion_file=fusion_file,
+        folder=folder,
+        cache_dir=cache_dir,
+        revision=revision,
+    )
+    return load_official(
+        config,
+        files,
+        vqgan=vqgan,
+        fusion=fusion,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        system_prompt=system_prompt,
+    )
+
+
+def _variant(variant: str | Path | HealthGPTConfig | None, folder: Path | None) -> HealthGPTConfig:
+    """The config of a variant name, Hub id or config; for an official folder alone, the variant whose released
+    file names it holds."""
+    if isinstance(variant, HealthGPTConfig):
+        return variant
+    if variant is None:
+        if folder is None:
+            raise ValueError("give a source (bundle folder, official folder, variant name or Hub id) or variant=")
+        matches = [
+            v
+            for v in VARIANTS.values()
+            if any((folder / name).is_file() for key, name in v.official_files.items() if key != "fusion")
+        ]
+        if len(matches) != 1:
+            raise ValueError(f"{folder}: cannot tell the variant from the files there; pass variant='m3'|'l14'|'xl32'")
+        return matches[0]
+    variant = str(variant)
+    config = variant_of_hub_id(variant, VARIANTS) if is_repo_id(variant) else VARIANTS.get(variant.lower())
+    if config is None:
+        hub_ids = ", ".join(v.hub_id for v in VARIANTS.values() if v.hub_id)
+        raise ValueError(f"{variant}: not a folder, a variant name ({', '.join(VARIANTS)}) nor a Hub id ({hub_ids})")
+    return config
+
+
+# ----- our bundle --------------------------------------------------------------------------------------------------
+def _weight_files(folder: Path) -> dict[str, int]:
+    """Sizes of a transformers folder's weight files: a cheap check that a referenced base did not change."""
+    return {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}
+
+
+def _base_table(folder: Path, key: str) -> Tensor | None:
+    """One tensor of a safetensors transformers folder (sharded or not), or None if it is not there."""
+    index = folder / "model.safetensors.index.json"
+    name = json.loads(index.read_text())["weight_map"].get(key) if index.is_file() else "model.safetensors"
+    if name is None or not (folder / name).is_file():
+        return None
+    with safe_open(folder / name, "pt") as f:
+        return f.get_tensor(key) if key in f.keys() else None
+
+
+def _first_changed_row(model: HealthGPTModel, base: Path | None) -> int:
+    """From which row the embedding/head tables must be stored: the image-token rows (which loading re-initialises),
+    or all rows if the tables before them differ from the referenced base (fusion="all", trained tables)."""
+    rows = model.llm.get_input_embeddings().weight.shape[0]
+    start = model.image_vocab.start_id if model.image_vocab is not None else rows
+    if base is None:
+        return start
+    names = {id(p): n for n, p in model.llm.named_parameters()}
+    for module in _tables(model).values():
+        stored = _base_table(base, names[id(module.weight)])
+        n = min(start, stored.shape[0]) if stored is not None else 0
+        if stored is None or n < start or not torch.equal(module.weight[:n].cpu(), stored[:n].to(module.weight.dtype)):
+            return 0
+    return start
+
+
+def save_bundle(
+    directory: str | Path,
+    model: HealthGPTModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: HealthGPTConfig,
+    preprocessor: ImagePreprocessor,
+    *,
+    vqgan: VQGAN | None = None,
+    include_base: bool = False,
+) -> Path:
+    """Write our bundle into the new folder `directory` (atomically: a temporary folder, then a rename).
+
+    Base LLM and CLIP are referenced by their folders (`config.llm.source`, `config.vision.source`) or, with
+    `include_base`, written into `llm/` and `vision/`. Always written: `config.json`, `bundle.json`, the tokenizer,
+    one safetensors file per plugin and per plugin table in the official key layout, the changed embedding/head
+    rows (`vocab.safetensors`) and the VQGAN."""
+    directory = Path(directory)
+    llm_dir, vision_dir = Path(config.llm.source), Path(config.vision.source)
+    if not include_base:
+        for folder, what in ((llm_dir, "base LLM"), (vision_dir, "CLIP tower")):
+            if not (folder / "config.json").is_file():
+                raise CheckpointError(
+                    f"the {what} was not loaded from a local folder ({folder}), so the bundle cannot refer to it; "
+                    "save with include_base=True"
+                )
+    first_row = _first_changed_row(model, None if include_base else llm_dir)
+    manifest: dict[str, Any] = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "dtype": _dtype_name(model.llm.get_input_embeddings().weight.dtype),
+        "llm": "llm" if include_base else {"path": str(llm_dir.resolve()), "weights": _weight_files(llm_dir)},
+        "vision": "vision" if include_base else {"path": str(vision_dir.resolve())},
+        "plugins": list(model.plugin_names),
+        "plugin_tables": [],
+        "vocab_first_row": first_row,
+        "vqgan": vqgan is not None,
+    }
+    with atomic_target(directory, directory=True) as tmp:
+        config.save(tmp / "config.json")
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        sentencepiece = Path(getattr(tokenizer, "vocab_file", None) or "")
+        if sentencepiece.suffix == ".model" and sentencepiece.is_file():
+            shutil.copyfile(sentencepiece, tmp / "tokenizer" / "tokenizer.model")
+        (tmp / "plugins").mkdir()
+        for plugin in model.plugin_names:
+            save_file(_contiguous(official_plugin_tensors(model, plugin)), tmp / "plugins" / f"{plugin}.safetensors")
+        tables = _tables(model)
+        embed = tables[EMBED_KEY]
+        for plugin in embed.tables if isinstance(embed, PluginTable) else ():
+            state = {k: m.tables[plugin] for k, m in tables.items()}
+            save_file(_contiguous(state), tmp / "plugins" / f"{plugin}.tables.safetensors")
+            manifest["plugin_tables"].append(plugin)
+        rows = {k: m.weight[first_row:] for k, m in tables.items()}
+        if rows[EMBED_KEY].shape[0]:
+            save_file(_contiguous(rows), tmp / "vocab.safetensors", metadata={"first_row": str(first_row)})
+        if include_base:
+            _save_base(model, preprocessor, tmp)
+        if vqgan is not None:
+            vqgan.save(tmp / "vqgan")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return directory
+
+
+def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def _save_base(model: HealthGPTModel, preprocessor: ImagePreprocessor, folder: Path) -> None:
+    """The LLM's own weights (without plugins and plugin tables, HF key names) and the CLIP tower, as transformers
+    folders."""
+    plugin_params = {id(p) for layer in model.hlora.layers.values() for p in layer.plugins.parameters()}
+    plugin_params |= {id(p) for m in _tables(model).values() if isinstance(m, PluginTable) for p in m.tables.values()}
+    state = {
+        name.replace(".base_layer.", "."): p.detach()
+        for name, p in model.llm.named_parameters(remove_duplicate=False)
+        if id(p) not in plugin_params
+    }
+    model.llm.save_pretrained(folder / "llm", state_dict=state)
+    model.vision.tower.save_pretrained(folder / "vision")
+    preprocessor.processor.save_pretrained(folder / "vision")
+
+
+def load_bundle(
+    directory: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    system_prompt: str | None = None,
+    base_model: str | Path | None = None,
+    vision_tower: str | Path | None = None,
+) -> LoadedModel:
+    """Load a bundle written by `save_bundle`, strictly; `base_model` / `vision_tower` replace the folders a bundle
+    refers to (when they moved)."""
+    directory = Path(directory)
     try:
-        model.hlora.load_plugin_state_dict(plugin, lora)
-    except HLoRAStateError as e:
-        raise CheckpointError(f"{path}: {e}") from e
-    load_projector(model, plugin, projector, source=str(path))
-
-
-def load_projector(model: HealthGPTModel, plugin: str, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strictly load one plugin's `mlp2x_gelu` projector (`0.weight`, `0.bias`, `2.weight`, `2.bias`)."""
-    target = model.projectors[plugin]
-    own = target.state_dict()
-    missing = sorted(set(own) - set(state))
-    if missing:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{directory}: not a HealthGPT bundle ({e})") from e
+    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
         raise CheckpointError(
-            f"{source}: projector of plugin {plugin!r} is missing {', '.join('mm_projector.' + k for k in missing)}"
+            f"{directory}: bundle format {manifest.get('format')!r} version {manifest.get('version')!r} is not "
+            f"{BUNDLE_FORMAT!r} version {BUNDLE_VERSION}"
         )
-    bad = [
-        f"mm_projector.{k}: expected {list(own[k].shape)}, got {list(state[k].shape)}"
-        for k in own
-        if state[k].shape != own[k].shape
-    ]
-    if bad:
-        raise CheckpointError(f"{source}: projector shape mismatch: {'; '.join(bad)}")
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(state[k])
-
-
-def load_official_fusion(model: HealthGPTModel, path: str | Path) -> None:
-    """Load `fusion_layer_weights.bin`: the stage-2 embedding and output head (all rows, image codes included)."""
-    state = load_state_file(path)
-    expected = {EMBED_KEY: model.llm.get_input_embeddings().weight, HEAD_KEY: model.llm.get_output_embeddings().weight}
-    missing = sorted(set(expected) - set(state))
-    unused = sorted(set(state) - set(expected))
-    if missing or unused:
+    config = HealthGPTConfig.load(directory / "config.json")
+    llm_dir = _bundle_part(directory, manifest["llm"], base_model, "base_model")
+    vision_dir = _bundle_part(directory, manifest["vision"], vision_tower, "vision_tower")
+    recorded = manifest["llm"].get("weights") if isinstance(manifest["llm"], dict) else None
+    if recorded is not None and base_model is None and _weight_files(llm_dir) != recorded:
         raise CheckpointError(
-            f"{path}: fusion file keys do not fit: missing [{_describe(missing)}], unused [{_describe(unused)}]"
+            f"{directory}: the base model at {llm_dir} changed since the bundle was written (weight files "
+            f"{_weight_files(llm_dir)}, recorded {recorded}); pass base_model= the original folder"
         )
-    for key, weight in expected.items():
-        if state[key].shape != weight.shape:
-            raise CheckpointError(
-                f"{path}: {key} has shape {list(state[key].shape)}, the model needs "
-                f"{list(weight.shape)}: the tokenizer must have the 8,195 image tokens added"
-            )
+    torch_dtype = resolve_dtype(dtype or manifest["dtype"])
+    model, tokenizer, prompts, pre, config = _assemble(
+        config, manifest["plugins"], llm_dir, vision_dir, torch_dtype, device_map, directory / "tokenizer"
+    )
+    vocab = directory / "vocab.safetensors"
+    if vocab.is_file():
+        _load_rows(model, load_state_file(vocab), int(manifest["vocab_first_row"]), str(vocab))
+    for plugin in manifest["plugins"]:
+        path = directory / "plugins" / f"{plugin}.safetensors"
+        load_plugin_state(model, plugin, load_state_file(path), str(path))
+    for plugin in manifest["plugin_tables"]:
+        path = directory / "plugins" / f"{plugin}.tables.safetensors"
+        state = load_state_file(path)
+        check_keys(state, {k: m.weight.shape for k, m in _tables(model).items()}, str(path), "the plugin tables")
+        set_plugin_tables(model, plugin, state)
+    vq = VQGAN.load(directory / "vqgan") if manifest["vqgan"] else None
+    if system_prompt is not None:
+        config = config.replace(system_prompt=system_prompt)
+    _place(model, vq, device, device_map)
+    return LoadedModel(model, tokenizer, config, pre, prompts, vq)
+
+
+def _bundle_part(directory: Path, entry: str | dict, override: str | Path | None, argument: str) -> Path:
+    """The folder of an included (`"llm"`) or referenced (`{"path": ...}`) part of a bundle."""
+    if override is not None:
+        return Path(override)
+    if isinstance(entry, str):
+        return directory / entry
+    path = Path(entry["path"])
+    if not (path / "config.json").is_file():
+        raise WeightsNotFoundError(f"{directory}: the bundle refers to {path}, which is gone; pass {argument}=")
+    return path
+
+
+def _load_rows(model: HealthGPTModel, state: Mapping[str, Tensor], first_row: int, source: str) -> None:
+    """Copy stored embedding/head rows `first_row:` into the base tables."""
+    bases = {k: m.weight for k, m in _tables(model).items()}
+    check_keys(state, {k: w[first_row:].shape for k, w in bases.items()}, source, "the embedding/head rows")
     with torch.no_grad():
-        for key, weight in expected.items():
-            weight.copy_(state[key])
+        for key, weight in bases.items():
+            weight[first_row:].copy_(state[key])
+
+
+def convert_official(
+    output_dir: str | Path, source: str | Path | None = None, *, include_base: bool = False, **kw: Any
+) -> Path:
+    """Turn the official files into a bundle at `output_dir` (arguments as `load`); returns the bundle's path."""
+    if isinstance(source, (str, Path)) and (Path(source) / MANIFEST).is_file():
+        raise ValueError(f"{source} is already a bundle")
+    loaded = load(source, **kw)
+    return save_bundle(
+        output_dir,
+        loaded.model,
+        loaded.tokenizer,
+        loaded.config,
+        loaded.preprocessor,
+        vqgan=loaded.vqgan,
+        include_base=include_base,
+    )

@@ -1,0 +1,447 @@
+"""Loading the official HealthGPT files and our bundle (`healthgpt.checkpoints`, `healthgpt.hub`).
+
+Tiny base models of the three variants' architectures are saved to tmp folders. The H-LoRA, projector and fusion
+files are written with the official key layout and dtype (fp16) from a spec written here after REFERENCE §2.3/§2.4,
+not from our module paths. Expected logits come from the same base model with those tensors assigned by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from _tokenizers import build_bpe_chat_tokenizer, build_sentencepiece_phi3_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+from healthgpt.api import HealthGPT
+from healthgpt.checkpoints import CheckpointError, convert_official, load_state_file
+from healthgpt.config import COMPREHENSION, GENERATION, HealthGPTConfig, LLMConfig, PluginConfig, get_variant
+from healthgpt.hub import WeightsNotFoundError
+from healthgpt.model import HealthGPTModel, build_model, expand_image_slots
+from healthgpt.nano import random_llm, random_vision
+from healthgpt.templates import get_template
+from healthgpt.tokens import IMAGE_TOKEN_INDEX, PromptTokenizer
+from healthgpt.vision import ImagePreprocessor, VisionEncoder
+from healthgpt.vqgan import VQGAN
+
+P = "base_model.model."
+TOKENIZERS = {"m3": "sentencepiece", "l14": "phi4", "xl32": "qwen"}
+KV_HEADS = {"m3": 4, "l14": 2, "xl32": 2}  # Phi-3-mini is MHA; Phi-4 and Qwen2.5 use GQA
+RANKS = {COMPREHENSION: (8, 16.0), GENERATION: (16, 32.0)}
+
+
+# ----- tiny models and official files ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Case:
+    config: HealthGPTConfig
+    base: Path
+    clip: Path
+    files: dict[str, Path]  # plugin name or "fusion" -> official file
+    tensors: dict[str, dict[str, torch.Tensor]]
+
+
+def _tokenizer(folder: Path, kind: str) -> int:
+    if kind == "sentencepiece":
+        build_sentencepiece_phi3_tokenizer(folder)
+    else:
+        build_bpe_chat_tokenizer(folder, style=kind)
+    return len(AutoTokenizer.from_pretrained(folder))
+
+
+def tiny_config(name: str, vocab_rows: int) -> HealthGPTConfig:
+    """The variant with nano sizes; sources, template, official file names and Hub id kept."""
+    variant, nano = get_variant(name), get_variant("nano")
+    llm = dataclasses.replace(
+        variant.llm, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=KV_HEADS[name],
+        intermediate_size=128, vocab_rows=vocab_rows, max_position_embeddings=1024,
+    )  # fmt: skip
+    plugins = {p: PluginConfig(*RANKS[p], vision_layer=c.vision_layer) for p, c in variant.plugins.items()}
+    vision = dataclasses.replace(nano.vision, source=variant.vision.source)
+    return variant.replace(llm=llm, vision=vision, plugins=plugins, vq=nano.vq, dtype="float32")
+
+
+def lora_shapes(llm: LLMConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of every adapted linear under `model.layers.{i}.` (REFERENCE §2.3)."""
+    h, i = llm.hidden_size, llm.intermediate_size
+    q = h
+    kv = llm.num_kv_heads * (h // llm.num_heads)
+    if llm.arch == "phi3":
+        return {"self_attn.qkv_proj": (h, q + 2 * kv), "self_attn.o_proj": (q, h),
+                "mlp.gate_up_proj": (h, 2 * i), "mlp.down_proj": (i, h)}  # fmt: skip
+    return {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+            "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, i), "mlp.up_proj": (h, i),
+            "mlp.down_proj": (i, h)}  # fmt: skip
+
+
+def official_plugin(llm: LLMConfig, vision_hidden: int, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """An H-LoRA + projector file in the published layout: fp16, keys from the PeftModel root."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, std: float = 0.05) -> torch.Tensor:
+        return (torch.randn(shape, generator=g) * std).half()
+
+    out = {}
+    for i in range(llm.num_layers):
+        for module, (fan_in, fan_out) in lora_shapes(llm).items():
+            key = f"{P}model.layers.{i}.{module}."
+            out[key + "lora_A.weight"] = rand(rank, fan_in)
+            out[key + "lora_B.weight"] = rand(fan_out, rank)
+            out[key + "lora_route.weight"] = rand(4, fan_in, std=0.3)
+    h = llm.hidden_size
+    out |= {f"{P}model.mm_projector.0.weight": rand(h, vision_hidden), f"{P}model.mm_projector.0.bias": rand(h),
+            f"{P}model.mm_projector.2.weight": rand(h, h), f"{P}model.mm_projector.2.bias": rand(h)}  # fmt: skip
+    return out
+
+
+def make_case(root: Path, name: str) -> Case:
+    base, clip = root / "base", root / "clip"
+    length = _tokenizer(base, TOKENIZERS[name])
+    config = tiny_config(name, vocab_rows=length + 53 if name != "l14" else length)  # padding rows as Phi-3/Qwen
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    stops = tokenizer.convert_tokens_to_ids(list(get_template(config.template).stop_strings))
+    random_llm(config.llm, config.llm.vocab_rows, seed=1, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)\
+        .save_pretrained(base)  # fmt: skip
+    random_vision(config.vision, seed=2).tower.save_pretrained(clip)
+    v = config.vision
+    ImagePreprocessor.for_clip(v.image_size, v.image_mean, v.image_std).processor.save_pretrained(clip)
+    tensors = {
+        plugin: official_plugin(config.llm, v.hidden_size, cfg.rank, seed=10 + i)
+        for i, (plugin, cfg) in enumerate(config.plugins.items())
+    }
+    if config.add_image_tokens:
+        rows = length + config.vq.num_codes + 3  # the published resize: tokenizer length + 8,195 (here codes + 3)
+        g = torch.Generator().manual_seed(5)
+        tensors["fusion"] = {
+            f"{P}model.embed_tokens.weight": torch.randn(rows, 64, generator=g).half(),
+            f"{P}lm_head.weight": torch.randn(rows, 64, generator=g).half(),
+        }
+    files = {}
+    for key, state in tensors.items():
+        files[key] = root / (config.official_files.get(key) or f"{key}.bin")
+        torch.save(state, files[key])
+    return Case(config, base, clip, files, tensors)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    made: dict[str, Case] = {}
+
+    def get(name: str) -> Case:
+        if name not in made:
+            made[name] = make_case(tmp_path_factory.mktemp(name), name)
+        return made[name]
+
+    return get
+
+
+def hand_model(case: Case, fusion_everywhere: bool = False) -> HealthGPTModel:
+    """The base model with every plugin's official tensors assigned to its modules by hand (and the fusion tables
+    copied over the embedding and head when `fusion_everywhere`, as the published generation model has them)."""
+    config = case.config
+    plugins = list(config.plugins)
+    llm = AutoModelForCausalLM.from_pretrained(case.base, dtype=torch.float32)
+    vision = VisionEncoder(CLIPVisionModel.from_pretrained(case.clip))
+    model = build_model(config, llm, vision, AutoTokenizer.from_pretrained(case.base))
+    with torch.no_grad():
+        for plugin in plugins:
+            state = case.tensors[plugin]
+            for i, layer in enumerate(model.llm.model.layers):
+                for module in lora_shapes(case.config.llm):
+                    wrapped = layer.get_submodule(module).plugins[plugin]
+                    for part in ("lora_A", "lora_B", "lora_route"):
+                        getattr(wrapped, part).weight.copy_(state[f"{P}model.layers.{i}.{module}.{part}.weight"])
+            for index in (0, 2):
+                for field in ("weight", "bias"):
+                    value = state[f"{P}model.mm_projector.{index}.{field}"]
+                    getattr(model.projectors[plugin][index], field).copy_(value)
+        if fusion_everywhere:
+            fusion = case.tensors["fusion"]
+            model.llm.get_input_embeddings().weight.copy_(fusion[f"{P}model.embed_tokens.weight"])
+            model.llm.get_output_embeddings().weight.copy_(fusion[f"{P}lm_head.weight"])
+    return model.eval()
+
+
+def logits(model: HealthGPTModel, plugins: str | list[str], batch: int = 1) -> torch.Tensor:
+    """Logits of a fixed prompt with one image (and a VQ code token when the model has image tokens)."""
+    g = torch.Generator().manual_seed(3)
+    text = [5, 17, 42, IMAGE_TOKEN_INDEX, 7, 99]
+    if model.image_vocab is not None:
+        text += [model.image_vocab.start_id, model.image_vocab.first_code_id + 3]
+    ids = torch.tensor([expand_image_slots(text, model.num_patches)] * batch)
+    size = model.vision.tower.config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=g).repeat(batch, 1, 1, 1)
+    with torch.no_grad():
+        return model(ids, plugins=plugins, pixel_values=pixels).logits
+
+
+@pytest.fixture(scope="module")
+def expected(cases):
+    """Logits of the hand-assigned model of a case for a plugin, with or without the fusion tables (memoised)."""
+    memo: dict[tuple[str, str, bool], torch.Tensor] = {}
+
+    def get(name: str, plugin: str, fused: bool = False) -> torch.Tensor:
+        if (name, plugin, fused) not in memo:
+            model = hand_model(cases(name), fused)
+            for p in model.plugin_names:
+                memo[name, p, fused] = logits(model, p)
+        return memo[name, plugin, fused]
+
+    return get
+
+
+def load_official(case: Case, plugins: list[str], **kw) -> HealthGPT:
+    files = {p: case.files[p] for p in plugins}
+    fusion = case.files.get("fusion") if GENERATION in plugins else None
+    return HealthGPT.from_pretrained(
+        variant=case.config, base_model=case.base, vision_tower=case.clip, plugin_files=files, fusion_file=fusion, **kw
+    )
+
+
+# ----- official layout ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["m3", "l14", "xl32"])
+def test_official_files_give_the_logits_of_tensors_assigned_by_hand(cases, expected, name):
+    case = cases(name)
+    loaded = load_official(case, [COMPREHENSION])
+    assert torch.equal(logits(loaded.model, COMPREHENSION), expected(name, COMPREHENSION))
+    assert loaded.model.plugin_names == (COMPREHENSION,)
+    layer = loaded.model.llm.model.layers[0].self_attn
+    if name == "xl32":  # Qwen2's q/k/v biases stay in the wrapped base layers
+        assert layer.q_proj.base_layer.bias is not None and loaded.model.image_vocab is None
+    else:
+        assert loaded.model.image_vocab is not None and layer.qkv_proj.base_layer.bias is None
+
+
+def _rewrite(case: Case, tmp_path: Path, edit) -> Path:
+    state = dict(case.tensors[COMPREHENSION])
+    edit(state)
+    path = tmp_path / "com_hlora_weights.bin"
+    torch.save(state, path)
+    return path
+
+
+MISSING = f"{P}model.layers.1.mlp.down_proj.lora_B.weight"
+RENAMED = f"{P}model.layers.0.self_attn.qkv_proj.lora_A.weight"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.pop(MISSING), rf"1 missing: {MISSING}$"),
+        (
+            lambda s: s.update({RENAMED.replace("model.layers", "model.layer"): s.pop(RENAMED)}),
+            rf"1 missing: {RENAMED}; 1 unused: {RENAMED.replace('model.layers', 'model.layer')}",
+        ),
+        (lambda s: s.update({f"{P}model.embed_tokens.weight": torch.zeros(3, 64)}), "1 unused: .*embed_tokens"),
+        (
+            lambda s: s.update(
+                {k: v[:, :4] if "lora_B" in k else v[:4] for k, v in s.items() if "lora_A" in k or "lora_B" in k}
+            ),  # fmt: skip
+            "rank 4 with 4 experts, but plugin 'comprehension' is configured with rank 8",
+        ),
+        (lambda s: s.update({MISSING: s[MISSING][:, :4]}), r"ranks found \[4, 8\]"),
+        (lambda s: s.update({f"{P}model.mm_projector.2.bias": torch.zeros(65)}), r"wrong shape: .*2\.bias .*\[65\]"),
+    ],
+    ids=["missing", "renamed", "extra", "rank", "mixed-rank", "projector-shape"],
+)
+def test_official_files_that_do_not_fit_raise_naming_the_key(cases, tmp_path, edit, message):
+    case = cases("m3")
+    path = _rewrite(case, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=message) as error:
+        HealthGPT.from_pretrained(
+            variant=case.config, base_model=case.base, vision_tower=case.clip, plugin_files={COMPREHENSION: path}
+        )
+    assert str(path) in str(error.value)
+
+
+def test_bin_files_are_read_without_running_pickled_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return Path.touch, (marker,)
+
+    path = tmp_path / "com_hlora_weights.bin"
+    torch.save({"x": torch.zeros(1), "y": Payload()}, path)
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_state_file(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("fusion", ["generation", "all", "none"])
+def test_fusion_layer_modes(cases, expected, fusion):
+    """generation (published): comprehension on base rows, generation on the fusion tables; all: both on the
+    fusion tables; none: both on base rows. A mixed batch gives each row its own tables."""
+    loaded = load_official(cases("m3"), [COMPREHENSION, GENERATION], fusion=fusion).model
+    com, gen = logits(loaded, COMPREHENSION), logits(loaded, GENERATION)
+    assert torch.equal(com, expected("m3", COMPREHENSION, fused=fusion == "all"))
+    assert torch.equal(gen, expected("m3", GENERATION, fused=fusion != "none"))
+    mixed = logits(loaded, [COMPREHENSION, GENERATION], batch=2)
+    torch.testing.assert_close(mixed, torch.cat([com, gen]), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(com, gen)
+
+
+def test_generation_without_fusion_file_raises_naming_it(cases, offline):
+    case = cases("m3")
+    with pytest.raises(WeightsNotFoundError, match=r"fusion_file: fusion_layer_weights\.bin .*fusion='none'"):
+        HealthGPT.from_pretrained(
+            variant=case.config, base_model=case.base, vision_tower=case.clip,
+            plugin_files={GENERATION: case.files[GENERATION]}, cache_dir=offline,
+        )  # fmt: skip
+
+
+def test_prompts_use_the_sentencepiece_file_and_the_system_prompt_can_change(cases):
+    case = cases("m3")
+    loaded = load_official(case, [COMPREHENSION], system_prompt="Answer briefly.")
+    reference = PromptTokenizer(
+        AutoTokenizer.from_pretrained(case.base), sentencepiece_model=case.base / "tokenizer.model"
+    )
+    request = loaded.build_request([{"role": "user", "content": "What is seen?"}])
+    prompt = get_template("phi3_instruct").render(
+        [{"role": "user", "content": "What is seen?"}], system="Answer briefly."
+    )
+    assert request.input_ids == reference.encode_prompt(prompt)
+    assert request.input_ids[0] == reference.tokenizer.convert_tokens_to_ids("▁")  # the published slow-tokenizer quirk
+
+
+def test_dtype_argument(cases):
+    loaded = load_official(cases("l14"), [COMPREHENSION], dtype="bfloat16")
+    dtypes = {p.dtype for p in loaded.model.parameters()}
+    assert dtypes == {torch.bfloat16} and loaded.config.dtype == "bfloat16"
+
+
+# ----- our bundle --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "fusion", "include_base"),
+    [("m3", "generation", False), ("m3", "generation", True), ("m3", "all", False), ("xl32", "generation", False)],
+)
+def test_convert_then_load_bundle_is_bit_identical(cases, expected, tmp_path, name, fusion, include_base):
+    """The bundle of the official files gives the official logits bit for bit (= the hand-assigned ones)."""
+    case = cases(name)
+    plugins = list(case.config.plugins)
+    vqgan = None
+    if case.config.add_image_tokens:
+        vqgan = tmp_path / "vqgan"
+        VQGAN.from_config(case.config.vq).save(vqgan)
+    kw = dict(
+        variant=case.config, base_model=case.base, vision_tower=case.clip, fusion=fusion, vqgan=vqgan,
+        plugin_files={p: case.files[p] for p in plugins}, fusion_file=case.files.get("fusion"),
+    )  # fmt: skip
+    bundle = convert_official(tmp_path / "bundle", include_base=include_base, **kw)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert (manifest["llm"] == "llm") == include_base
+    loaded = HealthGPT.from_pretrained(bundle)
+    for plugin in plugins:
+        fused = case.config.add_image_tokens and (fusion == "all" or plugin == GENERATION)
+        assert torch.equal(logits(loaded.model, plugin), expected(name, plugin, fused))
+    reference = PromptTokenizer(AutoTokenizer.from_pretrained(case.base), sentencepiece_model=_spm(case.base))
+    prompt = get_template(case.config.template).render([{"role": "user", "content": "Is there a lesion?"}])
+    assert loaded.build_request([{"role": "user", "content": "Is there a lesion?"}]).input_ids == (
+        reference.encode_prompt(prompt)
+    )
+    vq = dataclasses.replace(case.config.vq, source=str(vqgan) if vqgan else None)
+    assert loaded.config.replace(llm=case.config.llm, vision=case.config.vision) == case.config.replace(vq=vq)
+    if vqgan is not None:
+        for key, value in VQGAN.load(vqgan).state_dict().items():
+            assert torch.equal(loaded.vqgan.state_dict()[key], value)
+
+
+def _spm(folder: Path) -> Path | None:
+    return folder / "tokenizer.model" if (folder / "tokenizer.model").is_file() else None
+
+
+def test_truncated_bundle_file_raises_naming_it(cases, tmp_path):
+    case = cases("xl32")
+    bundle = convert_official(
+        tmp_path / "bundle", variant=case.config, base_model=case.base, vision_tower=case.clip,
+        plugin_files={COMPREHENSION: case.files[COMPREHENSION]},
+    )  # fmt: skip
+    path = bundle / "plugins" / "comprehension.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"comprehension\.safetensors: cannot read .*truncated"):
+        HealthGPT.from_pretrained(bundle)
+
+
+def test_bundle_refuses_a_changed_base_and_existing_target(cases, tmp_path):
+    case = cases("xl32")
+    base = tmp_path / "base"
+    shutil.copytree(case.base, base)
+    kw = dict(
+        variant=case.config,
+        base_model=base,
+        vision_tower=case.clip,
+        plugin_files={COMPREHENSION: case.files[COMPREHENSION]},
+    )
+    bundle = convert_official(tmp_path / "bundle", **kw)
+    with pytest.raises(ValueError, match="not empty"):
+        convert_official(bundle, **kw)
+    with (base / "model.safetensors").open("ab") as f:
+        f.write(b"\0" * 8)
+    with pytest.raises(CheckpointError, match="changed since the bundle was written"):
+        HealthGPT.from_pretrained(bundle)
+    assert HealthGPT.from_pretrained(bundle, base_model=case.base).model.plugin_names == (COMPREHENSION,)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_save_pretrained_of_a_random_model_includes_the_base(tmp_path):
+    model = HealthGPT.random("nano", seed=0)
+    with pytest.raises(CheckpointError, match="include_base=True"):
+        model.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    loaded = HealthGPT.from_pretrained(model.save_pretrained(tmp_path / "nano", include_base=True))
+    for plugin in model.model.plugin_names:
+        assert torch.equal(logits(loaded.model, plugin), logits(model.model, plugin))
+
+
+# ----- Hub ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def offline(monkeypatch, tmp_path) -> Path:
+    """HF_HUB_OFFLINE=1 and an empty Hub cache folder."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    return cache
+
+
+def test_offline_hub_id_error_names_every_file_and_where_to_put_it(offline):
+    with pytest.raises(WeightsNotFoundError) as error:
+        HealthGPT.from_pretrained("lintw/HealthGPT-M3", cache_dir=offline)
+    message = str(error.value)
+    for needed in (
+        "base_model: a local folder of microsoft/Phi-3-mini-4k-instruct",
+        "vision_tower: a local folder of openai/clip-vit-large-patch14-336",
+        "plugin_files['comprehension']: com_hlora_weights.bin from https://huggingface.co/lintw/HealthGPT-M3",
+        "plugin_files['generation']: gen_hlora_weights.bin",
+        "fusion_file: fusion_layer_weights.bin",
+    ):
+        assert needed in message
+
+
+def _cache_repo(cache: Path, repo: str, files: list[Path]) -> None:
+    """Place files in the Hub cache layout, as a download would have left them."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in files:
+        shutil.copyfile(file, snapshot / file.name)
+
+
+def test_variant_files_resolve_from_the_hub_cache(cases, expected, offline):
+    case = cases("l14")
+    _cache_repo(offline, "lintw/HealthGPT-L14", [case.files[COMPREHENSION]])
+    _cache_repo(offline, "microsoft/phi-4", sorted(case.base.iterdir()))
+    _cache_repo(offline, "openai/clip-vit-large-patch14-336", sorted(case.clip.iterdir()))
+    loaded = HealthGPT.from_pretrained(variant=case.config, cache_dir=offline)
+    assert torch.equal(logits(loaded.model, COMPREHENSION), expected("l14", COMPREHENSION))
+    # an official folder as the source: the variant is read from the released file name in it
+    folder = case.files[COMPREHENSION].parent
+    with pytest.raises(WeightsNotFoundError, match="microsoft/phi-4"):
+        HealthGPT.from_pretrained(folder, cache_dir=offline.parent / "empty")
