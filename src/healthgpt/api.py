@@ -103,6 +103,13 @@ class HealthGPT:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> HealthGPT:
+        """Move the model and VQGAN to `device` and cast the model's floating weights to `dtype`; returns self."""
+        self.model.to(device=device, dtype=None if dtype is None else checkpoints.resolve_dtype(dtype))
+        if self.vqgan is not None:
+            self.vqgan.to(device=device)
+        return self
+
     @property
     def stop_ids(self) -> list[int]:
         """The base model's eos ids plus the template's stop tokens."""
@@ -315,6 +322,44 @@ class HealthGPT:
             for pic, c in zip(pictures, codes, strict=True)
         ]
         return results if batched else results[0]
+
+    @torch.inference_mode()
+    def answer(
+        self,
+        items: Sequence[tuple[Sequence[Image.Image], str]],
+        *,
+        system: str | None = None,
+        **sampling: Any,
+    ) -> list[str]:
+        """Batched answers to `(images, question)` pairs where each question may show several images (all in its
+        turn, in order): the general path behind benchmark harnesses."""
+        params = SamplingParams(**sampling)
+        requests = [
+            self.build_request(
+                [{"role": "user", "content": q}], list(ims), system=system, max_new_tokens=params.max_new_tokens
+            )
+            for ims, q in items
+        ]
+        return [self._decode(ids) for ids in generate(self.model, requests, params, **self._generate_kwargs())]
+
+    @torch.inference_mode()
+    def log_likelihood(
+        self, images: Sequence[Image.Image], context: str, continuation: str, *, system: str | None = None
+    ) -> tuple[float, bool]:
+        """(log-probability of `continuation` as the assistant's reply to `context`, whether greedy decoding would
+        produce exactly it): the scoring primitive of multiple-choice harnesses."""
+        request = self.build_request([{"role": "user", "content": context}], list(images), system=system)
+        target = self.prompts.encode_text(continuation)
+        if not target:
+            raise PromptError("the continuation is empty: nothing to score")
+        ids = expand_image_slots(request.input_ids, self.model.num_patches) + target
+        pixels = None if request.pixel_values is None else request.pixel_values.to(self.device)
+        out = self.model(torch.tensor([ids], device=self.device), COMPREHENSION, pixel_values=pixels)
+        logits = out.logits[0, -len(target) - 1 : -1].float()  # the positions that predict each continuation token
+        logprobs = logits.log_softmax(-1)
+        wanted = torch.tensor(target, device=logprobs.device)
+        total = logprobs.gather(-1, wanted[:, None]).sum().item()
+        return total, bool((logits.argmax(-1) == wanted).all())
 
 
 def _per_row(image: Image.Image | None | Sequence[Image.Image | None], rows: int) -> list[Image.Image | None]:
