@@ -7,13 +7,13 @@ from PIL import Image
 
 from healthgpt.evaluation import (
     RunMismatchError,
-    ask_predictor,
     compare_runs,
     load_mmmu_med,
     load_omnimedvqa,
     load_pathvqa,
     load_slake,
     load_vqa_rad,
+    model_predictor,
     read_predictions,
     render_prompt,
     run_eval,
@@ -131,12 +131,8 @@ def items(tmp_path_factory):
     _png(root / "omni" / "Images" / "o.png")
     omni = [
         _omni_record("o1", "CT(Computed Tomography)", "Liver", option_A="Kidney", option_B="Liver"),
-        _omni_record(
-            "o2", "MR (Mag-netic Resonance Imaging)", "Glioma", option_A="Glioma", option_B="Normal"
-        ),
-        _omni_record(
-            "o3", "MR (Mag-netic Resonance Imaging)", "Normal", option_A="Normal", option_B="Tumour"
-        ),
+        _omni_record("o2", "MR (Mag-netic Resonance Imaging)", "Glioma", option_A="Glioma", option_B="Normal"),
+        _omni_record("o3", "MR (Mag-netic Resonance Imaging)", "Normal", option_A="Normal", option_B="Tumour"),
     ]
     _write_json(root / "omni" / "QA_information" / "Open-access" / "Omni.json", omni)
     _png(root / "mmmu" / "Pharmacy" / "q.png")
@@ -195,9 +191,7 @@ def test_end_to_end_metrics_match_hand_computed(items, tmp_path):
     # SLAKE: closed 1/2 (the empty answer counts); all = (0 + 1 + 2/3)/3
     assert ds["slake"]["closed"]["accuracy"] == 50.0
     assert ds["slake"]["all"] == pytest.approx(100 * (5 / 3) / 3)
-    assert ds["slake"]["by_modality"] == {
-        "CT": {"n": 3, "accuracy": pytest.approx(100 / 3), "all": ds["slake"]["all"]}
-    }
+    assert ds["slake"]["by_modality"] == {"CT": {"n": 3, "accuracy": pytest.approx(100 / 3), "all": ds["slake"]["all"]}}
     assert ds["pathvqa"]["closed"]["accuracy"] == 100.0 and ds["pathvqa"]["all"] == 100.0
     # OmniMedVQA: micro 2/3, but OMVQA = mean over modalities (CT 100, MRI 50) = 75
     assert ds["omnimedvqa"]["accuracy"] == pytest.approx(200 / 3)
@@ -230,9 +224,7 @@ def test_end_to_end_metrics_match_hand_computed(items, tmp_path):
 
 
 def test_crash_and_resume_equals_an_uninterrupted_run(items, tmp_path):
-    full = run_eval(
-        LookupPredictor(ANSWERS), items, tmp_path / "full", batch_size=3, run_info=RUN_INFO, progress=False
-    )
+    full = run_eval(LookupPredictor(ANSWERS), items, tmp_path / "full", batch_size=3, run_info=RUN_INFO, progress=False)
     crashing = LookupPredictor(ANSWERS, fail_after=7)  # dies inside the third batch of 3
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_eval(crashing, items, tmp_path / "resumed", batch_size=3, run_info=RUN_INFO, progress=False)
@@ -247,9 +239,7 @@ def test_crash_and_resume_equals_an_uninterrupted_run(items, tmp_path):
 
 
 def test_truncated_last_line_is_dropped_and_redone(items, tmp_path):
-    full = run_eval(
-        LookupPredictor(ANSWERS), items, tmp_path / "full", batch_size=5, run_info=RUN_INFO, progress=False
-    )
+    full = run_eval(LookupPredictor(ANSWERS), items, tmp_path / "full", batch_size=5, run_info=RUN_INFO, progress=False)
     run_dir = tmp_path / "crashed"
     with pytest.raises(RuntimeError):
         run_eval(LookupPredictor(ANSWERS, 5), items, run_dir, batch_size=5, run_info=RUN_INFO, progress=False)
@@ -273,16 +263,12 @@ def test_finished_run_is_not_recomputed(items, tmp_path):
 
 def test_resume_with_other_settings_or_items_is_refused(items, tmp_path):
     with pytest.raises(RuntimeError):
-        run_eval(
-            LookupPredictor(ANSWERS, 2), items, tmp_path, batch_size=2, run_info=RUN_INFO, progress=False
-        )
+        run_eval(LookupPredictor(ANSWERS, 2), items, tmp_path, batch_size=2, run_info=RUN_INFO, progress=False)
     other = {**RUN_INFO, "sampling": {"do_sample": True, "temperature": 0.7}}
     with pytest.raises(RunMismatchError, match="run_info"):
         run_eval(LookupPredictor(ANSWERS), items, tmp_path, batch_size=2, run_info=other, progress=False)
     with pytest.raises(RunMismatchError, match="items"):
-        run_eval(
-            LookupPredictor(ANSWERS), items[:-1], tmp_path, batch_size=2, run_info=RUN_INFO, progress=False
-        )
+        run_eval(LookupPredictor(ANSWERS), items[:-1], tmp_path, batch_size=2, run_info=RUN_INFO, progress=False)
 
 
 def test_corrupt_middle_line_and_bad_predictor_output_raise(items, tmp_path):
@@ -293,9 +279,7 @@ def test_corrupt_middle_line_and_bad_predictor_output_raise(items, tmp_path):
     with pytest.raises(TypeError, match="one str per item"):
         run_eval(lambda b: ["yes"], items, tmp_path / "bad", batch_size=2, run_info=RUN_INFO, progress=False)
     with pytest.raises(ValueError, match="unique"):
-        run_eval(
-            LookupPredictor(ANSWERS), items + items[:1], tmp_path / "dup", batch_size=2, run_info=RUN_INFO
-        )
+        run_eval(LookupPredictor(ANSWERS), items + items[:1], tmp_path / "dup", batch_size=2, run_info=RUN_INFO)
 
 
 def test_compare_runs_side_by_side(items, tmp_path):
@@ -316,22 +300,21 @@ def test_compare_runs_side_by_side(items, tmp_path):
         compare_runs([tmp_path / "a"], labels=["x", "y"])
 
 
-def test_ask_predictor_sends_first_image_and_prompt(items, tmp_path):
+def test_model_predictor_sends_every_image_and_the_prompt(items, tmp_path):
     calls = []
 
-    def ask(images, questions, **sampling):
-        calls.append((images, questions, sampling))
-        return ["yes"] * len(questions)
+    def answer(pairs, **sampling):
+        calls.append((pairs, sampling))
+        return ["yes"] * len(pairs)
 
     mmmu = [it for it in items if it.dataset == "mmmu-med"]
     run_eval(
-        ask_predictor(ask, max_new_tokens=16), mmmu, tmp_path, batch_size=2, run_info=RUN_INFO, progress=False
+        model_predictor(answer, max_new_tokens=16), mmmu, tmp_path, batch_size=2, run_info=RUN_INFO, progress=False
     )
-    ((images, questions, sampling),) = calls
-    assert [im.size for im in images] == [(4, 4), (4, 4)]
-    assert questions == [render_prompt(it) for it in mmmu]
-    assert questions[0] == (
-        "<image 1> ?\nA. Aspirin\nB. Heparin\n"
-        "Answer with the option's letter from the given choices directly."
+    ((pairs, sampling),) = calls
+    assert [[im.size for im in images] for images, _ in pairs] == [[im.size for im in it.load_images()] for it in mmmu]
+    assert [q for _, q in pairs] == [render_prompt(it) for it in mmmu]
+    assert pairs[0][1] == (
+        "<image 1> ?\nA. Aspirin\nB. Heparin\nAnswer with the option's letter from the given choices directly."
     )
     assert sampling == {"max_new_tokens": 16}

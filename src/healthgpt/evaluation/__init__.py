@@ -19,7 +19,7 @@ from healthgpt.evaluation.prompts import DEFAULT_PROMPTS, PROMPT_SETS, PromptSet
 from healthgpt.evaluation.report import compare_runs, metrics_markdown
 from healthgpt.evaluation.runner import (
     RunMismatchError,
-    ask_predictor,
+    model_predictor,
     read_predictions,
     run_eval,
     score_run,
@@ -36,8 +36,8 @@ __all__ = [
     "Predictor",
     "PromptSet",
     "RunMismatchError",
-    "ask_predictor",
     "compare_runs",
+    "model_predictor",
     "generation_table",
     "load_benchmark",
     "load_mmmu_med",

@@ -127,13 +127,12 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def ask_predictor(ask: Callable[..., list[str]], **sampling: Any) -> Predictor:
-    """A predictor over a batched `ask(images, questions, **sampling)` (as `HealthGPT.ask`): each item's first
-    image (None if it has none; the model takes one image) and its rendered prompt."""
+def model_predictor(answer: Callable[..., list[str]], **sampling: Any) -> Predictor:
+    """A predictor over a batched `answer([(images, question), ...], **sampling)` (as `HealthGPT.answer`): every
+    image of each item, in order, and its rendered prompt."""
 
     def predict(items: list[EvalItem]) -> list[str]:
-        images = [it.load_images()[0] if it.images else None for it in items]
-        return list(ask(images, [it.prompt for it in items], **sampling))
+        return list(answer([(it.load_images(), it.prompt) for it in items], **sampling))
 
     return predict
 
