@@ -1,0 +1,401 @@
+"""One training stage on accelerate: the same code on CPU, one GPU, DDP, DeepSpeed ZeRO-2/3 or FSDP.
+
+Data order is a function of (seed, epoch) alone and each optimizer step takes the next `global_batch_size`
+samples, split over processes and accumulation steps; the loss of a step is the mean cross-entropy over all
+supervised tokens of the global batch (each micro-batch sums its token losses and divides by the global count),
+so the loss curve does not depend on how the batch is split. Launch with `accelerate launch` for several
+processes (configs in `healthgpt/training/configs/`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import resource
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from healthgpt.api import HealthGPT
+from healthgpt.checkpoints import load_base_llm, load_vision_tower, resolve_dtype
+from healthgpt.config import PluginConfig, get_variant
+from healthgpt.data.collate import collate, num_supervised
+from healthgpt.data.image_codes import ImageCodeCache
+from healthgpt.data.records import load_records
+from healthgpt.data.samples import DataReport, SampleBuilder, TrainingDataset, build_samples
+from healthgpt.model import build_model
+from healthgpt.training.checkpointing import (
+    checkpoints,
+    load_checkpoint,
+    load_tensors,
+    merge_stage_outputs,
+    save_checkpoint,
+    save_stage_output,
+    trainable_filter,
+)
+from healthgpt.training.stages import Recipe, RecipeError, StageConfig, load_recipe, prepare_stage
+
+log = logging.getLogger(__name__)
+
+OUTPUT = "output"
+METRICS = "metrics.json"
+LOSS_PLOT = "loss.png"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a finished stage wrote its output, and how it went."""
+
+    output: Path
+    steps: int
+    final_loss: float
+    metrics_file: Path
+
+
+def build_healthgpt(recipe: Recipe) -> HealthGPT:
+    """The starting model: the variant with random weights, or the base LLM and CLIP tower from `recipe.model`."""
+    spec = recipe.model
+    config = get_variant(spec.variant)
+    if spec.plugins:
+        extra = {name: PluginConfig(**values) for name, values in spec.plugins.items()}
+        config = config.replace(plugins={**config.plugins, **extra})
+    if spec.base_llm is None:
+        model = HealthGPT.random(config, seed=spec.seed)
+    else:
+        if spec.vision_tower is None:
+            raise RecipeError("model.base_llm is set but model.vision_tower is not; give both folders")
+        dtype = resolve_dtype(spec.dtype)
+        vision, pre = load_vision_tower(Path(spec.vision_tower), dtype)
+        llm, tokenizer, prompts = load_base_llm(Path(spec.base_llm), dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)  # fresh projectors and plugins: the same on every process
+            core = build_model(config, llm, vision, tokenizer)
+        model = HealthGPT(core, tokenizer, config, pre, prompts)
+    dtype = resolve_dtype(spec.dtype)
+    if dtype != torch.float32:
+        model.model.to(dtype)
+    return model
+
+
+def _init_sources(recipe: Recipe, stage: StageConfig) -> list[Path]:
+    return [Path(recipe.output_dir) / src / OUTPUT if src in recipe.stages else Path(src) for src in stage.init_from]
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """This process's micro-batches for optimizer steps `start..total-1`: step s takes samples
+    `perm(epoch)[k*G:(k+1)*G]` (G the global batch), split into `world x accumulation` micro-batches."""
+
+    def __init__(
+        self, n: int, global_batch: int, micro: int, rank: int, world: int, seed: int, start: int, total: int
+    ) -> None:
+        self.n, self.global_batch, self.micro, self.rank, self.world = n, global_batch, micro, rank, world
+        self.seed, self.start, self.total = seed, start, total
+        self.accumulation = global_batch // (micro * world)
+        self.steps_per_epoch = n // global_batch
+
+    def __len__(self) -> int:
+        return (self.total - self.start) * self.accumulation
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm, perm_epoch = None, -1
+        for step in range(self.start, self.total):
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = np.random.default_rng([self.seed, epoch]).permutation(self.n), epoch
+            window = perm[k * self.global_batch : (k + 1) * self.global_batch]
+            mine = window[self.rank * self.accumulation * self.micro : (self.rank + 1) * self.accumulation * self.micro]
+            for j in range(self.accumulation):
+                yield mine[j * self.micro : (j + 1) * self.micro].tolist()
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def write_loss_plot(history: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
+    """A PNG of loss per step (matplotlib, no global backend change); False with a note if matplotlib is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        log.warning("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+    ax.set(xlabel="optimizer step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _dataset(recipe: Recipe, stage: StageConfig, hg: HealthGPT) -> tuple[TrainingDataset, DataReport]:
+    data = recipe.data
+    if not stage.data:
+        raise RecipeError("the stage has no data files: set stages.<name>.data (or --train.data=[...])")
+    found = load_records(stage.data, image_folder=data.image_folder, on_error=data.on_error, field_map=data.field_map)
+    codes = ImageCodeCache.open(data.code_cache) if data.code_cache else None
+    if codes is not None and hg.model.image_vocab is not None and codes.num_codes != hg.model.image_vocab.num_codes:
+        raise RecipeError(
+            f"{data.code_cache} holds {codes.num_codes}-code VQ codes; this model has "
+            f"{hg.model.image_vocab.num_codes} code tokens"
+        )
+    builder = SampleBuilder(
+        hg.prompts,
+        hg.template,
+        num_patches=hg.model.num_patches,
+        image_vocab=hg.model.image_vocab,
+        num_image_tokens=codes.num_tokens if codes else hg.config.vq.num_image_tokens,
+        max_length=min(data.max_length, hg.model.llm.config.max_position_embeddings),
+        overlong=data.overlong,
+        system=hg.config.system_prompt,
+        generation_text=data.generation_text,
+    )
+    specs, report = build_samples(found, builder, tasks=stage.tasks, codes=codes, on_error=data.on_error)
+    return TrainingDataset(specs, hg.preprocessor, hg.model.num_patches, hg.model.image_vocab, codes), report
+
+
+def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: HealthGPT | None = None) -> TrainResult:
+    """Train stage `name` of `recipe` from the outputs of its `init_from` stages; write checkpoints, metrics,
+    loss plot, TensorBoard logs and the stage output under `<output_dir>/<name>/`. `healthgpt` (default: built
+    from `recipe.model`) is trained in place."""
+    stage = recipe.stage(name)
+    engine = recipe.engine
+    out = Path(recipe.output_dir) / name
+    ckpt_root = out / "checkpoints"
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    accelerator = Accelerator(
+        mixed_precision=engine.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with="tensorboard" if tensorboard else None,
+        project_dir=str(out),
+    )
+    world = accelerator.num_processes
+    per_step = engine.micro_batch_size * world
+    if stage.global_batch_size % per_step:
+        raise RecipeError(
+            f"global_batch_size {stage.global_batch_size} is not a multiple of micro_batch_size "
+            f"{engine.micro_batch_size} x {world} process(es)"
+        )
+    accumulation = stage.global_batch_size // per_step
+    accelerator.gradient_accumulation_steps = accumulation  # also fills DeepSpeed's "auto"
+    if not resume and (checkpoints(ckpt_root) or (out / OUTPUT).exists()):
+        raise RecipeError(f"{out} already holds a run of {name}; pass resume=True or choose another output_dir")
+
+    hg = healthgpt or build_healthgpt(recipe)
+    model = hg.model
+    inherited: dict[str, str] = {}
+    sources = _init_sources(recipe, stage)
+    if sources:
+        tensors, inherited = merge_stage_outputs(sources)
+        load_tensors(model, tensors, ", ".join(map(str, sources)))
+    groups = prepare_stage(model, stage)
+    for group in groups:
+        for p in group["params"]:
+            p.data = p.data.float()  # fp32 master weights for what trains, whatever the storage dtype
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    if engine.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    dataset, report = _dataset(recipe, stage, hg)
+    steps_per_epoch = len(dataset) // stage.global_batch_size
+    if steps_per_epoch == 0:
+        raise RecipeError(f"{len(dataset)} usable samples, fewer than one global batch ({stage.global_batch_size})")
+    total = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
+    warmup = round(stage.warmup_ratio * total)
+
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = LambdaLR(optimizer, partial(lr_lambda, warmup=warmup, total=total, schedule=stage.schedule))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = engine.micro_batch_size
+        ds_config["gradient_clipping"] = stage.max_grad_norm
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.gradient_accumulation_steps != accumulation:
+        raise RecipeError(
+            f"the DeepSpeed config fixes gradient_accumulation_steps to {accelerator.gradient_accumulation_steps}, "
+            f'but this stage needs {accumulation}: set it to "auto"'
+        )
+    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
+    trainable_filter(accelerator)
+
+    settings = {
+        "stage": name,
+        "config": asdict(stage),
+        "world_size": world,
+        "micro_batch_size": engine.micro_batch_size,
+        "samples": len(dataset),
+        "seed": engine.seed,
+    }
+    start, history = 0, []
+    found = checkpoints(ckpt_root) if resume else []
+    if found:
+        state = load_checkpoint(accelerator, found[-1], model)
+        if state["settings"] != json.loads(json.dumps(settings)):
+            raise RecipeError(f"{found[-1]} was written with other settings; resume with the same recipe and world")
+        start, history = int(state["step"]), list(state["history"])
+        log.info("resuming %s from %s (step %d of %d)", name, found[-1], start, total)
+    else:
+        set_seed(engine.seed, device_specific=True)
+
+    tracking = tensorboard
+    if tracking:
+        accelerator.init_trackers("tensorboard")
+    elif accelerator.is_main_process:
+        log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+    sampler = StepBatchSampler(
+        len(dataset),
+        stage.global_batch_size,
+        engine.micro_batch_size,
+        accelerator.process_index,
+        world,
+        engine.seed,
+        start,
+        total,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=recipe.data.num_workers,
+        collate_fn=partial(collate, pad_id=hg.pad_id),
+        generator=torch.Generator().manual_seed(engine.seed),  # iter() must not draw from the restored global RNG
+    )
+    batches = iter(loader)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if accelerator.is_main_process:
+        log.info(
+            "%s: %d samples, %d steps (%d per epoch), global batch %d = %d process(es) x %d micro x %d "
+            "accumulation; data %s",
+            name,
+            len(dataset),
+            total,
+            steps_per_epoch,
+            stage.global_batch_size,
+            world,
+            engine.micro_batch_size,
+            accumulation,
+            json.dumps(report.to_dict()["by_task"]),
+        )
+    bar = tqdm(total=total, initial=start, desc=name, unit="step", disable=not accelerator.is_main_process)
+    began = time.perf_counter()
+    for step in range(start, total):
+        tic = time.perf_counter()
+        micro = [next(batches) for _ in range(accumulation)]
+        counts = torch.tensor(
+            [sum(num_supervised(b["labels"]) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)],
+            device=accelerator.device,
+        )
+        n_global, tokens = accelerator.reduce(counts, reduction="sum").tolist()
+        step_loss = torch.zeros((), device=accelerator.device)
+        for j, b in enumerate(micro):
+            sync = contextlib.nullcontext() if j == accumulation - 1 else accelerator.no_sync(model)
+            with sync:
+                pixels = b["pixel_values"]
+                output = model(
+                    input_ids=b["input_ids"].to(accelerator.device),
+                    plugins=b["plugins"],
+                    pixel_values=None if pixels is None else pixels.to(accelerator.device),
+                    attention_mask=b["attention_mask"].to(accelerator.device),
+                    labels=b["labels"].to(accelerator.device),
+                    num_items_in_batch=max(n_global, 1),
+                )
+                # sum over this micro-batch / global count; x world undoes DDP's mean, x accumulation accelerate's
+                accelerator.backward(output.loss * world * accumulation)
+            step_loss += output.loss.detach().float()
+        if stage.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, stage.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = accelerator.reduce(step_loss, reduction="sum").item()
+        elapsed = time.perf_counter() - tic
+        row = {
+            "step": step + 1,
+            "loss": loss,
+            "lr": scheduler.get_last_lr()[-1],
+            "samples_per_s": stage.global_batch_size / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "supervised_tokens": n_global,
+        }
+        history.append(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
+        if tracking and (step + 1) % engine.log_every == 0:
+            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
+        if (step + 1) % engine.save_every == 0 or step + 1 == total:
+            save_checkpoint(
+                accelerator,
+                ckpt_root,
+                {"step": step + 1, "history": history, "settings": settings},
+                engine.keep_checkpoints,
+            )
+    bar.close()
+    elapsed = time.perf_counter() - began
+
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        keep = set(trained) | set(inherited)
+        origins = {**inherited, **{k: name for k in trained}}
+        info = {"stage": name, "recipe": recipe.to_dict(), "init_from": [str(s) for s in sources], "steps": total}
+        save_stage_output(out / OUTPUT, {k: v for k, v in state.items() if k in keep}, origins, info)
+        hg.config.save(out / OUTPUT / "config.json")
+        metrics = {
+            **settings,
+            "steps": total,
+            "accumulation": accumulation,
+            "global_batch_size": stage.global_batch_size,
+            "final_loss": history[-1]["loss"] if history else None,
+            "elapsed_s_this_run": elapsed,
+            "mean_samples_per_s": float(np.mean([h["samples_per_s"] for h in history])) if history else None,
+            "peak_memory_mb": _peak_memory_mb(),
+            "data": report.to_dict(),
+            "history": history,
+            "tensorboard": str(out / "tensorboard") if tracking else None,
+        }
+        (out / METRICS).write_text(json.dumps(metrics, indent=1) + "\n")
+        write_loss_plot(history, out / LOSS_PLOT, f"HealthGPT {name}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    final = history[-1]["loss"] if history else float("nan")
+    return TrainResult(out / OUTPUT, total, final, out / METRICS)
+
+
+def train(
+    stage: str,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+) -> TrainResult:
+    """Run one stage (`stage1_comprehension`, `stage1_generation`, `stage2`, `stage3_comprehension`,
+    `stage3_generation`, or any stage the recipe defines) of the recipe in `config_file` with dotted `overrides`
+    (`["stage3.lr=2e-4", "--train.max_steps=10"]`); `resume` continues from the last checkpoint."""
+    return run_stage(load_recipe(config_file, overrides, stage), stage, resume=resume)

@@ -1,0 +1,219 @@
+"""The training engine: data order, schedule, split-invariant loss, outputs, DDP on 2 CPU processes, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from healthgpt.config import get_variant
+from healthgpt.data.image_codes import tokenize_images
+from healthgpt.data.phantoms import make_dataset
+from healthgpt.data.records import DataError
+from healthgpt.training.checkpointing import checkpoints
+from healthgpt.training.loop import StepBatchSampler, lr_lambda, run_stage
+from healthgpt.training.stages import RecipeError, load_recipe
+from healthgpt.vqgan import VQGAN
+
+STAGE = "stage3_generation"
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("phantoms")
+    make_dataset(root, 4, seed=1, size=64, test_fraction=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vqgan = VQGAN.from_config(get_variant("nano").vq)
+    tokenize_images(root / "train.json", vqgan, root / "codes")
+    return root
+
+
+def _overrides(phantoms: Path, out: Path, *extra: str) -> list[str]:
+    """A stage-3 generation run from scratch on the phantoms (no init stage), 4 samples per step."""
+    return [
+        f"output_dir={out}",
+        f"data.code_cache={phantoms / 'codes'}",
+        f"{STAGE}.data=[{phantoms / 'train.json'}]",
+        f"{STAGE}.init_from=[]",
+        f"{STAGE}.global_batch_size=4",
+        f"{STAGE}.adapter_lr=1e-3",
+        f"{STAGE}.lr=1e-3",
+        *extra,
+    ]
+
+
+def test_step_sampler_splits_each_global_batch_over_processes_and_accumulation() -> None:
+    one = StepBatchSampler(n=10, global_batch=4, micro=1, rank=0, world=1, seed=3, start=0, total=5)
+    two = [StepBatchSampler(10, 4, 2, rank, 2, 3, 0, 5) for rank in range(2)]
+    steps = [sum(list(one)[s * 4 : (s + 1) * 4], []) for s in range(5)]
+    per_rank = [list(s) for s in two]
+    assert [per_rank[0][s] + per_rank[1][s] for s in range(5)] == steps
+    assert sorted(steps[0] + steps[1]) == sorted(set(steps[0] + steps[1]))  # an epoch repeats no sample
+    resumed = StepBatchSampler(10, 4, 1, 0, 1, 3, start=3, total=5)
+    assert list(resumed) == list(one)[12:] and len(resumed) == 8
+
+
+def test_warmup_then_cosine_or_constant() -> None:
+    values = [lr_lambda(s, warmup=2, total=10, schedule="cosine") for s in range(10)]
+    assert values[:2] == [0.5, 1.0]
+    assert values[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)])
+    assert [lr_lambda(s, 2, 10, "constant") for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def _history(metrics: Path) -> list[float]:
+    return [row["loss"] for row in json.loads(metrics.read_text())["history"]]
+
+
+def test_loss_curve_does_not_depend_on_how_the_global_batch_is_split(phantoms: Path, tmp_path: Path) -> None:
+    curves, weights = [], []
+    for micro in (1, 2, 4):
+        out = tmp_path / f"micro{micro}"
+        overrides = _overrides(phantoms, out, f"engine.micro_batch_size={micro}", f"{STAGE}.max_steps=3")
+        result = run_stage(load_recipe(None, overrides + [f"{STAGE}.dropout=0"]), STAGE)
+        curves.append(_history(result.metrics_file))
+        weights.append(load_file(result.output / "weights.safetensors"))
+    assert curves[0][-1] < curves[0][0]
+    for curve, state in zip(curves[1:], weights[1:], strict=True):
+        assert curve == pytest.approx(curves[0], rel=1e-5)
+        for key, value in state.items():
+            torch.testing.assert_close(value, weights[0][key], rtol=1e-4, atol=1e-5)  # Adam: tiny grads
+
+
+def test_outputs_reports_and_guards(phantoms: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "x",
+                    "image": "missing.png",
+                    "target_image": "missing.png",
+                    "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": ""}],
+                }
+            ]
+        )
+    )
+    overrides = _overrides(
+        phantoms,
+        tmp_path / "run",
+        f"{STAGE}.max_steps=2",
+        "engine.save_every=1",
+        "engine.keep_checkpoints=1",
+        f"{STAGE}.data=[{phantoms / 'train.json'},{broken}]",
+    )
+    recipe = load_recipe(None, overrides)
+    result = run_stage(recipe, STAGE)
+    out = tmp_path / "run" / STAGE
+    metrics = json.loads(result.metrics_file.read_text())
+    assert [row["step"] for row in metrics["history"]] == [1, 2] and metrics["final_loss"] == result.final_loss
+    assert (
+        metrics["data"]["malformed_skipped"] == 1
+        and "broken.json:1 (record 0, id 'x')" in metrics["data"]["malformed"][0]
+    )
+    assert metrics["data"]["by_task"] == {"generation": metrics["samples"]}
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert [p.name for p in checkpoints(out / "checkpoints")] == ["step_00000002"]  # keep_checkpoints=1
+    with pytest.raises(RecipeError, match="already holds a run"):
+        run_stage(recipe, STAGE)
+    again = run_stage(recipe, STAGE, resume=True)  # already complete: nothing more to do, same output
+    assert again.steps == 2 and torch.equal(
+        load_file(again.output / "weights.safetensors")["projectors.generation.0.weight"],
+        load_file(result.output / "weights.safetensors")["projectors.generation.0.weight"],
+    )
+    with pytest.raises(DataError, match="broken.json:1 .*missing image file"):
+        run_stage(load_recipe(None, [*overrides, f"output_dir={tmp_path / 'strict'}", "data.on_error=raise"]), STAGE)
+
+
+def _script(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "run.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_give_the_loss_curve_of_one(phantoms: Path, tmp_path: Path) -> None:
+    extra = ["engine.micro_batch_size=2", f"{STAGE}.max_steps=4", f"{STAGE}.dropout=0"]
+    script = _script(
+        tmp_path,
+        f"""
+        import sys
+        from healthgpt.training.loop import train
+        train({STAGE!r}, None, sys.argv[1:])
+        """,
+    )
+    overrides = _overrides(phantoms, tmp_path / "ddp", *extra)
+    # `accelerate launch --cpu` spawns several processes only through mpirun; torchrun (`--multi_gpu`) with
+    # ACCELERATE_USE_CPU=1 gives DDP over gloo on CPU processes.
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command = [sys.executable, *launch, "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *overrides]
+    done = subprocess.run(
+        command, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / STAGE / "metrics.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["accumulation"] == 1
+    single = run_stage(
+        load_recipe(None, _overrides(phantoms, tmp_path / "one", *extra, "engine.micro_batch_size=1")), STAGE
+    )
+    assert json.loads(single.metrics_file.read_text())["accumulation"] == 4
+    assert [r["loss"] for r in ddp["history"]] == pytest.approx(_history(single.metrics_file), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(phantoms: Path, tmp_path: Path) -> None:
+    extra = ["engine.micro_batch_size=2", f"{STAGE}.max_steps=8", "engine.save_every=2", "engine.keep_checkpoints=5"]
+    full = run_stage(load_recipe(None, _overrides(phantoms, tmp_path / "full", *extra)), STAGE)  # dropout 0.05
+    # The killed run dies inside its third checkpoint save (step 6), after the state files, before the rename.
+    script = _script(
+        tmp_path,
+        """
+        import os, signal, sys
+        import accelerate
+        from healthgpt.training.loop import train
+
+        save_state, calls = accelerate.Accelerator.save_state, []
+
+        def save_then_die(self, *args, **kwargs):
+            out = save_state(self, *args, **kwargs)
+            calls.append(out)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+
+        accelerate.Accelerator.save_state = save_then_die
+        train("stage3_generation", None, sys.argv[1:])
+        """,
+    )
+    overrides = _overrides(phantoms, tmp_path / "killed", *extra)
+    done = subprocess.run([sys.executable, str(script), *overrides], env=_env(), capture_output=True, timeout=600)
+    assert done.returncode == -9, done.stderr[-3000:]
+    ckpts = tmp_path / "killed" / STAGE / "checkpoints"
+    assert [p.name for p in checkpoints(ckpts)] == ["step_00000002", "step_00000004"]
+    assert (ckpts / ".tmp-step_00000006").is_dir()  # the interrupted save, ignored on resume
+    resumed = run_stage(load_recipe(None, overrides), STAGE, resume=True)
+    assert _history(resumed.metrics_file) == _history(full.metrics_file)
+    a, b = load_file(full.output / "weights.safetensors"), load_file(resumed.output / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,185 @@
+"""The three stages as data: Table 7 values, recipe files and overrides, and per-stage freezing checked by training."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from healthgpt.api import HealthGPT
+from healthgpt.config import COMPREHENSION, GENERATION, get_variant
+from healthgpt.data.image_codes import tokenize_images
+from healthgpt.data.phantoms import make_dataset
+from healthgpt.nano import nano_tokenizer, random_llm, random_vision
+from healthgpt.training.checkpointing import merge_stage_outputs, read_stage_output
+from healthgpt.training.loop import build_healthgpt, run_stage
+from healthgpt.training.stages import RecipeError, load_recipe, prepare_stage, select_parameters, table7
+from healthgpt.vision import ImagePreprocessor
+from healthgpt.vqgan import VQGAN
+
+STAGES = ("stage1_comprehension", "stage1_generation", "stage2", "stage3_comprehension", "stage3_generation")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_table7_defaults() -> None:
+    m3, l14 = table7("m3"), table7("l14")
+    assert list(m3) == list(STAGES)
+    columns = [(s.adapter_lr, s.lr, s.global_batch_size, s.dropout, s.schedule) for s in m3.values()]
+    assert columns == [
+        (1e-3, 2e-4, 256, 0.0, "cosine"),
+        (2e-5, 2e-4, 64, 0.05, "cosine"),
+        (2e-5, 2e-4, 32, 0.05, "constant"),
+        (2e-5, 2e-4, 128, 0.05, "cosine"),
+        (2e-5, 2e-4, 64, 0.05, "cosine"),
+    ]
+    assert l14["stage1_generation"].lr == 1e-4 and l14["stage2"] == m3["stage2"]
+    assert m3["stage1_generation"].trainable == (f"projector:{GENERATION}", f"plugin:{GENERATION}")
+    assert m3["stage2"].trainable == ("embeddings", "head") and m3["stage2"].tasks == (COMPREHENSION, GENERATION)
+    assert m3["stage3_comprehension"].init_from == ("stage2",)
+    assert all(s.weight_decay == 0.0 for s in m3.values())
+
+
+def test_recipe_file_and_dotted_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("output_dir: runs/x\npreset: l14\nengine: {micro_batch_size: 4}\nstages:\n  stage2: {epochs: 2}\n")
+    recipe = load_recipe(
+        path,
+        ["stage3.lr=3e-4", "--train.max_steps=7", "stage1_comprehension.trainable=[head]", "data.max_length=512"],
+        stage="stage2",
+    )
+    assert recipe.stage("stage3_comprehension").lr == recipe.stage("stage3_generation").lr == 3e-4
+    assert recipe.stage("stage2").max_steps == 7 and recipe.stage("stage2").epochs == 2
+    assert recipe.stage("stage1_generation").lr == 1e-4  # the l14 preset
+    assert recipe.stage("stage1_comprehension").trainable == ("head",)
+    assert (recipe.engine.micro_batch_size, recipe.data.max_length, recipe.output_dir) == (4, 512, "runs/x")
+    with pytest.raises(RecipeError, match="unknown field"):
+        load_recipe(path, ["stage2.learning_rate=1"])
+    with pytest.raises(RecipeError, match="no section or stage"):
+        load_recipe(path, ["stage9.lr=1"])
+    with pytest.raises(RecipeError, match="needs the stage being run"):
+        load_recipe(path, ["train.lr=1"])
+    with pytest.raises(RecipeError, match="schedule must be"):
+        load_recipe(path, ["stage2.schedule=linear"])
+    with pytest.raises(RecipeError, match="needs `output_dir`"):
+        load_recipe(None, [])
+
+
+def test_selectors_pick_exactly_the_stage_parameters() -> None:
+    model = HealthGPT.random("nano", seed=0).model
+    names = {n for n, _ in model.named_parameters()}
+    expected = {
+        "stage1_comprehension": {n for n in names if n.startswith("projectors.comprehension.")},
+        "stage1_generation": {
+            n for n in names if n.startswith("projectors.generation.") or ".plugins.generation." in n
+        },
+        "stage2": {"llm.model.embed_tokens.weight", "llm.lm_head.weight"},
+        "stage3_comprehension": {
+            n for n in names if n.startswith("projectors.comprehension.") or ".plugins.comprehension." in n
+        },
+    }
+    for name, want in expected.items():
+        groups = prepare_stage(model, table7()[name])
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == want, name
+        assert sum(len(g["params"]) for g in groups) == len(want)
+    model.requires_grad_(False)
+    lrs = {g["lr"] for g in prepare_stage(model, table7()["stage1_generation"])}
+    assert lrs == {2e-5, 2e-4}  # projector at the adapter LR, plugin at the H-LoRA LR
+    model.requires_grad_(False)
+    with pytest.raises(RecipeError, match="unknown trainable selector 'plugin:segmentation'"):
+        select_parameters(model, ["plugin:segmentation"])
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("phantoms")
+    make_dataset(root, 4, seed=0, size=64, test_fraction=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vqgan = VQGAN.from_config(get_variant("nano").vq)
+    tokenize_images(root / "train.json", vqgan, root / "codes")
+    return root
+
+
+def test_each_stage_trains_its_parameters_and_leaves_the_rest_bitwise_unchanged(phantoms: Path, tmp_path) -> None:
+    overrides = [
+        f"output_dir={tmp_path}",
+        f"data.code_cache={phantoms / 'codes'}",
+        "engine.micro_batch_size=2",
+        "engine.save_every=100",
+        *[f"{s}.data=[{phantoms / 'train.json'}]" for s in STAGES],
+        *[f"{s}.global_batch_size=2" for s in STAGES],
+        *[f"{s}.max_steps=2" for s in STAGES],  # B starts at zero: A and the router move from step 2 on
+        "stage1.adapter_lr=1e-2",
+    ]
+    hg = HealthGPT.random("nano", seed=0)
+    recipe = load_recipe(None, overrides)
+    for name in STAGES:
+        before = {k: v.clone() for k, v in hg.model.state_dict().items()}
+        if recipe.stage(name).init_from:  # the stage starts from its init stages' outputs
+            inherited, _ = merge_stage_outputs([tmp_path / s / "output" for s in recipe.stage(name).init_from])
+            before.update(inherited)
+        run_stage(recipe, name, healthgpt=hg)
+        trainable = {k for group in select_parameters(hg.model, recipe.stage(name).trainable).values() for k in group}
+        after = hg.model.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert changed == trainable, (name, sorted(changed ^ trainable)[:5])
+        tensors, origins = read_stage_output(tmp_path / name / "output")
+        assert {k for k, o in origins.items() if o == name} == trainable
+        assert all(torch.equal(tensors[k], after[k]) for k in tensors)
+    # Stage 3 starts from stage 2: the stage-3 generation output carries stage 2's embeddings and head.
+    tensors, origins = read_stage_output(tmp_path / "stage3_generation" / "output")
+    assert origins["llm.lm_head.weight"] == "stage2" and origins["projectors.comprehension.0.weight"] == (
+        "stage1_comprehension"
+    )
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "healthgpt" / "training" / "configs"
+
+
+def test_shipped_recipes_and_launch_configs_are_valid() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    recipes = {p.stem: load_recipe(p) for p in sorted((CONFIGS / "recipes").glob("*.yaml"))}
+    assert set(recipes) == {"m3", "l14"}
+    for name, recipe in recipes.items():
+        assert list(recipe.stages) == list(STAGES) and all(s.data for s in recipe.stages.values())
+        assert recipe.stages == {k: dataclasses.replace(v, data=recipe.stages[k].data) for k, v in table7(name).items()}
+    assert recipes["l14"].model.plugins[GENERATION]["rank"] == 256
+    kinds = {
+        p.stem: str(load_config_from_file(str(p)).distributed_type) for p in (CONFIGS / "accelerate").glob("*.yaml")
+    }
+    assert kinds == {
+        "single_gpu": "DistributedType.NO",
+        "ddp": "DistributedType.MULTI_GPU",
+        "deepspeed_zero2": "DistributedType.DEEPSPEED",
+        "deepspeed_zero3": "DistributedType.DEEPSPEED",
+        "fsdp": "DistributedType.FSDP",
+    }
+
+
+def test_starting_model_from_base_folders(tmp_path: Path) -> None:
+    config = get_variant("nano")
+    tokenizer = nano_tokenizer(config.llm.vocab_rows, config.template)
+    llm = random_llm(config.llm, len(tokenizer), seed=5, pad_token_id=tokenizer.pad_token_id)
+    vision = random_vision(config.vision, seed=6)
+    llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    vision.tower.save_pretrained(tmp_path / "clip")
+    pre = ImagePreprocessor.for_clip(config.vision.image_size, config.vision.image_mean, config.vision.image_std)
+    pre.processor.save_pretrained(tmp_path / "clip")
+    paths = [f"model.base_llm={tmp_path / 'llm'}", f"model.vision_tower={tmp_path / 'clip'}"]
+    built = build_healthgpt(load_recipe(None, ["output_dir=x", *paths]))
+    n = len(tokenizer)
+    assert built.model.plugin_names == (COMPREHENSION, GENERATION) and built.model.image_vocab.start_id == n
+    assert torch.equal(built.model.llm.lm_head.weight[:n], llm.lm_head.weight)
+    assert all(torch.equal(a, b) for a, b in zip(built.model.vision.parameters(), vision.parameters(), strict=True))
