@@ -1,0 +1,334 @@
+"""The HTTP server end to end: the real server in a subprocess on loopback with the nano model, driven by the
+official `openai` client (and raw HTTP where the client cannot express a request). Answers are checked against
+the same model called directly."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from healthgpt.generation import SamplingParams, generate
+from healthgpt.io import load_image
+from healthgpt.serving.server import ServerOptions, create_app
+
+KEY = "test-key"
+MODEL = "healthgpt-nano"
+QUESTIONS = ["What is this?", "Is there a lesion in this CT image?", "Describe the findings.", "How many lesions?"]
+_SERVER = """
+import json, sys
+from healthgpt.api import HealthGPT
+from healthgpt.serving.server import ServerOptions, serve
+serve(HealthGPT.random("nano"), "127.0.0.1", int(sys.argv[1]), ServerOptions(**json.loads(sys.argv[2])),
+      log_level="warning")
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def _server(log: Path, options: dict, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start the server in a subprocess and yield its base URL once /health answers."""
+    port = _free_port()
+    environ = {k: v for k, v in os.environ.items() if k != "HEALTHGPT_API_KEY"} | (env or {})
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVER, str(port), json.dumps(options)], stdout=out, stderr=out, env=environ
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with _server(log, {"max_body_bytes": 1_000_000, "max_tokens": 64}, env={"HEALTHGPT_API_KEY": KEY}) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _ask(url: str, question: str) -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
+
+
+def test_models_are_listed(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).owned_by == "healthgpt"
+
+
+def test_a_chat_completion_with_an_image_answers_as_the_model_does_and_streams_the_same(client, nano):
+    image = _image(0)
+    expected = nano.ask(image, QUESTIONS[1], max_new_tokens=8)
+    messages = _ask(_data_uri(_png(image)), QUESTIONS[1])
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
+    choice = reply.choices[0]
+    assert choice.message.content == expected and choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    prompt_ids = nano.build_request([{"role": "user", "content": QUESTIONS[1]}], [image]).input_ids
+    assert reply.usage.prompt_tokens == len(prompt_ids) - 1 + nano.model.num_patches
+    assert 1 <= reply.usage.completion_tokens <= 8
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=8, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([p for p in pieces if p]) > 1  # really streamed, token by token
+    assert "".join(pieces).strip() == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
+
+
+def test_a_conversation_with_a_system_prompt_uses_both(client, nano):
+    image = _image(1)
+    turns = [
+        {"role": "user", "content": QUESTIONS[0]},
+        {"role": "assistant", "content": "A CT slice."},
+        {"role": "user", "content": QUESTIONS[2]},
+    ]
+    request = nano.build_request(turns, [image], system="Answer briefly.", max_new_tokens=6)
+    ids = generate(nano.model, [request], SamplingParams(max_new_tokens=6), stop_ids=nano.stop_ids, pad_id=nano.pad_id)
+    expected = nano.tokenizer.decode([t for t in ids[0] if t not in nano.stop_ids], skip_special_tokens=True).strip()
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        _ask(_data_uri(_png(image)), QUESTIONS[0])[0],
+        *turns[1:],
+    ]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6)
+    assert reply.choices[0].message.content == expected
+    default = client.chat.completions.create(model=MODEL, messages=messages[1:], max_tokens=6)
+    assert default.usage.prompt_tokens != reply.usage.prompt_tokens  # the system prompt reached the model
+
+
+def test_a_dicom_upload_is_read_with_its_window(client, nano):
+    path = get_testdata_file("CT_small.dcm")
+    expected = nano.ask(load_image(path).to_pil(), QUESTIONS[1], max_new_tokens=6)
+    url = _data_uri(Path(path).read_bytes(), "application/dicom")
+    reply = client.chat.completions.create(model=MODEL, messages=_ask(url, QUESTIONS[1]), max_tokens=6)
+    assert reply.choices[0].message.content == expected
+
+
+def test_an_image_edit_returns_the_generated_png(client, nano):
+    image = _image(2)
+    expected = nano.generate_image(image, "ct2mri", progress=False)
+    result = client.images.edit(model=MODEL, image=("ct.png", _png(image), "image/png"), prompt="ct2mri")
+    assert result.data[0].revised_prompt == expected.instruction
+    png = base64.b64decode(result.data[0].b64_json)
+    picture = Image.open(io.BytesIO(png))
+    assert picture.format == "PNG" and picture.size == (64, 64) and result.size == "64x64"
+    assert np.abs(np.asarray(picture.convert("RGB"), dtype=int) - np.asarray(expected.image, dtype=int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "with_image", "message"),
+    [
+        ({"prompt": "A normal chest.", "task": "report_to_cxr"}, True, "send no image"),
+        ({"prompt": "ct2mri"}, False, "upload one as `image`"),
+        ({"prompt": "ct2mri", "size": "256x256"}, True, "generates 64x64"),
+        ({"prompt": "x", "task": "colorize"}, True, "unknown task"),
+    ],
+)
+def test_image_edits_refuse_what_the_task_cannot_use(server, fields, with_image, message):
+    files = {"image": ("ct.png", _png(_image(0)), "image/png")} if with_image else None
+    response = httpx.post(
+        f"{server}/v1/images/edits",
+        data={"model": MODEL, **fields},
+        files=files,
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+
+
+def test_32_concurrent_requests_are_all_answered_as_the_model_answers_alone(server, nano):
+    images = [_image(10 + i) for i in range(4)]
+    cases = [(images[i % 4], f"{QUESTIONS[i // 4 % 4]} ({i})") for i in range(32)]
+    uris = {id(im): _data_uri(_png(im)) for im in images}
+
+    async def ask_all() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=300) as aclient:
+            replies = await asyncio.gather(
+                *[
+                    aclient.chat.completions.create(model=MODEL, messages=_ask(uris[id(im)], q), max_tokens=6)
+                    for im, q in cases
+                ]
+            )
+        return [r.choices[0].message.content for r in replies]
+
+    answers = asyncio.run(ask_all())
+    assert answers == [nano.ask(im, q, max_new_tokens=6) for im, q in cases]
+
+
+def _error(client, messages: list[dict]) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "message"),
+    [
+        (_data_uri(b"this is not a picture"), 400, "is not a PNG, JPEG, DICOM or NIfTI image"),
+        ("data:image/png;base64,@@@", 400, "is not valid base64"),
+        ("https://example.com/ct.png", 400, "remote image URLs are disabled"),
+        ("file:///etc/passwd", 400, "never reads files from a request"),
+        ("/etc/passwd", 400, "never reads files from a request"),
+        (_data_uri(os.urandom(800_000)), 413, "accepts at most 1000000"),
+    ],
+    ids=["malformed", "bad-base64", "remote", "file-url", "path", "over-size"],
+)
+def test_bad_images_get_a_4xx_with_a_clear_message(client, url, status, message):
+    error = _error(client, _ask(url, QUESTIONS[0]))
+    assert error.status_code == status
+    assert message in error.body["message"]
+    if status == 400:
+        assert error.body["param"] == "messages[0].content[0].image_url"
+
+
+def test_too_many_pixels_are_refused_before_decoding(client):
+    big = Image.new("L", (5000, 4000))  # 20 M pixels, a few kB as PNG
+    error = _error(client, _ask(_data_uri(_png(big)), QUESTIONS[0]))
+    assert error.status_code == 400 and "more than the server's limit" in error.body["message"]
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "message"),
+    [
+        ([{"role": "tool", "content": "x"}], "messages[0].role", "Input should be"),
+        ([{"role": "user", "content": "hi"}, *_ask("data:,", "again")], "messages[1].content[0].image_url", "first"),
+        ([{"role": "user", "content": " "}], "messages", "empty"),
+    ],
+)
+def test_bad_conversations_get_a_400_naming_the_parameter(client, messages, param, message):
+    error = _error(client, messages)
+    assert error.status_code == 400 and error.body["param"] == param and message in error.body["message"]
+
+
+def test_unknown_models_and_unsupported_options_are_named(client):
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="stop sequences"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], stop=["."])
+
+
+def test_the_api_key_is_required_on_the_api_only(server):
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError) as caught:
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    assert caught.value.body["code"] == "invalid_api_key"
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_cors_is_off_by_default(server):
+    origin = {"Origin": "https://example.com", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in httpx.options(f"{server}/v1/chat/completions", headers=origin).headers
+    auth = {"Origin": "https://example.com", "Authorization": f"Bearer {KEY}"}
+    assert "access-control-allow-origin" not in httpx.get(f"{server}/v1/models", headers=auth).headers
+
+
+@contextmanager
+def _thread_server(model, **options) -> Iterator[str]:
+    """The same app served by uvicorn in a thread of this process (no second model load)."""
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(model, ServerOptions(**options)), host="127.0.0.1", port=_free_port(), log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn stopped during startup"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_a_full_queue_answers_503_and_a_late_answer_times_out(nano):
+    with _thread_server(nano, max_batch_size=1, max_queue=1, max_tokens=900, request_timeout=3) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        # Greedy nano (seed 0) answers this with 900 tokens and no stop token: longer than the timeout.
+        long = {"model": MODEL, "messages": _ask(_data_uri(_png(_image(0))), QUESTIONS[0]), "max_tokens": 900}
+        running = client.chat.completions.create(**long, stream=True)
+        chunks = iter(running)
+        while not next(chunks).choices[0].delta.content:  # the first request is generating
+            pass
+        waiting = client.chat.completions.create(**long, stream=True)  # admitted: it waits in the queue
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(**long)
+        assert caught.value.status_code == 503
+        assert caught.value.response.headers["Retry-After"] == "1"
+        assert caught.value.body["code"] == "queue_full"
+        with pytest.raises(openai.APIError, match="timeout"):
+            for _ in chunks:
+                pass
+        waiting.close()
+        running.close()
