@@ -83,11 +83,13 @@ def _history(metrics: Path) -> list[float]:
 
 
 def test_loss_curve_does_not_depend_on_how_the_global_batch_is_split(phantoms: Path, tmp_path: Path) -> None:
+    """1 x 4, 2 x 2 and 4 x 1 (micro-batch x accumulation), and 2 x 2 with gradient checkpointing: one curve."""
     curves, weights = [], []
-    for micro in (1, 2, 4):
-        out = tmp_path / f"micro{micro}"
-        overrides = _overrides(phantoms, out, f"engine.micro_batch_size={micro}", f"{STAGE}.max_steps=3")
-        result = run_stage(load_recipe(None, overrides + [f"{STAGE}.dropout=0"]), STAGE)
+    for micro, checkpointing in ((1, False), (2, False), (4, False), (2, True)):
+        out = tmp_path / f"micro{micro}{checkpointing}"
+        extra = [f"engine.micro_batch_size={micro}", f"engine.gradient_checkpointing={checkpointing}"]
+        overrides = _overrides(phantoms, out, *extra, f"{STAGE}.max_steps=3", f"{STAGE}.dropout=0")
+        result = run_stage(load_recipe(None, overrides), STAGE)
         curves.append(_history(result.metrics_file))
         weights.append(load_file(result.output / "weights.safetensors"))
     assert curves[0][-1] < curves[0][0]
@@ -217,3 +219,17 @@ def test_sigkill_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(phantoms
     assert _history(resumed.metrics_file) == _history(full.metrics_file)
     a, b = load_file(full.output / "weights.safetensors"), load_file(resumed.output / "weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_bf16_autocast_on_cpu_follows_the_fp32_curve(phantoms: Path, tmp_path: Path) -> None:
+    """Mixed precision is fixed per process by accelerate, so the bf16 run gets its own process."""
+    extra = ["engine.micro_batch_size=2", f"{STAGE}.max_steps=3", f"{STAGE}.dropout=0"]
+    script = _script(
+        tmp_path, "import sys\nfrom healthgpt.training.loop import train\ntrain(sys.argv[1], None, sys.argv[2:])\n"
+    )
+    overrides = _overrides(phantoms, tmp_path / "bf16", *extra, "engine.mixed_precision=bf16")
+    done = subprocess.run([sys.executable, str(script), STAGE, *overrides], env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fp32 = run_stage(load_recipe(None, _overrides(phantoms, tmp_path / "fp32", *extra)), STAGE)
+    assert _history(tmp_path / "bf16" / STAGE / "metrics.json") == pytest.approx(_history(fp32.metrics_file), rel=2e-2)

@@ -91,6 +91,15 @@ def build_healthgpt(recipe: Recipe) -> HealthGPT:
     return model
 
 
+def _enable_checkpointing(llm: torch.nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant); transformers >= 5.x renamed the method."""
+    enable = getattr(llm, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _init_sources(recipe: Recipe, stage: StageConfig) -> list[Path]:
     return [Path(recipe.output_dir) / src / OUTPUT if src in recipe.stages else Path(src) for src in stage.init_from]
 
@@ -223,7 +232,7 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
             p.data = p.data.float()  # fp32 master weights for what trains, whatever the storage dtype
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     if engine.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model.llm)
     model.train()
 
     dataset, report = _dataset(recipe, stage, hg)
@@ -291,6 +300,7 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
     )
     batches = iter(loader)
     params = [p for p in model.parameters() if p.requires_grad]
+    hlora = accelerator.unwrap_model(model).hlora
     if accelerator.is_main_process:
         log.info(
             "%s: %d samples, %d steps (%d per epoch), global batch %d = %d process(es) x %d micro x %d "
@@ -318,7 +328,8 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
         step_loss = torch.zeros((), device=accelerator.device)
         for j, b in enumerate(micro):
             sync = contextlib.nullcontext() if j == accumulation - 1 else accelerator.no_sync(model)
-            with sync:
+            # The plugin selection must hold through backward too: checkpointed layers are recomputed there.
+            with sync, hlora.use(b["plugins"]):
                 pixels = b["pixel_values"]
                 output = model(
                     input_ids=b["input_ids"].to(accelerator.device),
@@ -327,6 +338,7 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
                     attention_mask=b["attention_mask"].to(accelerator.device),
                     labels=b["labels"].to(accelerator.device),
                     num_items_in_batch=max(n_global, 1),
+                    use_cache=False,
                 )
                 # sum over this micro-batch / global count; x world undoes DDP's mean, x accumulation accelerate's
                 accelerator.backward(output.loss * world * accumulation)
