@@ -1,0 +1,277 @@
+"""The Gradio app: analyze an image (streamed answer) or generate one (the task presets), with any of the loaded
+models. Uploads may be PNG/JPEG/DICOM/NIfTI, with slice and window controls for the last two; generated images
+download as PNG, and as DICOM/NIfTI when the input was one. Models stay loaded: switching never reloads."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import queue
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from ..api import HealthGPT
+from ..config import GENERATION
+from ..generation import Request, SamplingParams
+from ..io import PRESETS, ImageInputError, MedicalImage, load_image, save_nifti, save_png
+from ..io.dicom import save_dicom_series
+from ..tasks import TASKS, resolve_instruction
+from ..templates import PromptError
+from .batcher import Batcher, Failed, ImageDone, Job, TextDelta, TextDone, named_models
+
+ANALYZE, GENERATE = "Analyze image", "Generate image"
+CUSTOM = "custom instruction"
+AUTO_WINDOW = "auto"
+DEFAULT_QUESTION = "Could you explain what this mass in the MRI means for my health? Is it very serious?"
+NOTICE = (
+    "**Research tool, not a diagnostic device.** HealthGPT's answers and images may be wrong or invented; they must "
+    "not be used to diagnose, treat or make any clinical decision. Do not upload images that identify a patient."
+)
+_UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".gz"]
+
+
+@functools.lru_cache(maxsize=8)
+def _volume(path: str) -> MedicalImage:
+    """The whole upload (every slice) in physical units, read once per file."""
+    return load_image(path, slice_index="all")
+
+
+def _medical(path: str) -> bool:
+    return path.lower().endswith((".dcm", ".dicom", ".nii", ".nii.gz")) or bool(_volume(path).datasets)
+
+
+def _slice(path: str, index: int | None, window: str | None) -> MedicalImage:
+    """The chosen slice shown with the chosen window ("auto": the file's own, else the modality's)."""
+    image = _volume(path)
+    if image.is_volume:
+        image = image.slice(image.num_slices // 2 if index is None else min(int(index), image.num_slices - 1))
+    if window and window != AUTO_WINDOW and not image.color:
+        image = image.with_window(window)
+    return image
+
+
+class _App:
+    """The event handlers, over one batcher per loaded model."""
+
+    def __init__(self, batchers: Mapping[str, Batcher], timeout: float) -> None:
+        self.batchers = dict(batchers)
+        self.timeout = timeout
+        self.outputs = tempfile.TemporaryDirectory(prefix="healthgpt-ui-")  # generated files, kept while the app is
+
+    def on_upload(self, path: str | None) -> tuple[Any, Any, Any]:
+        """Preview, slice slider and window choice for a new upload."""
+        if not path:
+            return None, gr.update(visible=False), gr.update(visible=False)
+        try:
+            volume = _volume(path)
+            preview = _slice(path, None, None).to_pil()
+        except ImageInputError as exc:
+            raise gr.Error(str(exc)) from None
+        slices = volume.num_slices if volume.is_volume else 1
+        slider = gr.update(visible=slices > 1, minimum=0, maximum=max(slices - 1, 1), value=slices // 2)
+        window = gr.update(visible=_medical(path) and not volume.color, value=AUTO_WINDOW)
+        return preview, slider, window
+
+    def on_view(self, path: str | None, index: float | None, window: str | None) -> Image.Image | None:
+        """The preview after a slice or window change."""
+        if not path:
+            return None
+        try:
+            return _slice(path, None if index is None else int(index), window).to_pil()
+        except ImageInputError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def process(
+        self,
+        task: str,
+        model: str,
+        path: str | None,
+        index: float | None,
+        window: str | None,
+        preset: str,
+        question: str,
+        max_new_tokens: float,
+        temperature: float,
+        top_p: float,
+        seed: float | None,
+    ) -> Iterator[tuple[Any, Any, Any]]:
+        """Stream the answer (analyze) or show the generated image and its files (generate)."""
+        batcher = self.batchers[model]
+        try:
+            source = _slice(path, None if index is None else int(index), window) if path else None
+            sampling = SamplingParams(
+                max_new_tokens=int(max_new_tokens),
+                temperature=float(temperature),
+                top_p=float(top_p) if top_p < 1 else None,
+                seed=None if seed is None else int(seed),
+            )
+            if task == ANALYZE:
+                yield from self._analyze(batcher, source, question, sampling)
+            else:
+                yield self._generate(batcher, source, path, preset, question, sampling)
+        except (PromptError, ImageInputError, ValueError, RuntimeError) as exc:
+            raise gr.Error(str(exc)) from None
+
+    def _run(self, batcher: Batcher, request: Request, sampling: SamplingParams) -> Iterator[Any]:
+        """Queue one job and yield its events until the last one."""
+        events: queue.Queue = queue.Queue()
+        job = Job(request, sampling, events.put, deadline=time.monotonic() + self.timeout)
+        batcher.submit(job)
+        try:
+            while True:
+                event = events.get(timeout=self.timeout)
+                if isinstance(event, Failed):
+                    raise RuntimeError(f"generation failed: {event.error}")
+                yield event
+                if not isinstance(event, TextDelta):
+                    return
+        except queue.Empty:
+            raise RuntimeError("the model did not answer in time; try again") from None
+        finally:
+            job.cancel()
+
+    def _analyze(
+        self, batcher: Batcher, source: MedicalImage | None, question: str, sampling: SamplingParams
+    ) -> Iterator[tuple[Any, Any, Any]]:
+        shown = [source.to_pil()] if source is not None else []
+        request = batcher.prepare(
+            lambda hg: hg.build_request(
+                [{"role": "user", "content": question}], shown, max_new_tokens=sampling.max_new_tokens
+            )
+        )
+        text = ""
+        for event in self._run(batcher, request, sampling):
+            text = event.text if isinstance(event, TextDone) else text + event.text
+            yield text, gr.update(), gr.update()
+
+    def _generate(
+        self,
+        batcher: Batcher,
+        source: MedicalImage | None,
+        path: str | None,
+        preset: str,
+        text: str,
+        sampling: SamplingParams,
+    ) -> tuple[Any, Any, Any]:
+        hg = batcher.model
+        if hg.vqgan is None or hg.model.image_vocab is None or GENERATION not in hg.model.plugin_names:
+            raise ValueError(f"{batcher.name} cannot generate images (no generation plugin or VQGAN)")
+        if preset == CUSTOM:
+            instruction, task = resolve_instruction(text)
+        else:
+            instruction, task = resolve_instruction(preset, text)
+        if task is not None and task.needs_image and source is None:
+            raise ValueError(f"{task.name} transforms an image: upload one first")
+        if task is not None and not task.needs_image and source is not None:
+            raise ValueError(f"{task.name} makes an image from the report alone: remove the uploaded image")
+        shown = [source.to_pil()] if source is not None else []
+        span = hg.config.vq.num_image_tokens
+        request = batcher.prepare(
+            lambda hg: hg.build_request(
+                [{"role": "user", "content": instruction}],
+                shown,
+                plugin=GENERATION,
+                image_generation=True,
+                max_new_tokens=span + 1,
+            )
+        )
+        sampling = replace(sampling, max_new_tokens=span + 1)
+        done = [event for event in self._run(batcher, request, sampling) if isinstance(event, ImageDone)][0]
+        folder = Path(tempfile.mkdtemp(dir=self.outputs.name))
+        files = [save_png(done.image, folder / "generated.png")]
+        if source is not None and path is not None and source.datasets:
+            series = save_dicom_series(done.image, source, folder / "dicom")
+            files.append(next(series.iterdir()).rename(folder / "generated.dcm"))
+        elif source is not None and path is not None and path.lower().endswith((".nii", ".nii.gz")):
+            files.append(save_nifti(done.image, folder / "generated.nii.gz", source))
+        return gr.update(), done.image, gr.update(value=[str(f) for f in files], visible=True)
+
+    def on_task(self, task: str) -> tuple[Any, ...]:
+        """Show the answer box or the image outputs, the presets, and label the text box for the task."""
+        analyze = task == ANALYZE
+        label = "Question" if analyze else "Report (report_to_cxr) or instruction (custom); unused by other presets"
+        return (
+            gr.update(visible=not analyze),
+            gr.update(label=label),
+            gr.update(visible=analyze),
+            gr.update(visible=not analyze),
+            gr.update(visible=not analyze),
+        )
+
+
+def build_ui(batchers: Mapping[str, Batcher], *, timeout: float = 600.0) -> gr.Blocks:
+    """The Gradio Blocks over running batchers (`{model name: batcher}`); the caller starts and closes them."""
+    if not batchers:
+        raise ValueError("the app needs at least one model")
+    app = _App(batchers, timeout)
+    names = list(batchers)
+    with gr.Blocks(title="HealthGPT", analytics_enabled=False) as demo:
+        gr.Markdown("# HealthGPT")
+        gr.Markdown(NOTICE, elem_id="notice")
+        with gr.Row():
+            task = gr.Radio([ANALYZE, GENERATE], value=ANALYZE, label="Choose the task", elem_id="task")
+            model = gr.Radio(names, value=names[0], label="Choose the model", elem_id="model")
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="Image: PNG, JPEG, DICOM or NIfTI", file_types=_UPLOAD_TYPES, elem_id="upload")
+                preview = gr.Image(label="What the model sees", type="pil", interactive=False, elem_id="preview")
+                index = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False, elem_id="slice")
+                window = gr.Dropdown(
+                    [AUTO_WINDOW, *PRESETS, "percentile", "multi"],
+                    value=AUTO_WINDOW,
+                    label="Window (a preset, or center,width)",
+                    allow_custom_value=True,
+                    visible=False,
+                    elem_id="window",
+                )
+                preset = gr.Dropdown(
+                    [*TASKS, CUSTOM], value="reconstruct", label="Generation task", visible=False, elem_id="preset"
+                )
+                question = gr.Textbox(value=DEFAULT_QUESTION, lines=3, label="Question", elem_id="question")
+                with gr.Accordion("Sampling", open=False):
+                    max_new_tokens = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens (answers)")
+                    temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: greedy)")
+                    top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p")
+                    seed = gr.Number(value=None, precision=0, label="Seed (sampling only)")
+                process = gr.Button("Process", variant="primary", elem_id="process")
+            with gr.Column():
+                answer = gr.Textbox(label="HealthGPT answer", lines=20, elem_id="answer")
+                generated = gr.Image(
+                    label="Generated image", type="pil", format="png", height=320, visible=False, elem_id="generated"
+                )
+                files = gr.File(label="Download", file_count="multiple", visible=False, elem_id="files")
+
+        upload.change(app.on_upload, upload, [preview, index, window])
+        for control in (index, window):
+            control.change(app.on_view, [upload, index, window], preview)
+        task.change(app.on_task, task, [preset, question, answer, generated, files])
+        inputs = [task, model, upload, index, window, preset, question, max_new_tokens, temperature, top_p, seed]
+        process.click(app.process, inputs, [answer, generated, files])
+    return demo
+
+
+def launch_ui(
+    models: HealthGPT | Mapping[str, HealthGPT],
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    *,
+    share: bool = False,
+    max_batch_size: int = 8,
+    batch_wait_ms: float = 5.0,
+) -> None:
+    """Serve the app for `models` (a model, or `{name: model}`) until interrupted; each model is loaded once."""
+    with contextlib.ExitStack() as stack:
+        batchers = {
+            name: stack.enter_context(
+                Batcher(m, max_batch_size=max_batch_size, max_wait=batch_wait_ms / 1000, name=name)
+            )
+            for name, m in named_models(models).items()
+        }
+        build_ui(batchers).launch(server_name=host, server_port=port, share=share, footer_links=[])
