@@ -99,7 +99,7 @@ def test_task_inference_targets_and_field_map(folder: Path) -> None:
     codes = {"task": GENERATION, "target_codes": [1, 2, 3], "conversations": _turns("Draw.", "")}
     found = load_records([GOOD, gen, codes], image_folder=folder, field_map={"target_image": "output_image"})
     assert [r.task for r in found.records] == [COMPREHENSION, GENERATION, GENERATION]
-    assert found.records[1].target_image == folder / "b.png" and found.records[1].target_key == "b.png"
+    assert found.records[1].target_image == folder / "b.png"
     assert found.records[2].target_codes == (1, 2, 3) and found.records[2].images == ()
     assert not found.issues
 

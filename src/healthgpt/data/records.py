@@ -76,7 +76,6 @@ class Record:
     images: tuple[Path, ...]
     origin: Origin
     target_image: Path | None = None
-    target_key: str | None = None  # the target image path as written in the record (the code-cache key)
     target_codes: tuple[int, ...] | None = None
 
 
@@ -126,9 +125,9 @@ def parse_record(
     if not isinstance(raw, Mapping):
         raise DataError(f"a record must be a JSON object, got {type(raw).__name__}")
     fmap = dict(field_map or {})
-    target_key = _field(raw, "target_image", fmap)
+    target_name = _field(raw, "target_image", fmap)
     target_codes = _field(raw, "target_codes", fmap)
-    has_target = target_key is not None or target_codes is not None
+    has_target = target_name is not None or target_codes is not None
     task = _field(raw, "task", fmap) or default_task or (GENERATION if has_target else COMPREHENSION)
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; expected one of {list(TASKS)}")
@@ -174,10 +173,10 @@ def parse_record(
         )
     images = tuple(image_folder / n for n in names)
     target_path = None
-    if target_key is not None:
-        if not isinstance(target_key, str) or not target_key:
-            raise DataError(f"'target_image' must be a path, got {target_key!r:.80}")
-        target_path = image_folder / target_key
+    if target_name is not None:
+        if not isinstance(target_name, str) or not target_name:
+            raise DataError(f"'target_image' must be a path, got {target_name!r:.80}")
+        target_path = image_folder / target_name
     if check_files:
         missing = [str(p) for p in (*images, *([target_path] if target_path else [])) if not p.is_file()]
         if missing:
@@ -187,7 +186,7 @@ def parse_record(
         if not isinstance(target_codes, list) or not target_codes or not all(isinstance(c, int) for c in target_codes):
             raise DataError("'target_codes' must be a non-empty list of integers")
         codes = tuple(target_codes)
-    return Record(task, tuple(turns), images, origin, target_path, target_key, codes)
+    return Record(task, tuple(turns), images, origin, target_path, codes)
 
 
 def _json_array_items(text: str, source: str) -> Iterator[tuple[int, Any]]:

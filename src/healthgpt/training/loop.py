@@ -141,10 +141,11 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _peak_memory_mb() -> float:
+def _peak_memory() -> dict[str, Any]:
+    """Peak CUDA memory allocated, or the process's peak resident set on CPU, in MiB."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return {"kind": "cuda_max_allocated", "mib": torch.cuda.max_memory_allocated() / 2**20}
+    return {"kind": "process_max_rss", "mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB
 
 
 def write_loss_plot(history: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
@@ -388,7 +389,7 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
             "final_loss": history[-1]["loss"] if history else None,
             "elapsed_s_this_run": elapsed,
             "mean_samples_per_s": float(np.mean([h["samples_per_s"] for h in history])) if history else None,
-            "peak_memory_mb": _peak_memory_mb(),
+            "peak_memory": _peak_memory(),
             "data": report.to_dict(),
             "history": history,
             "tensorboard": str(out / "tensorboard") if tracking else None,
@@ -397,6 +398,7 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
         write_loss_plot(history, out / LOSS_PLOT, f"HealthGPT {name}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    hg.model.eval()  # the model is ready to answer (no H-LoRA dropout)
     final = history[-1]["loss"] if history else float("nan")
     return TrainResult(out / OUTPUT, total, final, out / METRICS)
 
