@@ -54,8 +54,9 @@ def healthgpt(*args: object, cwd: Path, stdin: str | None = None, timeout: float
     )
 
 
-def files_under(folder: Path) -> set[Path]:
-    return set(folder.rglob("*"))
+def files_under(folder: Path) -> dict[Path, bytes | None]:
+    """Every path under `folder` with its content (None for folders)."""
+    return {p: p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,8 @@ def bad_files(tmp_path: Path) -> Path:
     shutil.copy(CT, tmp_path / "ct.dcm")
     (tmp_path / "rows.jsonl").write_text('{"id": 1, "image": "ct.dcm", "question": "Why?"}\n{"id": 2, "image": \n')
     (tmp_path / "twice.jsonl").write_text('{"id": 1, "question": "Why?"}\n{"id": 1, "question": "How?"}\n')
+    (tmp_path / "one.jsonl").write_text('{"id": 1, "question": "Why?"}\n')
+    (tmp_path / "notes.txt").write_text("my notes\nnot results")  # no final newline: must not be cut
     return tmp_path
 
 
@@ -147,7 +150,8 @@ BAD_INPUTS = [
     pytest.param(["generate", NIFTI, "-o", "v.png", "--all-slices"], "a PNG holds one slice", id="volume into png"),
     pytest.param(["generate", NIFTI, "-o", "v.nii", "--all-slices", "--slice", "3"], "exclude each other", id="slices"),
     pytest.param(["batch", "rows.jsonl", "out.jsonl"], "rows.jsonl:2: not valid JSON", id="batch bad json"),
-    pytest.param(["batch", "twice.jsonl", "out.jsonl"], "id 1 repeats the id", id="batch duplicate id"),
+    pytest.param(["batch", "twice.jsonl", "out.jsonl"], "id 1 appears twice", id="batch duplicate id"),
+    pytest.param(["batch", "one.jsonl", "notes.txt"], "notes.txt:1: not a result line", id="batch foreign output"),
     pytest.param(["info", "gone.nii.gz"], "gone.nii.gz: does not exist", id="info missing file"),
     pytest.param(
         ["ask", "ct.dcm", "word " * 1500],
@@ -228,7 +232,7 @@ def test_chat_reads_turns_from_stdin(nano: HealthGPT, ct_picture: Image.Image, t
 def test_generate_png_is_the_api_image(nano: HealthGPT, ct_picture: Image.Image, tmp_path: Path) -> None:
     out = healthgpt("generate", CT, "-o", "mri.png", "--task", "ct2mri", "--no-progress", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert out.stdout == "mri.png\n" and files_under(tmp_path) == {tmp_path / "mri.png"}
+    assert out.stdout == "mri.png\n" and list(files_under(tmp_path)) == [tmp_path / "mri.png"]
     expected = nano.generate_image(ct_picture, "ct2mri", progress=False).image
     assert np.array_equal(np.asarray(Image.open(tmp_path / "mri.png")), np.asarray(expected))
 

@@ -301,11 +301,11 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code)
 
 
-def _require_text(texts: Iterable[str], what: str) -> None:
-    """Refuse empty questions or instructions before any model loads."""
-    for i, text in enumerate(texts, 1):
-        if not text.strip():
-            raise ValueError(f"{what} {i} is empty: give a non-empty {what}")
+def _require_questions(questions: Iterable[str]) -> None:
+    """Refuse empty questions before any model loads."""
+    for i, question in enumerate(questions, 1):
+        if not question.strip():
+            raise ValueError(f"question {i} is empty: give a non-empty question")
 
 
 def _echo_stream(pieces: Iterable[str]) -> str:
@@ -349,7 +349,7 @@ def ask(
     view: ImageOptions,
 ) -> None:
     """Answer questions about a medical image."""
-    _require_text(question, "question")
+    _require_questions(question)
     picture = view.picture(image)
     health = model.load()
     if len(question) == 1:
@@ -541,6 +541,8 @@ def _job(row: Any, where: str, base: Path) -> _Job:
 def _read_jobs(path: Path) -> list[_Job]:
     """Every row of the input JSONL, all checked (unique ids and outputs) before any work starts."""
     jobs: list[_Job] = []
+    ids: set[Any] = set()
+    outputs: dict[Path, Any] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -550,9 +552,11 @@ def _read_jobs(path: Path) -> list[_Job]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where}: not valid JSON ({exc})") from None
         job = _job(row, where, path.parent)
-        twin = next((j for j in jobs if j.id == job.id or (job.output_path and j.output_path == job.output_path)), None)
-        if twin is not None:
-            raise ValueError(f"{where}: id {job.id!r} repeats the id or output of id {twin.id!r}")
+        if job.id in ids:
+            raise ValueError(f"{where}: id {job.id!r} appears twice; ids must be unique")
+        ids.add(job.id)
+        if job.output_path is not None and outputs.setdefault(job.output_path, job.id) != job.id:
+            raise ValueError(f"{where}: output {job.output!r} is also the output of id {outputs[job.output_path]!r}")
         jobs.append(job)
     if not jobs:
         raise ValueError(f"{path}: no rows")
@@ -566,9 +570,6 @@ def _read_done(path: Path, ids: set[Any]) -> dict[Any, dict[str, Any]]:
         return {}
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        with path.open("r+b") as file:
-            file.truncate(len(complete))
     done: dict[Any, dict[str, Any]] = {}
     for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), 1):
         try:
@@ -578,6 +579,9 @@ def _read_done(path: Path, ids: set[Any]) -> dict[Any, dict[str, Any]]:
         if not isinstance(row, dict) or row.get("id") not in ids:
             raise ValueError(f"{path}:{number}: this result's id is not in the input; give a new output file")
         done[row["id"]] = row
+    if len(complete) < len(data):  # only now that the file is known to be ours
+        with path.open("r+b") as file:
+            file.truncate(len(complete))
     return done
 
 
