@@ -15,7 +15,7 @@ from healthgpt.data.image_codes import tokenize_images
 from healthgpt.data.phantoms import make_dataset
 from healthgpt.nano import nano_tokenizer, random_llm, random_vision
 from healthgpt.training.checkpointing import merge_stage_outputs, read_stage_output
-from healthgpt.training.loop import build_healthgpt, run_stage
+from healthgpt.training.loop import build_healthgpt, export_model, run_stage
 from healthgpt.training.stages import RecipeError, load_recipe, prepare_stage, select_parameters, table7
 from healthgpt.vision import ImagePreprocessor
 from healthgpt.vqgan import VQGAN
@@ -141,6 +141,18 @@ def test_each_stage_trains_its_parameters_and_leaves_the_rest_bitwise_unchanged(
     assert origins["llm.lm_head.weight"] == "stage2" and origins["projectors.comprehension.0.weight"] == (
         "stage1_comprehension"
     )
+    # The final model: both stage-3 outputs merged (each plugin from the run that trained it), as a loadable bundle.
+    merged, _ = merge_stage_outputs([tmp_path / s / "output" for s in STAGES[3:]])
+    comp, gen = (
+        read_stage_output(tmp_path / STAGES[3] / "output")[0],
+        read_stage_output(tmp_path / STAGES[4] / "output")[0],
+    )
+    key = "llm.model.layers.0.mlp.down_proj.plugins.{}.lora_B.weight"
+    assert torch.equal(merged[key.format("comprehension")], comp[key.format("comprehension")])
+    assert torch.equal(merged[key.format("generation")], gen[key.format("generation")])
+    bundle = export_model(None, tmp_path / "bundle", overrides=overrides, include_base=True)
+    loaded = HealthGPT.from_pretrained(bundle).model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in merged.items())
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "healthgpt" / "training" / "configs"

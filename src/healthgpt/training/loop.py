@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from healthgpt.api import HealthGPT
-from healthgpt.checkpoints import load_base_llm, load_vision_tower, resolve_dtype
+from healthgpt.checkpoints import load_base_llm, load_vision_tower, load_vqgan, resolve_dtype
 from healthgpt.config import PluginConfig, get_variant
 from healthgpt.data.collate import collate, num_supervised
 from healthgpt.data.image_codes import ImageCodeCache
@@ -100,8 +100,9 @@ def _enable_checkpointing(llm: torch.nn.Module) -> None:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _init_sources(recipe: Recipe, stage: StageConfig) -> list[Path]:
-    return [Path(recipe.output_dir) / src / OUTPUT if src in recipe.stages else Path(src) for src in stage.init_from]
+def stage_outputs(recipe: Recipe, sources: Sequence[str]) -> list[Path]:
+    """Output folders of stages named in `sources` (under the recipe's output_dir); other entries are folders."""
+    return [Path(recipe.output_dir) / src / OUTPUT if src in recipe.stages else Path(src) for src in sources]
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -223,7 +224,7 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
     hg = healthgpt or build_healthgpt(recipe)
     model = hg.model
     inherited: dict[str, str] = {}
-    sources = _init_sources(recipe, stage)
+    sources = stage_outputs(recipe, stage.init_from)
     if sources:
         tensors, inherited = merge_stage_outputs(sources)
         load_tensors(model, tensors, ", ".join(map(str, sources)))
@@ -413,3 +414,24 @@ def train(
     `stage3_generation`, or any stage the recipe defines) of the recipe in `config_file` with dotted `overrides`
     (`["stage3.lr=2e-4", "--train.max_steps=10"]`); `resume` continues from the last checkpoint."""
     return run_stage(load_recipe(config_file, overrides, stage), stage, resume=resume)
+
+
+def export_model(
+    config_file: str | Path | None,
+    directory: str | Path,
+    *,
+    stages: Sequence[str] = ("stage3_comprehension", "stage3_generation"),
+    overrides: Sequence[str] = (),
+    include_base: bool = False,
+    vqgan: str | Path | None = None,
+) -> Path:
+    """Assemble the trained model from stage outputs (merged as `init_from` merges them) and write it as a bundle
+    that `HealthGPT.from_pretrained` loads; `vqgan` is the tokenizer folder the codes were made with."""
+    recipe = load_recipe(config_file, overrides)
+    hg = build_healthgpt(recipe)
+    sources = stage_outputs(recipe, stages)
+    tensors, _ = merge_stage_outputs(sources)
+    load_tensors(hg.model, tensors, ", ".join(map(str, sources)))
+    if vqgan is not None:
+        hg.vqgan = load_vqgan(vqgan).eval()
+    return hg.save_pretrained(directory, include_base=include_base)
