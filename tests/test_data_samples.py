@@ -210,7 +210,8 @@ def test_missing_codes_are_reported_or_raised(hg, folder, tmp_path, vqgan) -> No
 
 def test_code_cache_is_resumable_and_tied_to_its_vqgan(hg, folder, vqgan, tmp_path) -> None:
     data = folder / "train.json"
-    first = tokenize_images(data, vqgan, tmp_path / "codes")
+    vqgan.save(tmp_path / "vqgan")
+    first = tokenize_images(data, tmp_path / "vqgan", tmp_path / "codes")  # a saved folder; then the model itself
     assert (first.encoded, first.already_cached) == (1, 0)
     cache = ImageCodeCache.open(tmp_path / "codes")
     stored = cache.load(folder / "mri.png")

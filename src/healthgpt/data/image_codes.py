@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from healthgpt.checkpoints import load_vqgan
 from healthgpt.config import GENERATION
 from healthgpt.data.records import DataIssue, OnError, Origin, Source, load_records
 from healthgpt.io.atomic import atomic_target
@@ -134,10 +135,10 @@ def tokenize_images(
     on_error: OnError = "skip",
     field_map: Mapping[str, str] | None = None,
 ) -> TokenizeReport:
-    """Encode the target image of every generation record in `sources` with `vqgan` (a model or a folder saved by
-    `VQGAN.save`) into the cache at `cache_dir`; images already cached are skipped. Returns counts and issues."""
-    model = VQGAN.load(vqgan, device=device) if isinstance(vqgan, (str, os.PathLike)) else vqgan.to(device)
-    model.eval()
+    """Encode the target image of every generation record in `sources` with `vqgan` (a model, a folder saved by
+    `VQGAN.save`, or taming's `last.ckpt` / its folder) into the cache at `cache_dir`; images already cached are
+    skipped. Returns counts and issues."""
+    model = (load_vqgan(vqgan) if isinstance(vqgan, (str, os.PathLike)) else vqgan).to(device).eval()
     cache = ImageCodeCache.for_vqgan(cache_dir, model)
     found = load_records(sources, image_folder=image_folder, on_error=on_error, field_map=field_map)
     report = TokenizeReport(issues=list(found.issues))
