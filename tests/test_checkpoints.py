@@ -286,11 +286,6 @@ def test_fusion_layer_modes(cases, expected, fusion):
     assert not torch.allclose(com, gen)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="healthgpt.generation.stream embeds the prompt and each fed token outside `model.hlora.use(plugins)`, "
-    "so the generation plugin's fusion embedding table is bypassed there (its head is used)",
-)
 def test_generation_loop_uses_the_generation_plugins_tables(cases):
     case = cases("m3")
     loaded = load_official(case, [COMPREHENSION, GENERATION]).model

@@ -215,7 +215,8 @@ def stream(
                 logits_to_keep=1,
             )
 
-    embeds = model.embed(ids, pixel_values, plugins)  # [R, T, H], R = B or 2B rows
+    with model.hlora.use(selection):  # embedding tables may be per plugin too (fusion layers)
+        embeds = model.embed(ids, pixel_values, plugins)  # [R, T, H], R = B or 2B rows
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [R, T]: left padding does not shift positions
     out = forward(embeds, positions, DynamicCache(config=model.llm.config) if use_cache else None)
     for step in range(sampling.max_new_tokens):
@@ -242,7 +243,8 @@ def stream(
         generated = torch.cat([generated, token[:, None]], dim=1)
         fed = token if unconditional is None else token.repeat(2)  # both halves of a guided batch see the token
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        new_embed = embed_tokens(fed[:, None])  # [R, 1, H]
+        with model.hlora.use(selection):
+            new_embed = embed_tokens(fed[:, None])  # [R, 1, H]
         if use_cache:
             positions = positions[:, -1:] + 1
             out = forward(new_embed, positions, out.cache)
