@@ -149,7 +149,7 @@ class _App:
         text = ""
         for event in self._run(batcher, request, sampling):
             text = event.text if isinstance(event, TextDone) else text + event.text
-            yield text, gr.update(), gr.update()
+            yield text.lstrip(), gr.update(), gr.update()
 
     def _generate(
         self,
