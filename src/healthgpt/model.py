@@ -110,7 +110,9 @@ class HealthGPTModel(nn.Module):
     ):
         """Causal-LM output of the HF model (`.logits`, `.loss` when `labels` are given, `.cache`).
 
-        `labels` use `IGNORE_INDEX` (-100) on prompt and image positions, so the loss covers response tokens only."""
+        `labels` use `IGNORE_INDEX` (-100) on prompt and image positions, so the loss covers response tokens only.
+        With gradient checkpointing, call `backward` inside `self.hlora.use(plugins)` too (as the training loop does):
+        checkpointed layers recompute their forward there and must see the same plugins."""
         names = self.check_plugins(plugins, input_ids.shape[0])
         with self.hlora.use(names):
             embeds = self.embed(input_ids, pixel_values, names)
