@@ -387,3 +387,23 @@ def test_internal_error_exits_1_and_debug_shows_the_traceback(tmp_path: Path) ->
     assert out.stderr == "error: internal error (RuntimeError: boom); rerun with --debug for the traceback\n"
     debug = subprocess.run([*args, "--debug"], capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=120)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "RuntimeError: boom" in debug.stderr
+
+
+@pytest.mark.slow
+def test_convert_official_files_then_ask_gives_the_published_answer(published: Path, tmp_path: Path) -> None:
+    """The published code's answer on its tiny M3-shaped files, from the official files and from our bundle."""
+    case = json.loads((published / "case_a_m3_com" / "outputs.json").read_text())
+    plugin = published / "case_a_m3_com" / "com_hlora_weights.bin"
+    official = ["--model", "m3", "--base-model", published / "tiny_phi3", "--vision-tower", published / "tiny_clip"]
+    official += ["--plugin-file", f"comprehension={plugin}", "--dtype", "float32"]
+    out = healthgpt("convert", "bundle", *official, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for model in (official, ["--model", "bundle"]):
+        answer = healthgpt(
+            "ask", published / "input_image.png", case["question"], *model, "--max-new-tokens", 16, cwd=tmp_path
+        )
+        assert answer.returncode == 0, answer.stderr
+        assert answer.stdout == case["decoded_skip_special"].strip() + "\n"
+    facts = json.loads(healthgpt("info", plugin, "--json", cwd=tmp_path).stdout)
+    (weights,) = facts["weights"]
+    assert weights["hlora"] == {"rank": 64, "experts": 4, "tensors": 24} and weights["dtypes"] == {"float16": 28}
