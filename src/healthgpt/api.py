@@ -204,7 +204,7 @@ class HealthGPT:
         """Answer the last user message of a multi-turn conversation; `image` belongs to the first user turn.
         A list of conversations (with one shared image or a list of one per conversation) gives a list of replies."""
         batched, requests, params = self._chat_requests(messages, image, system, sampling)
-        replies = [self._decode(ids) for ids in generate(self.model, requests, params, **self._generate_kwargs())]
+        replies = self._replies(requests, params)
         return replies if batched else replies[0]
 
     def stream_chat(
@@ -231,12 +231,28 @@ class HealthGPT:
         """(batched, one request per conversation, sampling); checks every row before anything runs."""
         batched = bool(messages) and not isinstance(messages[0], Mapping)
         conversations = list(messages) if batched else [messages]
-        params = SamplingParams(**sampling)
-        requests = [
-            self.build_request(c, [im] if im is not None else [], system=system, max_new_tokens=params.max_new_tokens)
+        rows = [
+            (c, [im] if im is not None else [])
             for c, im in zip(conversations, _per_row(image, len(conversations)), strict=True)
         ]
+        requests, params = self._requests(rows, system, sampling)
         return batched, requests, params
+
+    def _requests(
+        self,
+        rows: Sequence[tuple[Sequence[Mapping[str, str]], Sequence[Image.Image]]],
+        system: str | None,
+        sampling: Mapping[str, Any],
+    ) -> tuple[list[Request], SamplingParams]:
+        """One comprehension request per (conversation, images of its first turn), and the sampling settings."""
+        params = SamplingParams(**sampling)
+        requests = [
+            self.build_request(c, list(ims), system=system, max_new_tokens=params.max_new_tokens) for c, ims in rows
+        ]
+        return requests, params
+
+    def _replies(self, requests: Sequence[Request], params: SamplingParams) -> list[str]:
+        return [self._decode(ids) for ids in generate(self.model, requests, params, **self._generate_kwargs())]
 
     @torch.inference_mode()
     def _pieces(self, requests: Sequence[Request], params: SamplingParams) -> Iterator[tuple[int, str]]:
@@ -333,14 +349,10 @@ class HealthGPT:
     ) -> list[str]:
         """Batched answers to `(images, question)` pairs where each question may show several images (all in its
         turn, in order): the general path behind benchmark harnesses."""
-        params = SamplingParams(**sampling)
-        requests = [
-            self.build_request(
-                [{"role": "user", "content": q}], list(ims), system=system, max_new_tokens=params.max_new_tokens
-            )
-            for ims, q in items
-        ]
-        return [self._decode(ids) for ids in generate(self.model, requests, params, **self._generate_kwargs())]
+        requests, params = self._requests(
+            [([{"role": "user", "content": q}], ims) for ims, q in items], system, sampling
+        )
+        return self._replies(requests, params)
 
     @torch.inference_mode()
     def log_likelihood(
