@@ -293,13 +293,9 @@ def test_cors_is_off_by_default(server):
 
 
 @contextmanager
-def _thread_server(model, **options) -> Iterator[str]:
-    """The same app served by uvicorn in a thread of this process (no second model load)."""
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(model, ServerOptions(**options)), host="127.0.0.1", port=_free_port(), log_level="warning"
-        )
-    )
+def _thread_server(app) -> Iterator[str]:
+    """An app served by uvicorn in a thread of this process (no second model load)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -313,22 +309,33 @@ def _thread_server(model, **options) -> Iterator[str]:
 
 
 def test_a_full_queue_answers_503_and_a_late_answer_times_out(nano):
-    with _thread_server(nano, max_batch_size=1, max_queue=1, max_tokens=900, request_timeout=3) as base:
+    app = create_app(nano, ServerOptions(max_batch_size=1, max_queue=1, request_timeout=3))
+    batcher = app.state.healthgpt.batchers[MODEL]
+    entered, release = threading.Event(), threading.Event()
+    run = batcher.run
+
+    def held_run(jobs):  # the worker takes the first request, then holds it until released
+        entered.set()
+        release.wait(60)
+        run(jobs)
+
+    batcher.run = held_run
+    with _thread_server(app) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
-        # Greedy nano (seed 0) answers this with 900 tokens and no stop token: longer than the timeout.
-        long = {"model": MODEL, "messages": _ask(_data_uri(_png(_image(0))), QUESTIONS[0]), "max_tokens": 900}
-        running = client.chat.completions.create(**long, stream=True)
-        chunks = iter(running)
-        while not next(chunks).choices[0].delta.content:  # the first request is generating
-            pass
-        waiting = client.chat.completions.create(**long, stream=True)  # admitted: it waits in the queue
+        request = {"model": MODEL, "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 8}
+        running = client.chat.completions.create(**request, stream=True)
+        assert entered.wait(60)
+        waiting = client.chat.completions.create(**request, stream=True)  # admitted: it waits in the queue
+        assert batcher.queued == 1
         with pytest.raises(openai.APIStatusError) as caught:
-            client.chat.completions.create(**long)
+            client.chat.completions.create(**request)
         assert caught.value.status_code == 503
         assert caught.value.response.headers["Retry-After"] == "1"
         assert caught.value.body["code"] == "queue_full"
+        started = time.monotonic()
         with pytest.raises(openai.APIError, match="timeout"):
-            for _ in chunks:
-                pass
+            list(running)
+        assert time.monotonic() - started < 10
+        release.set()
         waiting.close()
         running.close()

@@ -26,6 +26,10 @@ class QueueFullError(RuntimeError):
     """The batcher's queue holds as many requests as it may; try again later."""
 
 
+class BatcherClosedError(RuntimeError):
+    """The batcher is not running (not started yet, or shut down)."""
+
+
 class JobTimeoutError(TimeoutError):
     """A request ran past its deadline."""
 
@@ -93,6 +97,7 @@ class Job:
 
     @property
     def budget(self) -> int:
+        """This job's token budget (its request's `max_new_tokens`)."""
         return self.request.max_new_tokens or self.sampling.max_new_tokens
 
     def cancel(self) -> None:
@@ -128,10 +133,8 @@ def named_models(models: HealthGPT | Mapping[str, HealthGPT]) -> dict[str, Healt
 
 
 class Batcher:
-    """Queue jobs for one model and run them in a worker thread, up to `max_batch_size` rows per forward pass.
-
-    After the first queued job arrives the worker waits up to `max_wait` seconds for more, then runs everything
-    queued (up to the batch size), grouped by `batch_key`. At most `max_queue` jobs may wait to start."""
+    """Queue jobs for one model; a worker thread runs what is queued (after waiting `max_wait` s for company) in
+    batches of up to `max_batch_size` rows grouped by `batch_key`. At most `max_queue` jobs may wait to start."""
 
     def __init__(
         self,
@@ -174,7 +177,7 @@ class Batcher:
             self._queue.clear()
             self._ready.notify_all()
         for job in left:
-            _emit(job, Failed(RuntimeError("the server is shutting down")))
+            _emit(job, Failed(BatcherClosedError("the server is shutting down")))
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -201,7 +204,7 @@ class Batcher:
         """Queue jobs (all or none); raises `QueueFullError` when they do not fit."""
         with self._ready:
             if self._closed or self._thread is None:
-                raise RuntimeError(f"the batcher for {self.name} is not running")
+                raise BatcherClosedError(f"the batcher for {self.name} is not running")
             if len(self._queue) + len(jobs) > self.max_queue:
                 raise QueueFullError(
                     f"{self.name} has {len(self._queue)} requests waiting (at most {self.max_queue}); retry shortly"

@@ -38,7 +38,6 @@ class _Lenient(BaseModel):
 
 class ImageURL(_Lenient):
     url: str
-    detail: str | None = None
 
 
 class TextPart(_Lenient):

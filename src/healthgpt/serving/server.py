@@ -40,7 +40,18 @@ from ..io import ImageInputError
 from ..model import expand_image_slots
 from ..tasks import TASKS, resolve_instruction
 from ..templates import PromptError
-from .batcher import Batcher, Event, Failed, ImageDone, Job, JobTimeoutError, QueueFullError, TextDelta, named_models
+from .batcher import (
+    Batcher,
+    BatcherClosedError,
+    Event,
+    Failed,
+    ImageDone,
+    Job,
+    JobTimeoutError,
+    QueueFullError,
+    TextDelta,
+    named_models,
+)
 from .images import ImageRejected, data_uri_bytes, decode_image, fetch_remote, is_remote
 from .schemas import ApiError, ChatCompletionRequest
 from .schemas import Message as ChatMessage
@@ -79,14 +90,14 @@ class _State:
     started: int = field(default_factory=lambda: int(time.time()))
     http: httpx.AsyncClient | None = None
 
-    def batcher(self, name: str | None, param: str = "model") -> Batcher:
+    def batcher(self, name: str | None) -> Batcher:
         if name is None and len(self.batchers) == 1:
             return next(iter(self.batchers.values()))
         if name not in self.batchers:
             raise ApiError(
                 404,
                 f"the model {name!r} is not served here; use one of {sorted(self.batchers)}",
-                param=param,
+                param="model",
                 code="model_not_found",
             )
         return self.batchers[name]
@@ -317,9 +328,8 @@ def _usage(event: Any) -> dict[str, int]:
 
 # ----- image generation ---------------------------------------------------------------------------------------
 async def _image_edits(state: _State, http: HttpRequest) -> dict:
-    """`POST /v1/images/edits` (multipart): `image` (none for report_to_cxr), `prompt` (a task name, the report
-    for report_to_cxr with `task`, or a free instruction) -> `b64_json` PNGs. Extensions: `task`, `seed`,
-    `temperature`, `top_p`, `top_k`, `guidance_scale`."""
+    """`POST /v1/images/edits`: `image` (none for report_to_cxr) and `prompt` (a task name, a free instruction, or the
+    report with `task=report_to_cxr`) -> `b64_json` PNGs; `task`, sampling and `guidance_scale` extend the schema."""
     async with http.form(max_files=8, max_fields=64) as form:
         fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
         uploads = [value for key, value in form.multi_items() if key in ("image", "image[]")]
@@ -363,7 +373,7 @@ async def _image_edits(state: _State, http: HttpRequest) -> dict:
         raise ApiError(400, str(exc)) from None
     image = None
     if data is not None:
-        image = await _decode(data, state.options.max_image_pixels, "image", "image")
+        image = await _decode(data, state.options.max_image_pixels, "image")
 
     def build(hg: HealthGPT) -> tuple[Request, Request | None]:
         def request(shown: list[Image.Image]) -> Request:
@@ -441,12 +451,12 @@ async def _load_image(state: _State, url: str, param: str) -> Image.Image:
             data = data_uri_bytes(url, param)
     except ImageRejected as exc:
         raise ApiError(400, str(exc), param=param, code="invalid_image") from None
-    return await _decode(data, state.options.max_image_pixels, param, param)
+    return await _decode(data, state.options.max_image_pixels, param)
 
 
-async def _decode(data: bytes, max_pixels: int, name: str, param: str) -> Image.Image:
+async def _decode(data: bytes, max_pixels: int, param: str) -> Image.Image:
     try:
-        return await run_in_threadpool(decode_image, data, max_pixels=max_pixels, name=name)
+        return await run_in_threadpool(decode_image, data, max_pixels=max_pixels, name=param)
     except ImageRejected as exc:
         raise ApiError(400, str(exc), param=param, code="invalid_image") from None
 
@@ -466,7 +476,7 @@ def _submit(batcher: Batcher, *jobs: Job) -> None:
         batcher.submit(*jobs)
     except QueueFullError as exc:
         raise ApiError(503, str(exc), type="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
-    except RuntimeError as exc:
+    except BatcherClosedError as exc:
         raise ApiError(503, str(exc), type="server_error", code="unavailable") from None
 
 
@@ -486,7 +496,7 @@ async def _next_event(events: asyncio.Queue[Event], deadline: float) -> Event:
         return event
     if isinstance(event.error, JobTimeoutError):
         raise ApiError(504, "the request took longer than the server's timeout", type="server_error", code="timeout")
-    if isinstance(event.error, RuntimeError):
+    if isinstance(event.error, BatcherClosedError):
         raise ApiError(503, str(event.error), type="server_error", code="unavailable")
     raise ApiError(500, f"generation failed: {event.error}", type="server_error")
 
