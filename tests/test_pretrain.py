@@ -277,9 +277,9 @@ TINY = NanoBudget(
 
 
 def test_pretrain_nano_writes_the_folders_healthgpt_starts_from(tmp_path: Path) -> None:
-    metrics = pretrain_nano(tmp_path, budget=TINY, progress=False)
+    metrics = pretrain_nano(tmp_path, budget=TINY, progress=False, parallel=False)  # the slow test runs parallel
     assert json.loads((tmp_path / METRICS_FILE).read_text()) == metrics
-    assert set(metrics["seconds"]) == {"data", "vqgan", "lm", "clip", "total"}
+    assert set(metrics["seconds"]) == {"vqgan", "lm", "clip", "total"}
     assert metrics["lm"]["untrained_perplexity"] > metrics["lm"]["vocab_size"] / 2  # random model: near uniform
 
     llm, tokenizer = (

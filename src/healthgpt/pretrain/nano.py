@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "pretrain_metrics.json"
 LLM_DIR, VISION_DIR, VQGAN_DIR = "llm", "vision", "vqgan"
+WORKER_RESULT = "worker_metrics.json"  # the VQGAN worker's metrics, read and removed by pretrain_nano
 _STREAM = 0x5052  # "PR": phantom cases of pre-training come from their own random stream, apart from the datasets'
 
 
@@ -50,15 +54,16 @@ class NanoBudget:
 
     train_cases: int = 600  # phantom cases for VQGAN and CLIP training (CT and MRI of each)
     eval_cases: int = 100  # held-out cases: PSNR, retrieval, the probe's test set (it fits on the train cases)
-    vqgan_steps: int = 300
-    vqgan_batch: int = 8
+    vqgan_steps: int = 600
+    vqgan_batch: int = 4
     vqgan_lr: float = 2e-3
+    vqgan_temperature: tuple[float, float] = (1.0, 0.5)  # short runs end early in taming's anneal
     corpus_sentences: int = 4000  # plain phantom sentences; as many chat conversations again
     lm_steps: int = 200
     lm_batch: int = 16
     lm_seq_len: int = 128
     lm_lr: float = 3e-3
-    clip_steps: int = 300
+    clip_steps: int = 600
     clip_batch: int = 64
     clip_lr: float = 2e-3
 
@@ -87,7 +92,7 @@ def _turn(user: str, assistant: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
 
 
-def _images(cases: list[PhantomCase]) -> tuple[list[Image.Image], list[str], torch.Tensor]:
+def phantom_images(cases: list[PhantomCase]) -> tuple[list[Image.Image], list[str], torch.Tensor]:
     """CT and MRI renders of each case, their captions and has-lesion labels."""
     images = [case.rgb(key) for case in cases for key in ("ct", "mri")]
     captions = [caption(case, modality) for case in cases for modality in MODALITIES]
@@ -96,11 +101,10 @@ def _images(cases: list[PhantomCase]) -> tuple[list[Image.Image], list[str], tor
 
 
 @contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
+def _threads(n: int) -> Iterator[None]:
     """Run with `n` torch threads, then restore the caller's count."""
     before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
@@ -113,63 +117,100 @@ def pretrain_nano(
     seed: int = 0,
     progress: bool = True,
     budget: NanoBudget = NanoBudget(),
-    num_threads: int | None = None,
+    parallel: bool = True,
+    num_threads: int = 1,
     variant: str | HealthGPTConfig = "nano",
 ) -> dict[str, Any]:
     """Pre-train the nano components on phantoms and save `vqgan/`, `llm/`, `vision/` and `pretrain_metrics.json`
-    under `out_dir`; returns the metrics (held-out PSNR, perplexities, retrieval and probe accuracy, seconds)."""
+    under `out_dir`; returns the metrics (held-out PSNR, perplexities, retrieval and probe accuracy, seconds).
+
+    With `parallel` the VQGAN trains in a child process (`python -m healthgpt.pretrain.worker`) while the LM and
+    CLIP train here. Each part runs with `num_threads` torch threads: models this small run 3-5x slower with two
+    threads per op than with one on a busy 2-core machine, so two processes use two cores better. The results
+    do not depend on `parallel`; every part seeds its own random streams."""
     config = get_variant(variant) if isinstance(variant, str) else variant
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, Any] = {"variant": config.name, "seed": seed, "budget": asdict(budget), "seconds": {}}
-    seconds = metrics["seconds"]
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(budget).items()}  # as JSON reads back
+    metrics: dict[str, Any] = {"variant": config.name, "seed": seed, "budget": plain}
     start = time.perf_counter()
-    with _threads(num_threads):
-        tic = time.perf_counter()
-        size = config.vq.image_size
-        train_images, train_captions, train_labels = _images(phantom_cases(seed, 0, budget.train_cases, size))
-        eval_images, eval_captions, eval_labels = _images(phantom_cases(seed, 1, budget.eval_cases, size))
-        seconds["data"] = time.perf_counter() - tic
+    worker = None
+    try:
+        if parallel:
+            worker = _start_worker(config, budget, seed, out / VQGAN_DIR, progress, num_threads)
+        else:
+            metrics["vqgan"] = pretrain_vqgan_part(config, budget, seed, out / VQGAN_DIR, progress, num_threads)
+        with _threads(num_threads):
+            metrics["lm"] = _pretrain_language(config, budget, seed, out / LLM_DIR, progress)
+            metrics["clip"] = _pretrain_vision(config, budget, seed, out / VISION_DIR, progress)
+        if worker is not None:
+            metrics["vqgan"] = _finish_worker(worker, out / VQGAN_DIR / WORKER_RESULT)
+    finally:
+        if worker is not None and worker.poll() is None:  # this part failed: stop the VQGAN worker too
+            worker.kill()
+            worker.wait()
+    metrics["seconds"] = {part: metrics[part].pop("seconds") for part in ("vqgan", "lm", "clip")}
+    metrics["seconds"]["total"] = time.perf_counter() - start
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("pretrain_nano: %s", json.dumps(metrics))
+    return metrics
 
-        tic = time.perf_counter()
+
+def _start_worker(
+    config: HealthGPTConfig, budget: NanoBudget, seed: int, folder: Path, progress: bool, threads: int
+) -> subprocess.Popen[bytes]:
+    """The VQGAN part in a fresh interpreter (no fork of this process's thread pools, no re-import of __main__)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / WORKER_RESULT).unlink(missing_ok=True)
+    args = dict(
+        config=config.to_dict(),
+        budget=asdict(budget),
+        seed=seed,
+        folder=str(folder),
+        progress=progress,
+        threads=threads,
+    )
+    src = str(Path(__file__).resolve().parents[2])  # the folder holding `healthgpt`, in case it is not installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-m", "healthgpt.pretrain.worker", json.dumps(args)], env=env)
+
+
+def _finish_worker(worker: subprocess.Popen[bytes], result: Path) -> dict[str, float]:
+    if worker.wait() != 0 or not result.is_file():
+        raise RuntimeError(f"the VQGAN worker failed (exit status {worker.returncode}); its error is printed above")
+    metrics = json.loads(result.read_text())
+    result.unlink()
+    return metrics
+
+
+def pretrain_vqgan_part(
+    config: HealthGPTConfig, budget: NanoBudget, seed: int, folder: Path, progress: bool, threads: int
+) -> dict[str, float]:
+    """VQGAN on CT and MRI renders; held-out PSNR/SSIM/MSE of encode -> decode (what the worker process runs)."""
+    tic = time.perf_counter()
+    with _threads(threads):
+        size = config.vq.image_size
+        train = phantom_images(phantom_cases(seed, 0, budget.train_cases, size))[0]
         vqgan = train_vqgan(
-            train_images,
+            train,
             vq=config.vq,
             steps=budget.vqgan_steps,
             batch_size=budget.vqgan_batch,
             lr=budget.vqgan_lr,
             seed=seed,
-            out_dir=out / VQGAN_DIR,
+            temperature=budget.vqgan_temperature,
+            out_dir=folder,
             progress=progress,
         )
-        metrics["vqgan"] = evaluate_vqgan(vqgan, eval_images)
-        seconds["vqgan"] = time.perf_counter() - tic
-
-        tic = time.perf_counter()
-        metrics["lm"] = _pretrain_language(config, budget, seed, out / LLM_DIR, progress)
-        seconds["lm"] = time.perf_counter() - tic
-
-        tic = time.perf_counter()
-        metrics["clip"] = _pretrain_vision(
-            config,
-            budget,
-            seed,
-            out / VISION_DIR,
-            progress,
-            (train_images, train_captions, train_labels),
-            (eval_images, eval_captions, eval_labels),
-        )
-        seconds["clip"] = time.perf_counter() - tic
-    seconds["total"] = time.perf_counter() - start
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info("pretrain_nano: %s", json.dumps(metrics))
-    return metrics
+        metrics = evaluate_vqgan(vqgan, phantom_images(phantom_cases(seed, 1, budget.eval_cases, size))[0])
+    return {**metrics, "seconds": time.perf_counter() - tic}
 
 
 def _pretrain_language(
     config: HealthGPTConfig, budget: NanoBudget, seed: int, folder: Path, progress: bool
 ) -> dict[str, float]:
     """Tokenizer + causal LM on phantom sentences and chats; held-out perplexity before and after."""
+    tic = time.perf_counter()
     rng = np.random.default_rng([seed, _STREAM, 2])
     sentences = phantom_corpus(rng, budget.corpus_sentences)
     corpus = [*sentences, *phantom_conversations(rng, budget.corpus_sentences)]
@@ -197,34 +238,34 @@ def _pretrain_language(
     trained = perplexity(llm, tokenizer, held_out, **evaluate)
     llm.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return {"perplexity": trained, "untrained_perplexity": untrained, "vocab_size": len(tokenizer)}
+    seconds = time.perf_counter() - tic
+    return {"perplexity": trained, "untrained_perplexity": untrained, "vocab_size": len(tokenizer), "seconds": seconds}
 
 
 def _pretrain_vision(
-    config: HealthGPTConfig,
-    budget: NanoBudget,
-    seed: int,
-    folder: Path,
-    progress: bool,
-    train: tuple[list[Image.Image], list[str], torch.Tensor],
-    held_out: tuple[list[Image.Image], list[str], torch.Tensor],
+    config: HealthGPTConfig, budget: NanoBudget, seed: int, folder: Path, progress: bool
 ) -> dict[str, float]:
-    """Contrastive CLIP tower; held-out retrieval and a has-lesion linear probe on penultimate features."""
+    """Contrastive CLIP tower on CT and MRI renders with their captions; held-out image -> caption retrieval and
+    a has-lesion linear probe on the mean-pooled features the comprehension plugin reads (before and after)."""
+    tic = time.perf_counter()
     vc = config.vision
     pre = ImagePreprocessor.for_clip(vc.image_size, vc.image_mean, vc.image_std)
-    train_pixels, held_pixels = PixelCache(pre, train[0]), PixelCache(pre, held_out[0])
+    size = config.vq.image_size  # the phantom datasets' size; the preprocessor resizes to the tower's
+    train_images, train_captions, train_labels = phantom_images(phantom_cases(seed, 0, budget.train_cases, size))
+    held_images, held_captions, held_labels = phantom_images(phantom_cases(seed, 1, budget.eval_cases, size))
+    train_pixels, held_pixels = PixelCache(pre, train_images), PixelCache(pre, held_images)
+    layer = config.plugins[COMPREHENSION].vision_layer
 
     def probe(vision: VisionEncoder) -> float:
-        layer = config.plugins[COMPREHENSION].vision_layer
-        features = pooled_features(vision, train_pixels, layer), pooled_features(vision, held_pixels, layer)
-        return linear_probe(features[0], train[2], features[1], held_out[2])
+        train_x, held_x = pooled_features(vision, train_pixels, layer), pooled_features(vision, held_pixels, layer)
+        return linear_probe(train_x, train_labels, held_x, held_labels)
 
     vision = random_vision(vc, seed=seed)
     untrained = probe(vision)
     model = pretrain_clip(
         vision,
         train_pixels,
-        train[1],
+        train_captions,
         steps=budget.clip_steps,
         batch_size=budget.clip_batch,
         lr=budget.clip_lr,
@@ -235,9 +276,9 @@ def _pretrain_vision(
     metrics = {
         "probe_accuracy": probe(model.vision),
         "untrained_probe_accuracy": untrained,
-        "retrieval_accuracy": retrieval_accuracy(model, held_pixels, held_out[1]),
-        "retrieval_chance": 1 / len(set(held_out[1])),
+        "retrieval_accuracy": retrieval_accuracy(model, held_pixels, held_captions),
+        "retrieval_chance": 1 / len(set(held_captions)),
     }
     model.vision.tower.save_pretrained(folder)
     pre.processor.save_pretrained(folder)
-    return metrics
+    return {**metrics, "seconds": time.perf_counter() - tic}

@@ -1,0 +1,25 @@
+"""`python -m healthgpt.pretrain.worker ARGS_JSON`: the VQGAN part of `pretrain_nano`, run in its own process
+so that it trains on a second core while the LM and CLIP train in the caller."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from healthgpt.config import HealthGPTConfig
+from healthgpt.pretrain.nano import WORKER_RESULT, NanoBudget, pretrain_vqgan_part
+
+
+def main(argv: list[str]) -> None:
+    """Train, then write the metrics to `<folder>/worker_metrics.json` for the parent to read."""
+    args = json.loads(argv[0])
+    budget = NanoBudget(**{k: tuple(v) if isinstance(v, list) else v for k, v in args["budget"].items()})
+    folder = Path(args["folder"])
+    config = HealthGPTConfig.from_dict(args["config"])
+    metrics = pretrain_vqgan_part(config, budget, args["seed"], folder, args["progress"], args["threads"])
+    (folder / WORKER_RESULT).write_text(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
