@@ -92,7 +92,7 @@ def test_generate_image_batch_equals_single_calls(nano: HealthGPT, ct: Image.Ima
         (lambda m, im: m.chat([]), PromptError, "question is empty"),
         (lambda m, im: m.chat([[{"role": "user", "content": "Hi"}]] * 2, [im]), ValueError, "1 images for 2"),
         (lambda m, im: m.ask(Image.new("I;16", (8, 8)), "Why?"), ValueError, "16-bit"),
-        (lambda m, im: m.generate_image(None, "ct2mri"), ValueError, "needs an input image"),
+        (lambda m, im: m.generate_image(None, "ct2mri"), ValueError, "transforms an image: give an input image"),
         (lambda m, im: m.generate_image(None, "report_to_cxr"), ValueError, "needs text"),
         (lambda m, im: m.generate_image(im, "  "), ValueError, "empty instruction"),
     ],

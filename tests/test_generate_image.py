@@ -8,7 +8,6 @@ import torch
 from _models import random_model
 from PIL import Image
 
-from healthgpt.config import GENERATION
 from healthgpt.generation import SamplingParams, stream
 from healthgpt.tasks import TASKS
 
@@ -41,25 +40,12 @@ def test_every_image_has_the_full_grid_of_codes(model, sampling, batch):
 def test_codes_are_the_generated_token_ids_minus_the_first_code_id(model):
     vocab = model.model.image_vocab
     span = model.config.vq.num_image_tokens
-    req = model.build_request(
-        [{"role": "user", "content": TASKS["reconstruct"].instruction}],
-        [_image(0)],
-        plugin=GENERATION,
-        image_generation=True,
-    )
+    req = model.build_image_request(_image(0), "reconstruct").request
     params = SamplingParams(max_new_tokens=span + 1)
     tokens = [
-        int(s.tokens[0])
-        for s in stream(
-            model.model,
-            [req],
-            params,
-            stop_ids=model.stop_ids,
-            pad_id=model.pad_id,
-            span_length=span,
-            stop_after_image=True,
-        )
+        int(s.tokens[0]) for s in stream(model.model, [req], params, stop_ids=model.stop_ids, pad_id=model.pad_id)
     ]
+    assert len(tokens) == span + 1 and tokens[span] == vocab.end_id  # the row stops when its span closes
     g = model.generate_image(_image(0), "reconstruct", progress=False)
     assert g.codes.flatten().tolist() == [t - vocab.first_code_id for t in tokens[:span]]
 
@@ -83,7 +69,7 @@ def test_text_alone_gives_an_image(model):
     assert g.instruction == "Mild cardiomegaly. No effusion."
     with pytest.raises(ValueError, match="needs text"):
         model.generate_image(None, "report_to_cxr", progress=False)
-    with pytest.raises(ValueError, match="needs an input image"):
+    with pytest.raises(ValueError, match="transforms an image: give an input image"):
         model.generate_image(None, "ct2mri", progress=False)
 
 
@@ -99,9 +85,9 @@ def test_same_seed_same_image_and_batched_greedy_equals_unbatched(model):
 
 
 def test_guidance_combines_conditional_and_unconditional_logits(model):
-    instruction = [{"role": "user", "content": TASKS["ct2mri"].instruction}]
-    cond = model.build_request(instruction, [_image(2)], plugin=GENERATION, image_generation=True)
-    uncond = model.build_request(instruction, [], plugin=GENERATION, image_generation=True)
+    built = model.build_image_request(_image(2), "ct2mri", guided=True)
+    cond, uncond = built.request, built.unconditional
+    assert uncond.pixel_values is None and built.instruction == TASKS["ct2mri"].instruction
     kw = dict(stop_ids=model.stop_ids, pad_id=model.pad_id, return_logits=True)
     params = SamplingParams(max_new_tokens=1)
     c = next(stream(model.model, [cond], params, **kw)).logits
@@ -110,3 +96,8 @@ def test_guidance_combines_conditional_and_unconditional_logits(model):
     torch.testing.assert_close(guided, u + 3.0 * (c - u), atol=1e-4, rtol=1e-4)
     g = model.generate_image(_image(2), "ct2mri", guidance_scale=3.0, progress=False)
     assert g.codes.numel() == model.config.vq.num_image_tokens
+
+
+def test_report_to_image_refuses_an_input_image(model):
+    with pytest.raises(ValueError, match="makes an image from the text alone"):
+        model.generate_image(_image(0), "report_to_cxr", text="Normal chest.", progress=False)

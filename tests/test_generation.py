@@ -101,8 +101,8 @@ def test_image_span_has_exactly_the_grid_of_codes_then_end(sampling):
     model = random_model()
     vocab = model.model.image_vocab
     span = model.config.vq.num_image_tokens
-    reqs = [_request(model, "Reconstruct the image.", s, plugin=GENERATION, image_generation=True) for s in range(4)]
-    outs = _run(model, reqs, span_length=span, stop_after_image=True, sampling={"max_new_tokens": span + 1, **sampling})
+    reqs = [model.build_image_request(_image(s), "reconstruct").request for s in range(4)]
+    outs = _run(model, reqs, sampling={"max_new_tokens": span + 1, **sampling})
     for out in outs:
         assert len(out) == span + 1
         codes = torch.tensor(out[:span])
@@ -117,3 +117,17 @@ def test_each_row_keeps_its_own_token_budget():
     out = _run(model, reqs, stop_ids=[])
     assert [len(o) for o in out] == [3, 12]
     assert out[1] == _run(model, [reqs[1]], stop_ids=[])[0]
+
+
+def test_text_answers_never_contain_image_tokens():
+    """Even when the LLM prefers image tokens, a comprehension row cannot emit them (nor open an image span)."""
+    model = random_model()
+    vocab = model.model.image_vocab
+    boost = torch.zeros(model.model.llm.get_output_embeddings().weight.shape[0])
+    boost[vocab.start_id : vocab.newline_id + 1] = 1e4
+    handle = model.model.llm.get_output_embeddings().register_forward_hook(lambda m, i, o: o + boost)
+    try:
+        out = _run(model, [_request(model, "Is there a lesion?")], stop_ids=[])[0]
+    finally:
+        handle.remove()
+    assert len(out) == 12 and not any(vocab.start_id <= t <= vocab.newline_id for t in out)

@@ -109,7 +109,7 @@ def test_generated_images_download_as_png_and_as_the_inputs_format(models, volum
 
 @pytest.mark.parametrize(
     ("path", "preset", "message"),
-    [(CT, "report_to_cxr", "remove the uploaded image"), (None, "ct2mri", "upload one first")],
+    [(CT, "report_to_cxr", "give no input image"), (None, "ct2mri", "give an input image")],
 )
 def test_generation_refuses_inputs_its_task_cannot_use(models, path, preset, message):
     _, app = models

@@ -18,7 +18,7 @@ from .config import COMPREHENSION, GENERATION, HealthGPTConfig, get_variant
 from .generation import Request, SamplingParams, generate, stream
 from .model import HealthGPTModel, build_model, expand_image_slots
 from .nano import nano_tokenizer, random_llm, random_vision
-from .tasks import resolve_instruction
+from .tasks import UNCONDITIONAL_INSTRUCTION, resolve_instruction
 from .templates import PromptError, get_template, user_content
 from .tokens import START_IMAGE, PromptTokenizer
 from .vision import ImagePreprocessor
@@ -27,6 +27,16 @@ from .vqgan import VQGAN
 
 class PromptTooLongError(PromptError):
     """The prompt plus the answer budget do not fit the model's context."""
+
+
+@dataclass
+class ImageRequest:
+    """A generation request, its classifier-free-guidance twin (or None), the instruction and the task name."""
+
+    request: Request
+    unconditional: Request | None
+    instruction: str
+    task: str | None
 
 
 @dataclass
@@ -276,6 +286,37 @@ class HealthGPT:
             if len(text) > len(sent[row]):
                 yield row, text[len(sent[row]) :]
 
+    def build_image_request(
+        self, image: Image.Image | None, task_or_instruction: str, *, text: str | None = None, guided: bool = False
+    ) -> ImageRequest:
+        """The generation request for one image (None: text to image), with its unconditional twin when `guided`
+        (classifier-free guidance). Checks that this model can generate images and that the task gets its input."""
+        if self.vqgan is None or self.model.image_vocab is None or GENERATION not in self.model.plugin_names:
+            raise ValueError(
+                f"this {self.config.name} model cannot generate images: it needs the generation plugin, "
+                "the image-token vocabulary and a VQGAN"
+            )
+        instruction, task = resolve_instruction(task_or_instruction, text)
+        if task is not None and task.needs_image and image is None:
+            raise ValueError(f"task {task.name!r} transforms an image: give an input image")
+        if task is not None and not task.needs_image and image is not None:
+            raise ValueError(f"task {task.name!r} makes an image from the text alone: give no input image")
+
+        def request(shown: Image.Image | None, words: str) -> Request:
+            return self.build_request(
+                [{"role": "user", "content": words}],
+                [shown] if shown is not None else [],
+                plugin=GENERATION,
+                image_generation=True,
+                max_new_tokens=self.config.vq.num_image_tokens + 1,
+            )
+
+        # The unconditional row drops the condition: the input image, or for text-to-image the text itself.
+        unconditional = (
+            request(None, instruction if image is not None else UNCONDITIONAL_INSTRUCTION) if guided else None
+        )
+        return ImageRequest(request(image, instruction), unconditional, instruction, task.name if task else None)
+
     @torch.inference_mode()
     def generate_image(
         self,
@@ -292,38 +333,19 @@ class HealthGPT:
         batch. The span is constrained to exactly the VQ grid's codes, then decoded by the VQGAN.
 
         `guidance_scale` (> 1) turns on classifier-free guidance against the same instruction without the image."""
-        if self.vqgan is None or self.model.image_vocab is None or GENERATION not in self.model.plugin_names:
-            raise ValueError(
-                f"this {self.config.name} model cannot generate images: it needs the generation plugin, "
-                "the image-token vocabulary and a VQGAN"
-            )
-        instruction, task = resolve_instruction(task_or_instruction, text)
         batched = isinstance(image, (list, tuple))
         images = list(image) if batched else [image]
-        if task is not None and task.needs_image and any(im is None for im in images):
-            raise ValueError(f"task {task.name!r} needs an input image")
+        guided = guidance_scale is not None and guidance_scale != 1.0
+        built = [self.build_image_request(im, task_or_instruction, text=text, guided=guided) for im in images]
+        instruction, task = built[0].instruction, built[0].task
         span = self.config.vq.num_image_tokens
         params = SamplingParams(**{**sampling, "max_new_tokens": span + 1})
-        messages = [{"role": "user", "content": instruction}]
-
-        def request(im: Image.Image | None) -> Request:
-            shown = [im] if im is not None else []
-            return self.build_request(
-                messages, shown, plugin=GENERATION, image_generation=True, max_new_tokens=params.max_new_tokens
-            )
-
-        requests = [request(im) for im in images]
-        unconditional = None
-        if guidance_scale is not None and guidance_scale != 1.0:
-            unconditional = [request(None) for _ in images]
         codes = torch.zeros((len(images), span), dtype=torch.long)
         steps = stream(
             self.model,
-            requests,
+            [b.request for b in built],
             params,
-            span_length=span,
-            stop_after_image=True,
-            unconditional=unconditional,
+            unconditional=[b.unconditional for b in built] if guided else None,
             guidance_scale=guidance_scale or 1.0,
             **self._generate_kwargs(),
         )
@@ -334,7 +356,7 @@ class HealthGPT:
         pictures = self.vqgan.codes_to_pil(codes.to(next(self.vqgan.parameters()).device))
         meta = {**sampling, "guidance_scale": guidance_scale}
         results = [
-            GeneratedImage(pic, c.reshape(grid, grid), instruction, task.name if task else None, meta)
+            GeneratedImage(pic, c.reshape(grid, grid), instruction, task, meta)
             for pic, c in zip(pictures, codes, strict=True)
         ]
         return results if batched else results[0]

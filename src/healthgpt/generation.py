@@ -73,12 +73,15 @@ class SamplingParams:
 class Request:
     """One sample: prompt ids with `IMAGE_TOKEN_INDEX` sentinels, its images' pixel values, its plugin.
 
-    `image_span` says the prompt ends with the start-of-image token, so the answer begins inside an image span."""
+    `image_span`: the prompt ends with the start-of-image token, so the answer begins inside an image span, and the
+    row stops when that span closes. `allow_images`: the row may open an image span in free text (otherwise image
+    tokens are banned from its answer, as for every comprehension request)."""
 
     input_ids: list[int]
     plugin: str
     pixel_values: torch.Tensor | None = None  # [n_images, 3, S, S]
     image_span: bool = False
+    allow_images: bool = False
     max_new_tokens: int | None = None  # this row's own budget, at most the batch's SamplingParams.max_new_tokens
 
 
@@ -156,9 +159,6 @@ def stream(
     *,
     stop_ids: Sequence[int],
     pad_id: int,
-    span_length: int | None = None,
-    allow_images: Sequence[bool] | None = None,
-    stop_after_image: bool = False,
     unconditional: Sequence[Request] | None = None,
     guidance_scale: float = 1.0,
     use_cache: bool = True,
@@ -166,8 +166,8 @@ def stream(
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position for a batch of requests (left-padded, one forward per step).
 
-    Rows stop at a stop token outside an image span (the stop token is yielded), or when their image span closes if
-    `stop_after_image`. With an image vocabulary, image spans are constrained to `span_length` codes. With
+    Rows stop at a stop token outside an image span (the stop token is yielded), or, for `image_span` requests, when
+    their span closes. With an image vocabulary, every span holds exactly `model.image_span_length` codes. With
     `unconditional` requests (one per request), classifier-free guidance runs both in the same batch and samples from
     `uncond + guidance_scale * (cond - uncond)`."""
     if not requests:
@@ -189,10 +189,10 @@ def stream(
     selection = plugins[0] if len(set(plugins)) == 1 else plugins
 
     constraint = None
-    if model.image_vocab is not None and span_length is not None:
-        allow = torch.tensor(list(allow_images) if allow_images is not None else [True] * batch, device=device)
-        in_span = torch.tensor([r.image_span for r in requests], device=device)
-        constraint = ImageSpanConstraint(model.image_vocab, span_length, in_span, allow)
+    stop_after_span = torch.tensor([r.image_span for r in requests], device=device)
+    if model.image_vocab is not None and model.image_span_length is not None:
+        allow = torch.tensor([r.allow_images for r in requests], device=device)
+        constraint = ImageSpanConstraint(model.image_vocab, model.image_span_length, stop_after_span, allow)
     procs = sampling.processors(constraint)
     generator = None
     if sampling.seed is not None:
@@ -234,9 +234,7 @@ def stream(
         if constraint is not None:
             was_in_span = constraint.in_span.clone()
             constraint.update(token)
-            done_now &= ~was_in_span
-            if stop_after_image:
-                done_now |= was_in_span & ~constraint.in_span
+            done_now = (done_now & ~was_in_span) | (stop_after_span & was_in_span & ~constraint.in_span)
         finished |= done_now | (limits <= step + 1)
         if finished.all():
             return

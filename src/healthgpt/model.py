@@ -57,6 +57,7 @@ class HealthGPTModel(nn.Module):
         vision_layers: Mapping[str, int],
         image_vocab: ImageVocab | None,
         num_patches: int,
+        image_span_length: int | None = None,
     ) -> None:
         super().__init__()
         self.llm = llm
@@ -66,6 +67,7 @@ class HealthGPTModel(nn.Module):
         self.vision_layers = dict(vision_layers)
         self.image_vocab = image_vocab
         self.num_patches = num_patches
+        self.image_span_length = image_span_length if image_vocab is not None else None  # codes per generated image
 
     @property
     def plugin_names(self) -> tuple[str, ...]:
@@ -135,4 +137,5 @@ def build_model(
     hidden = llm.config.hidden_size
     projectors = {name: build_projector(vision.hidden_size, hidden).to(dtype) for name in config.plugins}
     layers = {name: plugin.vision_layer for name, plugin in config.plugins.items()}
-    return HealthGPTModel(llm, hlora, vision, projectors, layers, vocab, vision.num_patches)
+    span = config.vq.num_image_tokens
+    return HealthGPTModel(llm, hlora, vision, projectors, layers, vocab, vision.num_patches, span)

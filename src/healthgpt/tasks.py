@@ -18,6 +18,9 @@ class GenerationTask:
     needs_image: bool = True
 
 
+# The prompt of the unconditional rows of classifier-free guidance when the condition is the text itself.
+UNCONDITIONAL_INSTRUCTION = "Generate a medical image."
+
 TASKS: dict[str, GenerationTask] = {
     t.name: t
     for t in (

@@ -256,10 +256,6 @@ class Batcher:
         kwargs: dict = {"stop_ids": hg.stop_ids, "pad_id": hg.pad_id}
         vocab = hg.model.image_vocab
         span = hg.config.vq.num_image_tokens
-        if vocab is not None and any(job.is_image for job in jobs):
-            # Image rows emit exactly `span` codes and stop when their span closes; text rows beside them may not
-            # open a span (a text-only batch runs unconstrained, exactly as `HealthGPT.ask`).
-            kwargs |= {"span_length": span, "allow_images": [False] * len(jobs), "stop_after_image": True}
         if first.guidance_scale != 1.0:
             kwargs |= {"unconditional": [job.unconditional for job in jobs], "guidance_scale": first.guidance_scale}
         log.debug("%s: batch of %d (%d image)", self.name, len(jobs), sum(job.is_image for job in jobs))

@@ -376,13 +376,8 @@ async def _image_edits(state: _State, http: HttpRequest) -> dict:
         image = await _decode(data, state.options.max_image_pixels, "image")
 
     def build(hg: HealthGPT) -> tuple[Request, Request | None]:
-        def request(shown: list[Image.Image]) -> Request:
-            turn = [{"role": "user", "content": instruction}]
-            return hg.build_request(
-                turn, shown, plugin=GENERATION, image_generation=True, max_new_tokens=sampling.max_new_tokens
-            )
-
-        return request([image] if image is not None else []), (request([]) if guidance != 1.0 else None)
+        built = hg.build_image_request(image, instruction, guided=guidance != 1.0)
+        return built.request, built.unconditional
 
     request, unconditional = await _prepare(batcher, build)
     queues: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in range(n)]

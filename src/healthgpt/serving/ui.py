@@ -18,11 +18,10 @@ import gradio as gr
 from PIL import Image
 
 from ..api import HealthGPT
-from ..config import GENERATION
 from ..generation import Request, SamplingParams
 from ..io import PRESETS, ImageInputError, MedicalImage, load_image, save_nifti, save_png
 from ..io.dicom import save_dicom_series
-from ..tasks import TASKS, resolve_instruction
+from ..tasks import TASKS
 from ..templates import PromptError
 from .batcher import Batcher, Failed, ImageDone, Job, TextDelta, TextDone, named_models
 
@@ -160,28 +159,10 @@ class _App:
         text: str,
         sampling: SamplingParams,
     ) -> tuple[Any, Any, Any]:
-        hg = batcher.model
-        if hg.vqgan is None or hg.model.image_vocab is None or GENERATION not in hg.model.plugin_names:
-            raise ValueError(f"{batcher.name} cannot generate images (no generation plugin or VQGAN)")
-        if preset == CUSTOM:
-            instruction, task = resolve_instruction(text)
-        else:
-            instruction, task = resolve_instruction(preset, text)
-        if task is not None and task.needs_image and source is None:
-            raise ValueError(f"{task.name} transforms an image: upload one first")
-        if task is not None and not task.needs_image and source is not None:
-            raise ValueError(f"{task.name} makes an image from the report alone: remove the uploaded image")
-        shown = [source.to_pil()] if source is not None else []
-        span = hg.config.vq.num_image_tokens
-        request = batcher.prepare(
-            lambda hg: hg.build_request(
-                [{"role": "user", "content": instruction}],
-                shown,
-                plugin=GENERATION,
-                image_generation=True,
-                max_new_tokens=span + 1,
-            )
-        )
+        shown = source.to_pil() if source is not None else None
+        span = batcher.model.config.vq.num_image_tokens
+        what = text if preset == CUSTOM else preset
+        request = batcher.prepare(lambda hg: hg.build_image_request(shown, what, text=text).request)
         sampling = replace(sampling, max_new_tokens=span + 1)
         done = [event for event in self._run(batcher, request, sampling) if isinstance(event, ImageDone)][0]
         folder = Path(tempfile.mkdtemp(dir=self.outputs.name))
