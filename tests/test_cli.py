@@ -375,11 +375,11 @@ def test_internal_error_exits_1_and_debug_shows_the_traceback(tmp_path: Path) ->
     """A failure that is not bad input (here a model that breaks while loading) is exit code 1, one line."""
     code = (
         "import sys\n"
-        "from healthgpt import cli\n"
+        "from healthgpt.cli import app, common\n"
         "def broken(self):\n    raise RuntimeError('boom')\n"
-        "cli.ModelOptions.load = broken\n"
+        "common.ModelOptions.load = broken\n"
         "sys.argv = ['healthgpt', *sys.argv[1:]]\n"
-        "cli.app()\n"
+        "app()\n"
     )
     args = [sys.executable, "-c", code, "ask", str(CT), "Why?"]
     out = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=120)

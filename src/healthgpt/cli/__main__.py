@@ -1,0 +1,5 @@
+"""`python -m healthgpt.cli`."""
+
+from . import app
+
+app()

@@ -1,0 +1,190 @@
+"""`ask`, `chat`, `generate` and `demo`: questions and image generation from the command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ..tasks import resolve_instruction
+
+if TYPE_CHECKING:
+    pass
+
+from .common import (
+    NANO,
+    ImageOptions,
+    ModelOptions,
+    SamplingOptions,
+    TaskName,
+    app,
+    chunks,
+    command,
+    echo_stream,
+    require_questions,
+)
+from .outputs import check_output, write_images
+
+
+# ----- ask, chat ---------------------------------------------------------------------------------------------------
+@command
+def ask(
+    image: Annotated[
+        Path,
+        typer.Argument(
+            help="Image: PNG/JPEG/TIFF/BMP, a DICOM file or series folder, or NIfTI (.nii, .nii.gz).",
+            show_default=False,
+        ),
+    ],
+    question: Annotated[
+        list[str],
+        typer.Argument(help="One or more questions; several are answered in one batched call, one answer per line."),
+    ],
+    system: Annotated[str | None, typer.Option(help="System prompt (default: the model's).")] = None,
+    *,
+    model: ModelOptions,
+    sampling: SamplingOptions,
+    view: ImageOptions,
+) -> None:
+    """Answer questions about a medical image."""
+    require_questions(question)
+    picture = view.picture(image)
+    health = model.load()
+    if len(question) == 1:
+        echo_stream(health.stream(picture, question[0], system=system, **sampling.kwargs()))
+        return
+    for answer in health.ask(picture, question, system=system, **sampling.kwargs()):
+        typer.echo(answer)
+
+
+@command
+def chat(
+    image: Annotated[
+        Path | None,
+        typer.Argument(help="Image the conversation is about (optional); same formats as `ask`.", show_default=False),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt (default: the model's).")] = None,
+    *,
+    model: ModelOptions,
+    sampling: SamplingOptions,
+    view: ImageOptions,
+) -> None:
+    """Talk about an image over several turns.
+
+    Reads one message per line from stdin (a terminal or a pipe) and prints each reply on stdout; `/reset` starts a
+    new conversation, `/quit` (or the end of input) ends."""
+    picture = view.picture(image)
+    health = model.load()
+    prompt = "you> " if sys.stdin.isatty() else ""
+    messages: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input(prompt).strip()
+        except EOFError:
+            return
+        if line == "/quit":
+            return
+        if line == "/reset":
+            messages = []
+            typer.echo("(new conversation)", err=True)
+        elif line.startswith("/"):
+            typer.echo(f"error: unknown command {line!r}: use /reset or /quit", err=True)
+        elif line:
+            turn = [*messages, {"role": "user", "content": line}]
+            try:
+                pieces = health.stream_chat(turn, picture, system=system, **sampling.kwargs())
+            except ValueError as exc:  # e.g. the conversation outgrew the context: the user can /reset
+                typer.echo(f"error: {exc} (/reset starts a new conversation)", err=True)
+                continue
+            messages = [*turn, {"role": "assistant", "content": echo_stream(pieces)}]
+
+
+# ----- generate ----------------------------------------------------------------------------------------------------
+@command
+def generate(
+    image: Annotated[
+        Path | None,
+        typer.Argument(help="Source image (any `ask` format); not needed for report_to_cxr.", show_default=False),
+    ] = None,
+    *,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where to write: .png; .nii or .nii.gz (keeps the source's geometry); or a new folder for a DICOM "
+            "series derived from a DICOM source.",
+            show_default=False,
+        ),
+    ],
+    task: Annotated[
+        TaskName | None,
+        typer.Option(help="A named task (default: reconstruct unless --instruction is given)."),
+    ] = None,
+    instruction: Annotated[str | None, typer.Option(help="A free instruction instead of a named task.")] = None,
+    text: Annotated[str | None, typer.Option(help="The radiology report, for --task report_to_cxr.")] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance above 1 (against the instruction without image).")
+    ] = None,
+    all_slices: Annotated[
+        bool,
+        typer.Option(
+            "--all-slices/--one-slice",
+            help="Generate every slice of a volume and write a volume back (.nii.gz or a DICOM folder).",
+        ),
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Slices per batched model call with --all-slices.")] = 8,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress on stderr.")] = True,
+    model: ModelOptions,
+    sampling: SamplingOptions,
+    view: ImageOptions,
+) -> None:
+    """Generate an image: CT to MRI, MRI to CT, super-resolution, reconstruction, report to chest X-ray.
+
+    The output's suffix picks the format; volumes keep the source's geometry."""
+    if task is not None and instruction is not None:
+        raise ValueError("give --task or --instruction, not both")
+    what = instruction if instruction is not None else task or "reconstruct"
+    _, preset = resolve_instruction(what, text)
+    if preset is not None and preset.needs_image and image is None:
+        raise ValueError(f"task {preset.name!r} needs a source image")
+    source = view.load(image, all_slices=all_slices) if image is not None else None
+    check_output(output, source)
+    pictures = [s.to_pil() for s in source.slices()] if source is not None else [None]
+    health = model.load()
+    images = []
+    for chunk in chunks(pictures, batch_size):
+        results = health.generate_image(
+            list(chunk), what, text=text, guidance_scale=guidance_scale, progress=progress, **sampling.kwargs()
+        )
+        images += [r.image for r in results]
+    write_images(images, source, output)
+    typer.echo(str(output))
+
+
+@app.command()
+def demo(
+    question: Annotated[
+        str, typer.Option(help="Question to ask about the image.")
+    ] = "Is there a lesion in this CT image?",
+    seed: Annotated[int, typer.Option(help="Seed of the random nano model.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 24,
+) -> None:
+    """Build the nano model offline and ask one question about pydicom's CT_small.dcm."""
+    from pydicom.data import get_testdata_file
+    from rich.console import Console
+
+    from ..api import HealthGPT
+    from ..io import load_image
+
+    console = Console()
+    path = get_testdata_file("CT_small.dcm")
+    image = load_image(path)
+    console.print(f"[bold]Image[/bold]: {path} ({image.modality}, {image.array.shape})")
+    model = HealthGPT.random(NANO, seed=seed)
+    console.print("[yellow]Model: nano, UNTRAINED random weights — the answer is not meaningful.[/yellow]")
+    console.print(f"[bold]Q[/bold]: {question}")
+    answer = model.ask(image.to_pil(), question, max_new_tokens=max_new_tokens)
+    console.print(f"[bold]HealthGPT[/bold]: {answer}")

@@ -1,0 +1,43 @@
+"""Where generated images may be written (checked before any model loads) and the atomic writers by suffix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..io import MedicalImage
+
+
+def check_output(path: Path, source: MedicalImage | None) -> None:
+    """Fail before any model work if `path` cannot hold the result: a `.png` holds one slice; `.nii`/`.nii.gz` take
+    the geometry of a source with one, a folder (no suffix) becomes a DICOM series derived from a DICOM source."""
+    from ..io import ImageInputError
+
+    slices = source.num_slices if source is not None else 1
+    if path.suffix.lower() == ".png":
+        if slices > 1:
+            raise ImageInputError(path, f"a PNG holds one slice, not {slices}", "write .nii.gz or a DICOM folder")
+        return
+    nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+    if not nifti and path.suffix:
+        raise ImageInputError(
+            path, f"has the unsupported output suffix {path.suffix!r}", "write .png, .nii, .nii.gz or a folder name"
+        )
+    if source is None or (nifti and source.affine is None) or (not nifti and not source.datasets):
+        needed = "a source with geometry (DICOM or NIfTI)" if nifti else "a DICOM source"
+        raise ImageInputError(path, f"this output needs {needed}", "write .png, or generate from such a source")
+
+
+def write_images(images: Sequence[Image.Image], source: MedicalImage | None, path: Path) -> None:
+    """Write generated slices by `path`'s suffix (atomically): PNG, or a volume with the source's geometry."""
+    from ..io import save_png, write_volume
+
+    if path.suffix.lower() == ".png":
+        save_png(images[0], path)
+    else:
+        assert source is not None  # `_check_output` made sure
+        write_volume(list(images), source, path)
