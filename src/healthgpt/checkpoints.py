@@ -65,6 +65,7 @@ FUSION_MODES = ("generation", "all", "none")
 MANIFEST = "bundle.json"
 BUNDLE_FORMAT = "healthgpt-bundle"
 BUNDLE_VERSION = 1
+EMBEDDED = ("nano",)  # bundles shipped in the package (`healthgpt/assets/<name>/`), loaded by name
 
 __all__ = [
     "CheckpointError",
@@ -78,7 +79,7 @@ __all__ = [
     "load_bundle",
     "load_official",
     "load_state_file",
-    "official_plugin_tensors",
+    "official_plugin_parameters",
     "resolve_dtype",
     "save_bundle",
 ]
@@ -246,18 +247,36 @@ def _vision_config(vision: VisionEncoder, pre: ImagePreprocessor, source: str) -
 
 
 def _warn_if_differs(name: str, found: Any, expected: Any, what: str) -> None:
-    keys = [k for k in found.__dataclass_fields__ if k != "source" and getattr(found, k) != getattr(expected, k)]
+    """Log the shape fields in which a loaded part differs from the variant's numbers (a wrong folder, or a test)."""
+    names = [f.name for f in dataclasses.fields(found)]
+    keys = [k for k in names if k != "source" and getattr(found, k) != getattr(expected, k)]
     if keys:
         diffs = ", ".join(f"{k} {getattr(found, k)} (variant: {getattr(expected, k)})" for k in keys)
         log.warning("the %s loaded for %s differs from the variant's: %s", what, name, diffs)
 
 
 # ----- plugins -----------------------------------------------------------------------------------------------------
-def official_plugin_tensors(model: HealthGPTModel, plugin: str) -> dict[str, Tensor]:
-    """One plugin's H-LoRA and projector tensors under their official key names (sharing storage with the model)."""
-    lora = {OFFICIAL_PREFIX + k: v for k, v in model.hlora.plugin_state_dict(plugin).items()}
-    projector = {PROJECTOR_PREFIX + k: v for k, v in model.projectors[plugin].state_dict().items()}
-    return lora | projector
+def official_plugin_parameters(model: HealthGPTModel, plugin: str) -> dict[str, nn.Parameter]:
+    """One plugin's H-LoRA and projector parameters under their official key names (§2.4): an official name minus
+    `base_model.model.` is the path of the wrapped linear in the LLM."""
+    if plugin not in model.hlora.configs:
+        raise ValueError(f"unknown plugin {plugin!r}; this model has {list(model.hlora.configs)}")
+    params = {
+        f"{OFFICIAL_PREFIX}{path}.{name}": p
+        for path, layer in model.hlora.layers.items()
+        for name, p in layer.plugins[plugin].named_parameters()
+    }
+    return params | {PROJECTOR_PREFIX + name: p for name, p in model.projectors[plugin].named_parameters()}
+
+
+def _assign(param: nn.Parameter, value: Tensor) -> None:
+    """Give `param` the value: the file's own (memory-mapped) storage when dtype and device match, so no second
+    copy is ever resident, else a cast copy."""
+    with torch.no_grad():
+        if value.dtype == param.dtype and value.device == param.device:
+            param.data = value
+        else:
+            param.copy_(value)
 
 
 def load_plugin_state(model: HealthGPTModel, plugin: str, state: Mapping[str, Tensor], source: str) -> None:
@@ -272,11 +291,10 @@ def load_plugin_state(model: HealthGPTModel, plugin: str, state: Mapping[str, Te
             f"{source}: the file holds H-LoRA rank {rank} with {experts} experts, but plugin {plugin!r} is configured "
             f"with rank {cfg.rank} and {cfg.num_experts} experts; use the variant this file belongs to"
         )
-    targets = official_plugin_tensors(model, plugin)
+    targets = official_plugin_parameters(model, plugin)
     check_keys(state, {k: v.shape for k, v in targets.items()}, source, f"plugin {plugin!r}")
-    with torch.no_grad():
-        for key, target in targets.items():
-            target.copy_(state[key])
+    for key, target in targets.items():
+        _assign(target, state[key])
 
 
 # ----- fusion layer ------------------------------------------------------------------------------------------------
@@ -335,9 +353,8 @@ def load_fusion_state(model: HealthGPTModel, state: Mapping[str, Tensor], source
     bases = {k: m.weight for k, m in _tables(model).items()}
     check_keys(state, {k: w.shape for k, w in bases.items()}, source, "the fusion layer (embedding table and head)")
     if fusion == "all":
-        with torch.no_grad():
-            for key, weight in bases.items():
-                weight.copy_(state[key])
+        for key, weight in bases.items():
+            _assign(weight, state[key])
     else:
         set_plugin_tables(model, GENERATION, state)
 
@@ -447,7 +464,10 @@ def load(
     `last.ckpt` (not on the Hub; without it images cannot be decoded). `dtype` defaults to the variant's (float16)
     or the bundle's. `device_map="auto"` spreads the LLM over the GPUs through accelerate (vision tower, projectors
     and VQGAN go to the embedding's device). `system_prompt` replaces the template's published default.
+    `"nano"` (unless a folder of that name exists) is the embedded nano bundle, trained by `healthgpt.recipes.nano`.
     """
+    if isinstance(source, str) and source.lower() in EMBEDDED and not Path(source).exists():
+        source = embedded_bundle(source.lower())
     folder: Path | None = None
     if isinstance(source, (str, Path)) and (Path(source) / MANIFEST).is_file():
         extra = dict(variant=variant, plugins=plugins, plugin_files=plugin_files, fusion_file=fusion_file, vqgan=vqgan)
@@ -494,6 +514,17 @@ def load(
         device_map=device_map,
         system_prompt=system_prompt,
     )
+
+
+def embedded_bundle(name: str) -> Path:
+    """The folder of a bundle shipped inside the package (`EMBEDDED`)."""
+    folder = Path(__file__).resolve().parent / "assets" / name
+    if not (folder / MANIFEST).is_file():
+        raise WeightsNotFoundError(
+            f"the embedded {name} model is missing from {folder.parent}: reinstall healthgpt, or train it with "
+            f"healthgpt.recipes.{name}.run(<folder>) and load that folder"
+        )
+    return folder
 
 
 def _variant(variant: str | Path | HealthGPTConfig | None, folder: Path | None) -> HealthGPTConfig:
@@ -597,7 +628,8 @@ def save_bundle(
             shutil.copyfile(sentencepiece, tmp / "tokenizer" / "tokenizer.model")
         (tmp / "plugins").mkdir()
         for plugin in model.plugin_names:
-            save_file(_contiguous(official_plugin_tensors(model, plugin)), tmp / "plugins" / f"{plugin}.safetensors")
+            state = official_plugin_parameters(model, plugin)
+            save_file(_contiguous(state), tmp / "plugins" / f"{plugin}.safetensors")
         tables = _tables(model)
         embed = tables[EMBED_KEY]
         for plugin in embed.tables if isinstance(embed, PluginTable) else ():
