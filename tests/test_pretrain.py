@@ -280,6 +280,7 @@ def test_pretrain_nano_writes_the_folders_healthgpt_starts_from(tmp_path: Path) 
     metrics = pretrain_nano(tmp_path, budget=TINY, progress=False, parallel=False)  # the slow test runs parallel
     assert json.loads((tmp_path / METRICS_FILE).read_text()) == metrics
     assert set(metrics["seconds"]) == {"vqgan", "lm", "clip", "total"}
+    assert set(metrics["cpu_seconds"]) == {"vqgan", "lm", "clip"}
     assert metrics["lm"]["untrained_perplexity"] > metrics["lm"]["vocab_size"] / 2  # random model: near uniform
 
     llm, tokenizer = (
@@ -298,3 +299,17 @@ def test_pretrain_nano_writes_the_folders_healthgpt_starts_from(tmp_path: Path) 
     model = HealthGPT(build_model(NANO, llm, vision, tokenizer), tokenizer, NANO, preprocessor, vqgan=vqgan)
     answer = model.ask(held_out[0], "Is there a lesion in this CT image?", max_new_tokens=4)
     assert isinstance(answer, str)
+
+
+def test_pretrain_nano_gives_the_same_models_with_the_vqgan_in_a_worker_process(tmp_path: Path) -> None:
+    runs = {p: pretrain_nano(tmp_path / str(p), budget=TINY, progress=False, parallel=p) for p in (False, True)}
+    for metrics in runs.values():
+        del metrics["seconds"], metrics["cpu_seconds"]
+    assert runs[False] == runs[True]
+    for name in ("vqgan/vqgan.safetensors", "llm/model.safetensors", "vision/model.safetensors"):
+        assert (tmp_path / "False" / name).read_bytes() == (tmp_path / "True" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "True" / "vqgan").iterdir()) == [
+        PREVIEW_FILE,
+        "vqgan.json",
+        "vqgan.safetensors",
+    ]

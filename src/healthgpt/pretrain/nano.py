@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,8 @@ _STREAM = 0x5052  # "PR": phantom cases of pre-training come from their own rand
 
 @dataclass(frozen=True)
 class NanoBudget:
-    """Steps, batches and data sizes of `pretrain_nano` (defaults: about N minutes on 2 CPU cores)."""
+    """Steps, batches and data sizes of `pretrain_nano`. The defaults take about 2 minutes on 2 CPU cores (VQGAN
+    about 65 CPU-seconds in its own process, CLIP about 45 and the LM about 12 in the caller's)."""
 
     train_cases: int = 600  # phantom cases for VQGAN and CLIP training (CT and MRI of each)
     eval_cases: int = 100  # held-out cases: PSNR, retrieval, the probe's test set (it fits on the train cases)
@@ -100,6 +101,13 @@ def phantom_images(cases: list[PhantomCase]) -> tuple[list[Image.Image], list[st
     return images, captions, labels
 
 
+def timed(part: Callable[..., dict[str, float]], *args: Any) -> dict[str, float]:
+    """A part's metrics plus its wall-clock `seconds` and this process's `cpu_seconds`."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    metrics = part(*args)
+    return {**metrics, "seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
+
+
 @contextlib.contextmanager
 def _threads(n: int) -> Iterator[None]:
     """Run with `n` torch threads, then restore the caller's count."""
@@ -122,7 +130,8 @@ def pretrain_nano(
     variant: str | HealthGPTConfig = "nano",
 ) -> dict[str, Any]:
     """Pre-train the nano components on phantoms and save `vqgan/`, `llm/`, `vision/` and `pretrain_metrics.json`
-    under `out_dir`; returns the metrics (held-out PSNR, perplexities, retrieval and probe accuracy, seconds).
+    under `out_dir`; returns the metrics (held-out PSNR, perplexities, retrieval and probe accuracy, wall-clock and
+    CPU seconds per part).
 
     With `parallel` the VQGAN trains in a child process (`python -m healthgpt.pretrain.worker`) while the LM and
     CLIP train here. Each part runs with `num_threads` torch threads: models this small run 3-5x slower with two
@@ -139,17 +148,18 @@ def pretrain_nano(
         if parallel:
             worker = _start_worker(config, budget, seed, out / VQGAN_DIR, progress, num_threads)
         else:
-            metrics["vqgan"] = pretrain_vqgan_part(config, budget, seed, out / VQGAN_DIR, progress, num_threads)
+            metrics["vqgan"] = timed(pretrain_vqgan_part, config, budget, seed, out / VQGAN_DIR, progress, num_threads)
         with _threads(num_threads):
-            metrics["lm"] = _pretrain_language(config, budget, seed, out / LLM_DIR, progress)
-            metrics["clip"] = _pretrain_vision(config, budget, seed, out / VISION_DIR, progress)
+            metrics["lm"] = timed(_pretrain_language, config, budget, seed, out / LLM_DIR, progress)
+            metrics["clip"] = timed(_pretrain_vision, config, budget, seed, out / VISION_DIR, progress)
         if worker is not None:
             metrics["vqgan"] = _finish_worker(worker, out / VQGAN_DIR / WORKER_RESULT)
     finally:
         if worker is not None and worker.poll() is None:  # this part failed: stop the VQGAN worker too
             worker.kill()
             worker.wait()
-    metrics["seconds"] = {part: metrics[part].pop("seconds") for part in ("vqgan", "lm", "clip")}
+    for clock in ("seconds", "cpu_seconds"):
+        metrics[clock] = {part: metrics[part].pop(clock) for part in ("vqgan", "lm", "clip")}
     metrics["seconds"]["total"] = time.perf_counter() - start
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("pretrain_nano: %s", json.dumps(metrics))
@@ -187,7 +197,6 @@ def pretrain_vqgan_part(
     config: HealthGPTConfig, budget: NanoBudget, seed: int, folder: Path, progress: bool, threads: int
 ) -> dict[str, float]:
     """VQGAN on CT and MRI renders; held-out PSNR/SSIM/MSE of encode -> decode (what the worker process runs)."""
-    tic = time.perf_counter()
     with _threads(threads):
         size = config.vq.image_size
         train = phantom_images(phantom_cases(seed, 0, budget.train_cases, size))[0]
@@ -203,14 +212,13 @@ def pretrain_vqgan_part(
             progress=progress,
         )
         metrics = evaluate_vqgan(vqgan, phantom_images(phantom_cases(seed, 1, budget.eval_cases, size))[0])
-    return {**metrics, "seconds": time.perf_counter() - tic}
+    return metrics
 
 
 def _pretrain_language(
     config: HealthGPTConfig, budget: NanoBudget, seed: int, folder: Path, progress: bool
 ) -> dict[str, float]:
     """Tokenizer + causal LM on phantom sentences and chats; held-out perplexity before and after."""
-    tic = time.perf_counter()
     rng = np.random.default_rng([seed, _STREAM, 2])
     sentences = phantom_corpus(rng, budget.corpus_sentences)
     corpus = [*sentences, *phantom_conversations(rng, budget.corpus_sentences)]
@@ -238,8 +246,7 @@ def _pretrain_language(
     trained = perplexity(llm, tokenizer, held_out, **evaluate)
     llm.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    seconds = time.perf_counter() - tic
-    return {"perplexity": trained, "untrained_perplexity": untrained, "vocab_size": len(tokenizer), "seconds": seconds}
+    return {"perplexity": trained, "untrained_perplexity": untrained, "vocab_size": len(tokenizer)}
 
 
 def _pretrain_vision(
@@ -247,7 +254,6 @@ def _pretrain_vision(
 ) -> dict[str, float]:
     """Contrastive CLIP tower on CT and MRI renders with their captions; held-out image -> caption retrieval and
     a has-lesion linear probe on the mean-pooled features the comprehension plugin reads (before and after)."""
-    tic = time.perf_counter()
     vc = config.vision
     pre = ImagePreprocessor.for_clip(vc.image_size, vc.image_mean, vc.image_std)
     size = config.vq.image_size  # the phantom datasets' size; the preprocessor resizes to the tower's
@@ -281,4 +287,4 @@ def _pretrain_vision(
     }
     model.vision.tower.save_pretrained(folder)
     pre.processor.save_pretrained(folder)
-    return {**metrics, "seconds": time.perf_counter() - tic}
+    return metrics

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from healthgpt.config import HealthGPTConfig
-from healthgpt.pretrain.nano import WORKER_RESULT, NanoBudget, pretrain_vqgan_part
+from healthgpt.pretrain.nano import WORKER_RESULT, NanoBudget, pretrain_vqgan_part, timed
 
 
 def main(argv: list[str]) -> None:
@@ -17,7 +17,7 @@ def main(argv: list[str]) -> None:
     budget = NanoBudget(**{k: tuple(v) if isinstance(v, list) else v for k, v in args["budget"].items()})
     folder = Path(args["folder"])
     config = HealthGPTConfig.from_dict(args["config"])
-    metrics = pretrain_vqgan_part(config, budget, args["seed"], folder, args["progress"], args["threads"])
+    metrics = timed(pretrain_vqgan_part, config, budget, args["seed"], folder, args["progress"], args["threads"])
     (folder / WORKER_RESULT).write_text(json.dumps(metrics))
 
 
