@@ -226,7 +226,7 @@ def _rewrite(case: Case, tmp_path: Path, edit) -> Path:
 
 
 MISSING = f"{P}model.layers.1.mlp.down_proj.lora_B.weight"
-RENAMED = f"{P}model.layers.0.self_attn.qkv_proj.lora_A.weight"
+RENAMED = f"{P}model.layers.0.self_attn.o_proj.lora_A.weight"
 
 
 @pytest.mark.parametrize(
@@ -249,8 +249,9 @@ RENAMED = f"{P}model.layers.0.self_attn.qkv_proj.lora_A.weight"
     ],
     ids=["missing", "renamed", "extra", "rank", "mixed-rank", "projector-shape"],
 )
-def test_official_files_that_do_not_fit_raise_naming_the_key(cases, tmp_path, edit, message):
-    case = cases("m3")
+@pytest.mark.parametrize("name", ["m3", "l14", "xl32"])
+def test_official_files_that_do_not_fit_raise_naming_the_key(cases, tmp_path, name, edit, message):
+    case = cases(name)
     path = _rewrite(case, tmp_path, edit)
     with pytest.raises(CheckpointError, match=message) as error:
         HealthGPT.from_pretrained(
