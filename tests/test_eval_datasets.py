@@ -330,5 +330,5 @@ def test_mmmu_hidden_test_answers_raise(tmp_path):
 def test_load_benchmark_dispatches_and_rejects_unknown(tmp_path):
     (tmp_path / "test.json").write_text(json.dumps([]))
     assert load_benchmark("slake", tmp_path) == []
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="unknown benchmark"):
         load_benchmark("vqa-med", tmp_path)

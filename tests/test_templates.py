@@ -100,7 +100,7 @@ def test_errors() -> None:
         build_prompt("phi3_instruct", "And now?", history=[("Q", "see <image>")])
     with pytest.raises(PromptError, match="num_images"):
         user_content("Q", -1)
-    with pytest.raises(KeyError, match="phi3_instruct, phi4_instruct, qwen_2"):
+    with pytest.raises(ValueError, match="phi3_instruct, phi4_instruct, qwen_2"):
         get_template("llama_2")
     chat = get_template("qwen_2")
     with pytest.raises(PromptError, match="expected 'user'"):

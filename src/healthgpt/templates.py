@@ -114,7 +114,7 @@ def get_template(name: str) -> ChatTemplate:
         return TEMPLATES[name]
     except KeyError:
         known = ", ".join(sorted(TEMPLATES))
-        raise KeyError(f"unknown chat template {name!r}; known templates: {known}") from None
+        raise ValueError(f"unknown chat template {name!r}; known templates: {known}") from None
 
 
 def _check_text(text: str, what: str) -> None:

@@ -4,7 +4,7 @@ Nothing heavy is imported here: torch and transformers load inside the commands 
 `healthgpt --help` stays fast. Outputs are written atomically, so a failed command leaves no partial file.
 """
 
-from . import batch, infer, inspect_cmds  # noqa: F401  (importing a command module registers its commands)
+from . import batch, evaluate, infer, inspect_cmds, serve, train  # noqa: F401  (importing registers commands)
 from .common import app
 
 __all__ = ["app"]

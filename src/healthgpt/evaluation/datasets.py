@@ -333,5 +333,5 @@ LOADERS: dict[str, Callable[..., list[EvalItem]]] = {
 def load_benchmark(name: str, root: str | Path, **kwargs: Any) -> list[EvalItem]:
     """Load benchmark `name` (one of `LOADERS`) from `root`."""
     if name not in LOADERS:
-        raise KeyError(f"unknown benchmark {name!r}; known: {sorted(LOADERS)}")
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted(LOADERS))}")
     return LOADERS[name](root, **kwargs)
