@@ -134,3 +134,37 @@ def test_train_vqgan_then_tokenize_then_one_training_stage(tmp_path: Path) -> No
     assert trained.startswith(f"{stage}: 2 steps")
     metrics = json.loads(next((tmp_path / "runs").rglob("metrics.json")).read_text())
     assert torch.isfinite(torch.tensor(metrics["final_loss"]))
+
+
+def test_serve_command_answers_health_and_requires_its_key(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [*ENTRY, "serve", "--port", str(port), "--api-key", "k3y"],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, "server did not start"
+                time.sleep(0.5)
+        assert health.status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 401
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k3y"}, timeout=5)
+        assert models.status_code == 200 and models.json()["data"][0]["id"].startswith("healthgpt")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
