@@ -12,29 +12,11 @@ import argparse
 import time
 
 import torch
+from _configs import QUESTIONS, small_config
 
 from healthgpt.api import HealthGPT
-from healthgpt.config import COMPREHENSION, LLMConfig, get_variant
+from healthgpt.config import COMPREHENSION, get_variant
 from healthgpt.generation import SamplingParams, generate
-
-QUESTIONS = ["Is there a lesion in this CT image?", "Which side is the lesion on?", "How many lesions are there?"]
-
-
-def small_config():
-    """A 'small' config: nano's architecture at 512 hidden, 8 layers (≈ 30 M LLM parameters)."""
-    nano = get_variant("nano")
-    llm = LLMConfig(
-        arch="phi3",
-        source="small",
-        hidden_size=512,
-        num_layers=8,
-        num_heads=8,
-        num_kv_heads=8,
-        intermediate_size=1408,
-        vocab_rows=512,
-        max_position_embeddings=2048,
-    )
-    return nano.replace(name="small", llm=llm)
 
 
 def ours(model: HealthGPT, requests, new_tokens: int) -> int:

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from _configs import QUESTIONS, small_config
 from PIL import Image
 
-from healthgpt.config import HealthGPTConfig, LLMConfig, get_variant
+from healthgpt.config import HealthGPTConfig, get_variant
 
-QUESTIONS = ["Is there a lesion in this CT image?", "Which side is the lesion on?", "How many lesions are there?"]
 SERVER = """
 import json, sys, torch
 from healthgpt.api import HealthGPT
@@ -41,23 +41,6 @@ config = HealthGPTConfig.from_dict(json.loads(sys.argv[2]))
 options = ServerOptions(max_batch_size=int(sys.argv[4]), max_queue=1024, request_timeout=3600, max_tokens=256)
 serve(HealthGPT.random(config), "127.0.0.1", int(sys.argv[1]), options, log_level="warning")
 """
-
-
-def small_config() -> HealthGPTConfig:
-    """A 'small' config: nano's architecture at 512 hidden, 8 layers (as in bench/decode.py)."""
-    nano = get_variant("nano")
-    llm = LLMConfig(
-        arch="phi3",
-        source="small",
-        hidden_size=512,
-        num_layers=8,
-        num_heads=8,
-        num_kv_heads=8,
-        intermediate_size=1408,
-        vocab_rows=512,
-        max_position_embeddings=2048,
-    )
-    return nano.replace(name="small", llm=llm)
 
 
 @dataclass
