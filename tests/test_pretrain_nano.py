@@ -21,10 +21,10 @@ def test_pretrain_nano_meets_its_quality_targets(tmp_path: Path) -> None:
     metrics = pretrain_nano(tmp_path, progress=False)  # VQGAN in a worker process, LM and CLIP here
 
     clip = metrics["clip"]
-    assert clip["probe_accuracy"] >= 0.85  # 0.93 measured; a random tower gives about 0.76
+    assert clip["probe_accuracy"] >= 0.85  # 0.94 measured; the random tower gives 0.79
     assert clip["probe_accuracy"] > clip["untrained_probe_accuracy"] + 0.1
-    assert clip["retrieval_accuracy"] > 4 * clip["retrieval_chance"]  # 18 captions: chance 0.06, measured 0.55
-    assert metrics["vqgan"]["psnr"] >= 22.0  # 23.6 dB measured; a random VQGAN gives about 7 dB
+    assert clip["retrieval_accuracy"] > 4 * clip["retrieval_chance"]  # 14 held-out captions: chance 0.07, measured 0.67
+    assert metrics["vqgan"]["psnr"] >= 22.0  # 23.3 dB measured; a random VQGAN gives about 7 dB
     lm = metrics["lm"]
     assert lm["perplexity"] * 100 < lm["untrained_perplexity"]  # about 1.3 vs the vocabulary size (512)
 
