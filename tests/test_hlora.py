@@ -344,3 +344,24 @@ def test_injection_targets_errors_and_added_plugins() -> None:
         inject_hlora(tiny_phi3(), PLUGINS, targets=["mlp"])
     only_qkv = inject_hlora(tiny_phi3(), PLUGINS, targets=["self_attn.qkv_proj"])
     assert list(only_qkv.layers) == ["model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.qkv_proj"]
+
+
+def test_plugins_are_initialised_once_or_not_at_all_for_loading():
+    """Training init draws A then the router from Kaiming-uniform(a=sqrt 5) exactly once, B is zero; `init=False`
+    (a loader fills the weights next) allocates without drawing anything."""
+    torch.manual_seed(0)
+    plugin = HLoRAPlugin(32, 48, 8, 16, 4)
+    after_plugin = torch.rand(1)
+    torch.manual_seed(0)
+    a, route = torch.empty(8, 32), torch.empty(4, 32)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    torch.nn.init.kaiming_uniform_(route, a=math.sqrt(5))
+    assert torch.equal(plugin.lora_A.weight, a) and torch.equal(plugin.lora_route.weight, route)
+    assert torch.count_nonzero(plugin.lora_B.weight) == 0
+    assert torch.equal(torch.rand(1), after_plugin)  # nothing else was drawn
+    torch.manual_seed(0)
+    first_draw = torch.rand(1)
+    torch.manual_seed(0)
+    empty = HLoRAPlugin(32, 48, 8, 16, 4, init=False)
+    assert empty.lora_A.weight.shape == (8, 32) and empty.lora_A.weight.device.type == "cpu"
+    assert torch.equal(torch.rand(1), first_draw)  # building it drew no random numbers

@@ -383,7 +383,8 @@ def _assemble(
         plugins={k: v for k, v in config.plugins.items() if k in plugins},
         dtype=_dtype_name(dtype),
     )
-    model = build_model(config, llm, vision, tokenizer)
+    # Every plugin's weights are loaded strictly next, so they need no training initialisation.
+    model = build_model(config, llm, vision, tokenizer, init_adapters=False)
     return model, tokenizer, prompts, pre, config
 
 

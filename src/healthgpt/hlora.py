@@ -38,6 +38,7 @@ class HLoRAPlugin(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        init: bool = True,
     ) -> None:
         super().__init__()
         if rank % num_experts:
@@ -46,11 +47,15 @@ class HLoRAPlugin(nn.Module):
         self.alpha = alpha
         self.num_experts = num_experts
         self.scaling = alpha / rank * num_experts  # the released code divides by the total rank (§2.2)
-        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
-        self.lora_route = nn.Linear(in_features, num_experts, bias=False, device=device, dtype=dtype)
+        # Built on the meta device and then given real storage, so the weights are initialised once (by
+        # `reset_parameters`), or not at all when `init=False` because loaded weights will overwrite them.
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device="meta", dtype=dtype)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device="meta", dtype=dtype)
+        self.lora_route = nn.Linear(in_features, num_experts, bias=False, device="meta", dtype=dtype)
+        self.to_empty(device=device or "cpu")
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Training init of §2.2: A and router Kaiming-uniform(a=√5), B zeros (starts as a no-op)."""
@@ -113,14 +118,24 @@ class HLoRALinear(nn.Module):
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
 
-    def add_plugin(self, name: str, cfg: PluginConfig, dtype: torch.dtype | None = None) -> HLoRAPlugin:
-        """Attach a freshly initialised plugin on the base layer's device (dtype defaults to the base's)."""
+    def add_plugin(
+        self, name: str, cfg: PluginConfig, dtype: torch.dtype | None = None, init: bool = True
+    ) -> HLoRAPlugin:
+        """Attach a plugin on the base layer's device (dtype defaults to the base's); `init=False` leaves its
+        weights uninitialised for a loader to fill."""
         if name in self.plugins:
             raise ValueError(f"H-LoRA plugin {name!r} already exists")
         weight = self.base_layer.weight
         plugin = HLoRAPlugin(
-            self.in_features, self.out_features, cfg.rank, cfg.alpha, cfg.num_experts, cfg.dropout,
-            device=weight.device, dtype=dtype or weight.dtype,
+            self.in_features,
+            self.out_features,
+            cfg.rank,
+            cfg.alpha,
+            cfg.num_experts,
+            cfg.dropout,
+            device=weight.device,
+            dtype=dtype or weight.dtype,
+            init=init,
         )
         self.plugins[name] = plugin
         return plugin
@@ -155,9 +170,7 @@ class HLoRALinear(nn.Module):
 class HLoRAController:
     """Handle returned by `inject_hlora`: the wrapped layers, plugin selection, freezing and plugin state."""
 
-    def __init__(
-        self, layers: dict[str, HLoRALinear], selection: PluginSelection, dtype: torch.dtype | None
-    ) -> None:
+    def __init__(self, layers: dict[str, HLoRALinear], selection: PluginSelection, dtype: torch.dtype | None) -> None:
         self.layers = layers
         self.selection = selection
         self.dtype = dtype
@@ -171,12 +184,12 @@ class HLoRAController:
         if name not in self.configs:
             raise _unknown_plugin(name, self.configs)
 
-    def add_plugin(self, name: str, cfg: PluginConfig) -> None:
-        """Add a freshly initialised plugin to every wrapped layer."""
+    def add_plugin(self, name: str, cfg: PluginConfig, init: bool = True) -> None:
+        """Add a plugin to every wrapped layer: freshly initialised, or uninitialised (`init=False`) for a loader."""
         if name in self.configs:
             raise ValueError(f"H-LoRA plugin {name!r} already exists")
         for layer in self.layers.values():
-            layer.add_plugin(name, cfg, self.dtype)
+            layer.add_plugin(name, cfg, self.dtype, init)
         self.configs[name] = cfg
 
     @contextmanager
@@ -256,8 +269,10 @@ def inject_hlora(
     targets: Iterable[str] | None = None,
     exclude: Iterable[str] = ("lm_head",),
     dtype: torch.dtype | None = None,
+    init: bool = True,
 ) -> HLoRAController:
-    """Wrap every `nn.Linear` whose path ends with a target name in an `HLoRALinear` holding `plugins`.
+    """Wrap every `nn.Linear` whose path ends with a target name in an `HLoRALinear` holding `plugins`
+    (initialised for training, or left uninitialised with `init=False` when a loader fills them next).
 
     Default targets: the last path components of all `nn.Linear`s minus `exclude`. Each target must match at
     least one module, and only `nn.Linear`s. Plugin dtype defaults to each base layer's. The selection starts
@@ -277,9 +292,7 @@ def inject_hlora(
     matched = {t: [p for p in candidates if _matches(p, [t])] for t in targets}
     unmatched = [t for t, paths in matched.items() if not paths]
     if unmatched:
-        raise ValueError(
-            f"H-LoRA targets matched no module of {type(model).__name__}: {', '.join(unmatched)}"
-        )
+        raise ValueError(f"H-LoRA targets matched no module of {type(model).__name__}: {', '.join(unmatched)}")
     for t, paths in matched.items():
         wrong = [f"{p} ({type(modules[p]).__name__})" for p in paths if not isinstance(modules[p], nn.Linear)]
         if wrong:
@@ -295,7 +308,7 @@ def inject_hlora(
         layers[path] = wrapper
     controller = HLoRAController(layers, selection, dtype)
     for name, cfg in plugins.items():
-        controller.add_plugin(name, cfg)
+        controller.add_plugin(name, cfg, init)
     return controller
 
 
@@ -308,7 +321,7 @@ def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if prefix is None:
             out[key] = value
         elif key.startswith(prefix + "base_layer."):
-            out[prefix + key[len(prefix) + len("base_layer."):]] = value
+            out[prefix + key[len(prefix) + len("base_layer.") :]] = value
     return out
 
 

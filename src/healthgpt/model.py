@@ -40,9 +40,16 @@ def attach_image_vocab(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
         for weight in (llm.get_input_embeddings().weight, llm.get_output_embeddings().weight):
-            mean = weight[:first_new].float().mean(dim=0)
-            weight[first_new:] = mean.to(weight.dtype)
+            weight[first_new:] = _row_mean(weight[:first_new]).to(weight.dtype)
     return vocab
+
+
+def _row_mean(rows: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Mean of the rows accumulated in fp32 chunk by chunk, without an fp32 copy of the whole table."""
+    total = torch.zeros(rows.shape[1], dtype=torch.float32, device=rows.device)
+    for start in range(0, rows.shape[0], chunk):
+        total += rows[start : start + chunk].sum(dim=0, dtype=torch.float32)
+    return total / rows.shape[0]
 
 
 class HealthGPTModel(nn.Module):
@@ -128,12 +135,14 @@ def build_model(
     llm: PreTrainedModel,
     vision: VisionEncoder,
     tokenizer: PreTrainedTokenizerBase,
+    *,
+    init_adapters: bool = True,
 ) -> HealthGPTModel:
     """Compose a HealthGPT model from a loaded base LLM, CLIP tower and tokenizer: image vocabulary (Phi variants),
     H-LoRA plugins on every LLM linear but `lm_head`, and a freshly initialised projector per plugin."""
     vocab = attach_image_vocab(llm, tokenizer, config.vq.num_codes) if config.add_image_tokens else None
     dtype = llm.get_input_embeddings().weight.dtype
-    hlora = inject_hlora(llm, config.plugins, dtype=dtype)
+    hlora = inject_hlora(llm, config.plugins, dtype=dtype, init=init_adapters)
     hidden = llm.config.hidden_size
     projectors = {name: build_projector(vision.hidden_size, hidden).to(dtype) for name in config.plugins}
     layers = {name: plugin.vision_layer for name, plugin in config.plugins.items()}
