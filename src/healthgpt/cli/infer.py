@@ -166,25 +166,51 @@ def generate(
 
 @app.command()
 def demo(
-    question: Annotated[
-        str, typer.Option(help="Question to ask about the image.")
-    ] = "Is there a lesion in this CT image?",
-    seed: Annotated[int, typer.Option(help="Seed of the random nano model.")] = 0,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 24,
+    out: Annotated[Path, typer.Option(help="Folder for the images the demo shows (created if missing).")] = Path(
+        "healthgpt-demo"
+    ),
+    seed: Annotated[int, typer.Option(help="Which held-out phantoms to show (their random stream).")] = 0,
 ) -> None:
-    """Build the nano model offline and ask one question about pydicom's CT_small.dcm."""
+    """Run the embedded nano model, a toy trained on synthetic phantoms (not for clinical use): answer questions
+    about held-out phantoms and pydicom's CT_small.dcm, convert a phantom CT to MRI, and write the images as PNGs."""
     from pydicom.data import get_testdata_file
     from rich.console import Console
 
     from ..api import HealthGPT
-    from ..io import load_image
+    from ..config import COMPREHENSION
+    from ..data.phantoms import iter_records
+    from ..io import load_image, save_png
+    from ..metrics import image_metrics
 
     console = Console()
-    path = get_testdata_file("CT_small.dcm")
-    image = load_image(path)
-    console.print(f"[bold]Image[/bold]: {path} ({image.modality}, {image.array.shape})")
-    model = HealthGPT.random(NANO, seed=seed)
-    console.print("[yellow]Model: nano, UNTRAINED random weights — the answer is not meaningful.[/yellow]")
-    console.print(f"[bold]Q[/bold]: {question}")
-    answer = model.ask(image.to_pil(), question, max_new_tokens=max_new_tokens)
-    console.print(f"[bold]HealthGPT[/bold]: {answer}")
+    console.print(
+        "[yellow]Model: nano, a TOY HealthGPT trained in minutes on synthetic phantoms (healthgpt.recipes.nano). "
+        "Not for clinical use.[/yellow]"
+    )
+    model = HealthGPT.from_pretrained(NANO)
+    out.mkdir(parents=True, exist_ok=True)
+    drawn = list(iter_records(8, seed, split="test", tasks=("presence", "count", "ct2mri")))
+    first: dict[bool, str] = {}  # the first case with lesions and the first without
+    for r, _ in drawn:
+        first.setdefault(r["meta"]["has_lesion"], r["meta"]["case"])
+    cases = sorted((c for c in drawn if c[0]["meta"]["case"] in first.values()), key=lambda c: c[0]["meta"]["case"])
+    shown = {rel: save_png(pixels, out / Path(rel).name) for _, images in cases for rel, pixels in images.items()}
+    asked = [
+        (shown[r["image"]], r["conversations"][0]["value"].removeprefix("<image>\n"), r["conversations"][1]["value"])
+        for r, _ in cases
+        if r["task"] == COMPREHENSION and r["meta"]["modality"] == "CT"
+    ]
+    ct_small = save_png(load_image(get_testdata_file("CT_small.dcm")), out / "CT_small.png")
+    asked.append(
+        (ct_small, "Is there a lesion in this CT image?", "unknown (a real CT slice, outside the phantom world)")
+    )
+    answers = model.ask([load_image(p).to_pil() for p, _, _ in asked], [q for _, q, _ in asked], max_new_tokens=8)
+    for (path, question, truth), answer in zip(asked, answers, strict=True):
+        console.print(f"[bold]{path}[/bold]\n  Q: {question}\n  A: {answer}   [dim]truth: {truth}[/dim]")
+    record = max((r for r, _ in cases if r["meta"]["kind"] == "ct2mri"), key=lambda r: r["meta"]["has_lesion"])
+    source, truth_path = shown[record["image"]], shown[record["target_image"]]
+    made = model.generate_image(load_image(source).to_pil(), "ct2mri", progress=False).image.convert("L")
+    generated = save_png(made, out / f"{truth_path.stem}_generated.png")
+    ssim = image_metrics(made, load_image(truth_path).to_pil().convert("L"))["ssim"]
+    console.print(f"[bold]CT -> MRI[/bold]: {source} -> {generated} (true MRI: {truth_path}; SSIM {ssim:.1f})")
+    console.print(f"Images written to {out}/")

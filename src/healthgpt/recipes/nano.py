@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from healthgpt.data.image_codes import tokenize_images
 from healthgpt.data.phantoms import TASKS, make_dataset
 from healthgpt.metrics import aggregate, image_metrics
 from healthgpt.pretrain import NanoBudget, pretrain_nano
-from healthgpt.training.loop import TrainResult, build_healthgpt, export_model, run_stage, train
+from healthgpt.training.loop import METRICS, OUTPUT, TrainResult, build_healthgpt, export_model, run_stage
 from healthgpt.training.stages import STAGE_NAMES, Recipe, apply_overrides, recipe_from_dict
 
 log = logging.getLogger(__name__)
@@ -68,23 +68,44 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _train_in_worker(stage: str, recipe_file: str, num_threads: int) -> TrainResult:
-    torch.set_num_threads(num_threads)
-    return train(stage, recipe_file)
-
-
 def run_stages(
     recipe: Recipe, recipe_file: Path, names: Sequence[str], parallel: bool, num_threads: int
 ) -> list[TrainResult]:
-    """Run independent stages (both stage-1 or both stage-3 runs): the second in a spawned worker process while this
-    process runs the first when `parallel` (two cores, one thread each), else one after the other."""
-    if not parallel or len(names) < 2:
+    """Run independent stages (the two stage-1 or stage-3 runs). With `parallel`, every stage after the first runs as
+    `healthgpt train` in a child process (`num_threads` OpenMP threads, log in `<output_dir>/<stage>.log`) while this
+    process runs the first; otherwise one after the other."""
+    if not parallel:
         return [run_stage(recipe, name) for name in names]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(len(names) - 1, mp_context=context) as pool:
-        others = [pool.submit(_train_in_worker, name, str(recipe_file), num_threads) for name in names[1:]]
-        first = run_stage(recipe, names[0])
-        return [first, *(f.result() for f in others)]
+    logs = {name: Path(recipe.output_dir) / f"{name}.log" for name in names[1:]}
+    Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "healthgpt.cli", "train", "--config", str(recipe_file), "--stage"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(num_threads)}
+    workers = {}
+    try:
+        for name, log_file in logs.items():
+            with open(log_file, "w") as f:
+                workers[name] = subprocess.Popen([*command, name], stdout=f, stderr=subprocess.STDOUT, env=env)
+        results = [run_stage(recipe, names[0])]
+    except BaseException:  # a failure here stops the workers too
+        for worker in workers.values():
+            worker.kill()
+        raise
+    finally:
+        for worker in workers.values():
+            worker.wait()
+    for name, worker in workers.items():
+        if worker.returncode != 0:
+            tail = logs[name].read_text()[-2000:]
+            raise RuntimeError(f"{name} failed in its worker process (exit {worker.returncode}):\n{tail}")
+        results.append(_finished(recipe, name))
+    return results
+
+
+def _finished(recipe: Recipe, name: str) -> TrainResult:
+    """The result of a stage another process ran, read from its metrics file."""
+    metrics_file = Path(recipe.output_dir) / name / METRICS
+    metrics = json.loads(metrics_file.read_text())
+    return TrainResult(metrics_file.parent / OUTPUT, metrics["steps"], metrics["final_loss"], metrics_file)
 
 
 def write_phantoms(folder: Path, cases: int, seed: int, test_fraction: float) -> list[dict[str, Any]]:
@@ -228,7 +249,7 @@ def run(
     *,
     seed: int = 0,
     progress: bool = True,
-    cases: int = 800,
+    cases: int = 1500,
     test_fraction: float = 0.2,
     budget: NanoBudget | None = None,
     overrides: Sequence[str] = (),

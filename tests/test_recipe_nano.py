@@ -1,0 +1,105 @@
+"""The nano recipe end to end (slow), and the embedded nano model it made: loaded by name, it answers and converts
+held-out phantoms, and `healthgpt demo` runs on it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from healthgpt.api import HealthGPT
+from healthgpt.checkpoints import embedded_bundle
+from healthgpt.data.phantoms import iter_records
+from healthgpt.metrics import image_metrics
+from healthgpt.recipes.nano import CONFIG_FILE, METRICS_FILE, MODEL_DIR, PANEL_FILE, RECIPE_FILE, resolve_recipe, run
+from healthgpt.training.stages import STAGE_NAMES, RecipeError
+
+PARTS = ("pretrain", "phantoms", "tokenize_images", "stage1", "stage2", "stage3", "export", "evaluate")
+
+
+@pytest.fixture(scope="module")
+def embedded() -> HealthGPT:
+    return HealthGPT.from_pretrained("nano")
+
+
+def _held_out(kinds: tuple[str, ...], n_cases: int) -> list[tuple[dict, dict[str, np.ndarray]]]:
+    """Records of phantom cases no part of the recipe saw (the test split of another seed than the recipe's)."""
+    return list(iter_records(n_cases, seed=1, split="test", tasks=kinds))
+
+
+def test_embedded_model_answers_held_out_presence_questions(embedded: HealthGPT) -> None:
+    rows = _held_out(("presence",), 10)  # a CT and an MRI question per case
+    images = [Image.fromarray(pixels[record["image"]]).convert("RGB") for record, pixels in rows]
+    questions = [record["conversations"][0]["value"].removeprefix("<image>\n") for record, _ in rows]
+    answers = embedded.ask(images, questions, max_new_tokens=8)
+    truths = [record["conversations"][1]["value"] for record, _ in rows]
+    assert len(rows) == 20 and set(truths) == {"yes", "no"}
+    right = [a.strip().lower().rstrip(".") == t for a, t in zip(answers, truths, strict=True)]
+    assert np.mean(right) >= 0.8, list(zip(answers, truths, strict=True))
+
+
+def test_embedded_model_converts_held_out_ct_to_mri(embedded: HealthGPT) -> None:
+    rows = _held_out(("ct2mri",), 4)
+    sources = [Image.fromarray(pixels[record["image"]]).convert("RGB") for record, pixels in rows]
+    made = embedded.generate_image(sources, "ct2mri", progress=False)
+    scores = [
+        image_metrics(np.asarray(m.image.convert("L")), pixels[record["target_image"]])["ssim"]
+        for m, (record, pixels) in zip(made, rows, strict=True)
+    ]
+    assert np.mean(scores) > 55.0, scores
+
+
+def test_embedded_bundle_is_small_self_contained_and_loaded_by_name() -> None:
+    folder = embedded_bundle("nano")
+    manifest = json.loads((folder / "bundle.json").read_text())
+    assert manifest["llm"] == "llm" and manifest["vision"] == "vision" and manifest["vqgan"]
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 10 * 2**20
+
+
+def test_demo_answers_converts_and_writes_its_images(tmp_path: Path) -> None:
+    out = tmp_path / "shown"
+    done = subprocess.run(
+        [sys.executable, "-m", "healthgpt.cli", "demo", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "toy" in done.stdout.lower() and "not for clinical use" in done.stdout.lower()
+    written = sorted(p.name for p in out.glob("*.png"))
+    assert "CT_small.png" in written and any(name.endswith("_generated.png") for name in written)
+    assert all(Image.open(out / name).size[0] >= 64 for name in written)
+
+
+def test_recipe_paths_are_rooted_in_the_run_folder_and_overrides_checked_first(tmp_path: Path) -> None:
+    recipe = resolve_recipe(CONFIG_FILE, tmp_path, seed=3, overrides=["stage2.max_steps=5"])
+    assert recipe.output_dir == str(tmp_path / "stages") and recipe.model.seed == recipe.engine.seed == 3
+    assert recipe.model.base_llm == str(tmp_path / "pretrain" / "llm") and recipe.stages["stage2"].max_steps == 5
+    assert all(Path(p).parent == tmp_path / "phantoms" for s in recipe.stages.values() for p in s.data)
+    assert yaml.safe_load((tmp_path / RECIPE_FILE).read_text())["stages"]["stage2"]["max_steps"] == 5
+    with pytest.raises(RecipeError, match="unknown field"):
+        run(tmp_path / "bad", overrides=["stage2.steps=5"])
+    assert not (tmp_path / "bad" / "pretrain").exists()  # nothing was trained before the recipe was checked
+
+
+@pytest.mark.slow
+def test_nano_recipe_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(out, seed=0, progress=False)
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    evaluation = metrics["evaluation"]
+    presence = evaluation["closed_questions"]["trained"]["presence"]
+    assert presence["n"] >= 100 and presence["accuracy"] >= 0.9
+    conversion = evaluation["ct2mri"]
+    assert conversion["n"] >= 50 and conversion["trained"]["ssim"] > conversion["untrained"]["ssim"]
+    assert all(metrics["seconds"][part] > 0 and metrics["cpu_seconds"][part] > 0 for part in PARTS)
+    assert metrics["seconds"]["total"] >= sum(metrics["seconds"][part] for part in PARTS)
+    assert list(metrics["stages"]) == list(STAGE_NAMES)
+    assert all(s["final_loss"] < s["first_loss"] for s in metrics["stages"].values())
+    assert (out / PANEL_FILE).stat().st_size > 0
+    loaded = HealthGPT.from_pretrained(out / MODEL_DIR)
+    assert json.loads((out / MODEL_DIR / "bundle.json").read_text())["llm"] == "llm"
+    assert loaded.vqgan is not None
