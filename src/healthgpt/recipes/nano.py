@@ -37,7 +37,7 @@ from healthgpt.training.stages import STAGE_NAMES, Recipe, apply_overrides, reci
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "training" / "configs" / "nano.yaml"
-PRETRAIN_DIR, PHANTOM_DIR, CODES_DIR, MODEL_DIR = "pretrain", "phantoms", "codes", "model"
+PRETRAIN_DIR, PHANTOM_DIR, MODEL_DIR = "pretrain", "phantoms", "model"
 RECIPE_FILE, METRICS_FILE, PANEL_FILE = "recipe.yaml", "metrics.json", "ct2mri_panel.png"
 PHANTOM_SIZE = 64  # the nano VQGAN's image size: targets are compared pixel for pixel
 
