@@ -37,7 +37,8 @@ SCRIPT = shutil.which("healthgpt")
 ENTRY = [SCRIPT] if SCRIPT else [sys.executable, "-m", "healthgpt.cli"]
 ENV = {**os.environ, "PYTHONUTF8": "1", "COLUMNS": "200", "TQDM_DISABLE": "1"}
 TOKENS = ["--max-new-tokens", "8"]
-COMMANDS = ["ask", "chat", "generate", "batch", "convert", "info", "demo"]
+COMMANDS = ["ask", "chat", "generate", "batch", "convert", "info", "demo", "serve", "ui", "train", "export"]
+COMMANDS += ["tokenize-images", "train-vqgan", "eval", "compare", "score-images"]
 
 
 def healthgpt(*args: object, cwd: Path, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -57,6 +58,12 @@ def healthgpt(*args: object, cwd: Path, stdin: str | None = None, timeout: float
 def files_under(folder: Path) -> dict[Path, bytes | None]:
     """Every path under `folder` with its content (None for folders)."""
     return {p: p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def nano() -> HealthGPT:
+    """What `--model nano` loads: the embedded model trained on phantoms."""
+    return HealthGPT.from_pretrained("nano")
 
 
 @pytest.fixture(scope="module")

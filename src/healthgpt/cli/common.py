@@ -47,7 +47,8 @@ class ModelOptions:
     model: Annotated[
         str,
         typer.Option(
-            help="'nano' (the built-in model with random weights, for trying things out), a bundle folder written by "
+            help="'nano' (the built-in toy model trained on synthetic phantoms, for trying things out), a bundle folder "
+            "written by "
             "`healthgpt convert`, a folder of official files, a variant (m3, l14, xl32; with --base-model, "
             "--vision-tower, --plugin-file) or a Hub id (lintw/HealthGPT-M3).",
             rich_help_panel=_MODEL,
@@ -150,9 +151,7 @@ class ModelOptions:
         """The model these options name."""
         from ..api import HealthGPT
 
-        if self.model != NANO:
-            return HealthGPT.from_pretrained(self.model, device=self.device, **self.load_kwargs())
-        return HealthGPT.random(NANO).to(device=self.device, dtype=self.dtype)
+        return HealthGPT.from_pretrained(self.model, device=self.device, **self.load_kwargs())
 
     def convert(self, output: Path, *, include_base: bool) -> None:
         """Write the model these options name as a bundle at `output`."""

@@ -83,20 +83,20 @@ def tokenize_images(
 
 @command
 def train_vqgan(
-    images: Annotated[Path, typer.Argument(help="Folder of training images (PNG/JPEG).", exists=True)],
+    images: Annotated[Path, typer.Argument(help="Folder of training images (PNG/JPEG, DICOM, NIfTI).", exists=True)],
     output: Annotated[Path, typer.Option("--out", help="Folder to save the trained VQGAN into.")],
     init: Annotated[
         Path | None, typer.Option("--from", help="Fine-tune this VQGAN (folder or taming last.ckpt) instead.")
     ] = None,
     variant: Annotated[str, typer.Option(help="Architecture when training from scratch (nano, m3).")] = "nano",
-    steps: Annotated[int, typer.Option(min=1)] = 1000,
-    batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    lr: Annotated[float, typer.Option()] = 1e-3,
-    seed: Annotated[int, typer.Option()] = 0,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (warm-up, then cosine).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and batch order.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps.")] = "cpu",
 ) -> None:
     """Train a VQGAN on images (reconstruction + quantizer objective), or fine-tune a released one on your modality;
-    saves it with a PNG of reconstructions."""
+    saves it with a PNG of reconstructions. Images may be PNG/JPEG, DICOM or NIfTI."""
     from ..checkpoints import load_vqgan
     from ..config import get_variant
     from ..pretrain.vqgan import train_vqgan as run
