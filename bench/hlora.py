@@ -51,7 +51,7 @@ class NaiveMoELoRA(nn.Module):
         gate = torch.softmax(self.route(x), dim=-1)  # [..., k]
         y = self.base(x)
         for e, (A, B) in enumerate(zip(self.experts_A, self.experts_B, strict=True)):
-            y = y + gate[..., e:e + 1] * B(A(x)) * self.scaling
+            y = y + gate[..., e : e + 1] * B(A(x)) * self.scaling
         return y
 
 
@@ -73,8 +73,7 @@ def time_step(layer: nn.Module, x: Tensor, grad: Tensor, clock: Callable[[], flo
     return clock() - start
 
 
-def run(rank: int, experts: list[int], x: Tensor, base: nn.Linear, repeats: int,
-        clock: Callable[[], float]) -> None:
+def run(rank: int, experts: list[int], x: Tensor, base: nn.Linear, repeats: int, clock: Callable[[], float]) -> None:
     alpha = 2.0 * rank
     grad = torch.randn(*x.shape[:-1], base.out_features)
     samples = x.shape[0]
@@ -96,7 +95,7 @@ def run(rank: int, experts: list[int], x: Tensor, base: nn.Linear, repeats: int,
         time_step(layer, x, grad, clock)
     for i in range(repeats):
         names = list(layers)
-        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate to spread drift evenly
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate to spread drift evenly
             times[name].append(time_step(layers[name], x, grad, clock))
 
     med = {name: statistics.median(t) for name, t in times.items()}
@@ -104,8 +103,10 @@ def run(rank: int, experts: list[int], x: Tensor, base: nn.Linear, repeats: int,
     print(f"\nR = {rank}, tokens = {x.shape[0] * x.shape[1]}, {base.in_features} -> {base.out_features}")
     print(f"{'method':34s} {'median ms':>10s} {'x LoRA':>7s} {'min ms':>8s} {'x LoRA':>7s}")
     for name in times:
-        print(f"{name:34s} {med[name] * 1e3:10.1f} {med[name] / med['LoRA']:7.3f} "
-              f"{low[name] * 1e3:8.1f} {low[name] / low['LoRA']:7.3f}")
+        print(
+            f"{name:34s} {med[name] * 1e3:10.1f} {med[name] / med['LoRA']:7.3f} "
+            f"{low[name] * 1e3:8.1f} {low[name] / low['LoRA']:7.3f}"
+        )
 
 
 def main() -> None:
@@ -124,8 +125,10 @@ def main() -> None:
     base = nn.Linear(3072, 9216, bias=False).requires_grad_(False)  # M3 qkv_proj
     x = torch.randn(args.samples, args.seq, 3072, requires_grad=True)  # [B, T, in]
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), fp32 CPU, {args.clock} time, "
-          f"median and min of {args.repeats} after 1 warm-up")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), fp32 CPU, {args.clock} time, "
+        f"median and min of {args.repeats} after 1 warm-up"
+    )
     for rank in args.ranks:
         run(rank, args.experts, x, base, args.repeats, clock)
 

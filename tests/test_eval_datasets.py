@@ -223,9 +223,7 @@ def test_omnimedvqa_mcq_and_modality_names(tmp_path):
     folder = tmp_path / "QA_information" / "Open-access"
     folder.mkdir(parents=True)
     records = [
-        _omni_record(
-            "Fake_0", gt_answer="MRI", option_A="CT", option_B="MRI", option_C="PET", option_D="X-ray"
-        ),
+        _omni_record("Fake_0", gt_answer="MRI", option_A="CT", option_B="MRI", option_C="PET", option_D="X-ray"),
         _omni_record(
             "Fake_1",
             modality="MR (Mag-netic Resonance Imaging)",
@@ -242,9 +240,7 @@ def test_omnimedvqa_mcq_and_modality_names(tmp_path):
             option_B="No",
             option_C=None,
         ),
-        _omni_record(
-            "Fake_3", modality="Dermoscopy", gt_answer="Nevus", option_A="Nevus", option_B="Melanoma"
-        ),
+        _omni_record("Fake_3", modality="Dermoscopy", gt_answer="Nevus", option_A="Nevus", option_B="Melanoma"),
     ]
     (folder / "Fake.json").write_text(json.dumps(records))
     items = load_omnimedvqa(tmp_path)
@@ -265,9 +261,7 @@ def test_omnimedvqa_mcq_and_modality_names(tmp_path):
 def test_omnimedvqa_answer_not_an_option_raises(tmp_path):
     folder = tmp_path / "QA_information" / "Open-access"
     folder.mkdir(parents=True)
-    (folder / "Bad.json").write_text(
-        json.dumps([_omni_record("B0", gt_answer="PET", option_A="CT", option_B="MR")])
-    )
+    (folder / "Bad.json").write_text(json.dumps([_omni_record("B0", gt_answer="PET", option_A="CT", option_B="MR")]))
     with pytest.raises(ValueError, match="not exactly one of the options"):
         load_omnimedvqa(tmp_path)
 
@@ -298,9 +292,7 @@ def test_mmmu_med_parquet_and_json(tmp_path):
             image_1=_hf_image((3, 3)),
             image_2=_hf_image((2, 2)),
         ),
-        _mmmu_row(
-            "validation_Pharmacy_2", question_type="open", answer="['3.5', '3.50']", image_1=_hf_image()
-        ),
+        _mmmu_row("validation_Pharmacy_2", question_type="open", answer="['3.5', '3.50']", image_1=_hf_image()),
     ]
     _write_parquet(tmp_path / "Pharmacy" / "validation-00000-of-00001.parquet", rows)
     _png(tmp_path / "Public_Health" / "img" / "q1.png", size=(9, 9))

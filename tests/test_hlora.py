@@ -24,8 +24,16 @@ from healthgpt.hlora import (
 
 PHI3_TARGETS = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
 QWEN2_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 PLUGINS = {"comprehension": PluginConfig(rank=8, alpha=16), "generation": PluginConfig(rank=16, alpha=32)}
 
 
@@ -55,16 +63,17 @@ def injected_phi3(seed: int = 0) -> tuple[Phi3ForCausalLM, HLoRAController]:
     return model, controller
 
 
-def naive_moe_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, route: torch.Tensor, alpha: float,
-                   k: int) -> torch.Tensor:
+def naive_moe_lora(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, route: torch.Tensor, alpha: float, k: int
+) -> torch.Tensor:
     """sum_e g_e(x) * B_e A_e x * alpha / R * k, one expert at a time."""
     R = A.shape[0]
     r = R // k
     gates = torch.softmax(x @ route.T, dim=-1)
     out = torch.zeros(*x.shape[:-1], B.shape[0], dtype=x.dtype)
     for e in range(k):
-        A_e, B_e = A[e * r:(e + 1) * r], B[:, e * r:(e + 1) * r]
-        out = out + gates[..., e:e + 1] * (x @ A_e.T @ B_e.T) * (alpha / R * k)
+        A_e, B_e = A[e * r : (e + 1) * r], B[:, e * r : (e + 1) * r]
+        out = out + gates[..., e : e + 1] * (x @ A_e.T @ B_e.T) * (alpha / R * k)
     return out
 
 
@@ -100,8 +109,9 @@ def test_fused_plugin_equals_naive_expert_loop(k: int) -> None:
 
 def test_one_expert_matches_peft_lora_outputs_and_gradients() -> None:
     base = tiny_phi3()
-    ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                         target_modules=sorted(PHI3_TARGETS)))
+    ref = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=sorted(PHI3_TARGETS))
+    )
     gen = torch.Generator().manual_seed(1)
     state = {}
     with torch.no_grad():
@@ -133,8 +143,9 @@ def test_one_expert_matches_peft_lora_outputs_and_gradients() -> None:
     for path, layer in controller.layers.items():
         for ab in ("lora_A", "lora_B"):
             expected = ref_params[f"base_model.model.{path}.{ab}.default.weight"].grad
-            torch.testing.assert_close(getattr(layer.plugins["comprehension"], ab).weight.grad, expected,
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                getattr(layer.plugins["comprehension"], ab).weight.grad, expected, atol=1e-5, rtol=1e-5
+            )
 
 
 def test_mixed_batch_equals_each_sample_alone_with_its_plugin() -> None:
@@ -150,8 +161,8 @@ def test_mixed_batch_equals_each_sample_alone_with_its_plugin() -> None:
     alone_grads = [torch.zeros_like(p) for p in params]
     for i, name in enumerate(names):
         with controller.use(name):
-            alone = model(ids[i:i + 1]).logits
-        torch.testing.assert_close(logits[i:i + 1], alone, atol=1e-6, rtol=1e-6)
+            alone = model(ids[i : i + 1]).logits
+        torch.testing.assert_close(logits[i : i + 1], alone, atol=1e-6, rtol=1e-6)
         sample_grads = torch.autograd.grad((alone * weights[i]).sum(), params, allow_unused=True)
         for total, g in zip(alone_grads, sample_grads, strict=True):
             if g is not None:
@@ -182,7 +193,7 @@ def test_qwen2_default_targets_and_mixed_batch_with_biases() -> None:
     for i, name in enumerate(names):
         with torch.no_grad(), controller.use(name):
             # fp32 GEMMs block differently with the batch size: ~1e-6 noise at these activation scales
-            torch.testing.assert_close(logits[i:i + 1], model(ids[i:i + 1]).logits, atol=5e-6, rtol=1e-5)
+            torch.testing.assert_close(logits[i : i + 1], model(ids[i : i + 1]).logits, atol=5e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -199,8 +210,9 @@ def test_per_sample_layer_in_half_precision_matches_fp32_reference(dtype: torch.
     expected = base(x).detach().clone()
     for i, name in enumerate(names):
         p = layer.plugins[name]
-        expected[i] += naive_moe_lora(x[i], p.lora_A.weight, p.lora_B.weight, p.lora_route.weight,
-                                      PLUGINS[name].alpha, PLUGINS[name].num_experts).detach()
+        expected[i] += naive_moe_lora(
+            x[i], p.lora_A.weight, p.lora_B.weight, p.lora_route.weight, PLUGINS[name].alpha, PLUGINS[name].num_experts
+        ).detach()
 
     half = copy.deepcopy(layer).to(dtype)
     half.selection.set(names)

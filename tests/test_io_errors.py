@@ -55,9 +55,7 @@ def file_with(name: str, data: bytes) -> Case:
 
 
 def truncated_png(tmp: Path):
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(
-        tmp / "full.png"
-    )
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(tmp / "full.png")
     data = (tmp / "full.png").read_bytes()
     (tmp / "cut.png").write_bytes(data[: len(data) // 2])
     return lambda: load_image(tmp / "cut.png"), tmp / "cut.png"
@@ -149,9 +147,7 @@ def volume_with_unknown_suffix(tmp: Path):
 
 def nifti_without_geometry(tmp: Path):
     Image.new("L", (8, 8)).save(tmp / "plain.png")
-    return lambda: save_nifti(
-        np.zeros((8, 8)), tmp / "out.nii", load_image(tmp / "plain.png")
-    ), tmp / "out.nii"
+    return lambda: save_nifti(np.zeros((8, 8)), tmp / "out.nii", load_image(tmp / "plain.png")), tmp / "out.nii"
 
 
 CASES: list[tuple[str, Case, str]] = [

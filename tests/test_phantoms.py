@@ -47,9 +47,7 @@ def test_labels_agree_with_pixels(size: int) -> None:
                 assert sign * diff[dist <= max(lesion.radius - 1, 0.5)].mean() > 20
                 blob = changed[int(lesion.y), int(lesion.x)]
                 assert blob > 0 and (cols[changed == blob].mean() < midline) == (lesion.side == "left")
-            outside = np.min(
-                [np.hypot(rows - les.y, cols - les.x) - les.radius for les in case.lesions], axis=0
-            )
+            outside = np.min([np.hypot(rows - les.y, cols - les.x) - les.radius for les in case.lesions], axis=0)
             assert np.all(diff[outside > 1] == 0)
 
 

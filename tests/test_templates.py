@@ -14,9 +14,7 @@ FIXTURE = Path(os.environ.get("HEALTHGPT_FIXTURES", "/work/shared/fixtures")) / 
 Q = "What abnormality is seen in this CT image of the chest?"
 
 # REFERENCE §4, with ⏎ written as \n.
-PHI3 = (
-    "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\n{q}<|end|>\n<|assistant|>\n"
-)
+PHI3 = "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\n{q}<|end|>\n<|assistant|>\n"
 PHI4 = (
     "<|im_start|>system<|im_sep|>\nYou are a medieval knight and must provide explanations to modern people."
     "<|im_end|>\n<|im_start|>user<|im_sep|>\n<image>\n{q}<|im_end|>\n<|im_start|>assistant<|im_sep|>\n"

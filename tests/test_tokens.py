@@ -204,18 +204,45 @@ def test_sentencepiece_prompt_ids_by_hand(sp_folder: Path) -> None:
         expected = _join(parts, off.encode)
         assert PromptTokenizer(tok, add_bos=bos).encode_prompt(prompt) == expected
 
-    check(build_prompt("phi3_instruct", QUESTION),
-          [*head, IMAGE_TOKEN_INDEX, on.encode("\n" + QUESTION), end, assistant])
-    check(build_prompt("phi3_instruct", QUESTION), [1, *head, IMAGE_TOKEN_INDEX, on.encode("\n" + QUESTION), end,
-                                                   assistant], bos=True)
+    check(
+        build_prompt("phi3_instruct", QUESTION), [*head, IMAGE_TOKEN_INDEX, on.encode("\n" + QUESTION), end, assistant]
+    )
+    check(
+        build_prompt("phi3_instruct", QUESTION),
+        [1, *head, IMAGE_TOKEN_INDEX, on.encode("\n" + QUESTION), end, assistant],
+        bos=True,
+    )
     check(build_prompt("phi3_instruct", QUESTION, num_images=0), [*head, QUESTION, end, assistant])
-    check(build_prompt("phi3_instruct", QUESTION, num_images=2, image_generation=True),
-          [*head, IMAGE_TOKEN_INDEX, on.encode("\n"), IMAGE_TOKEN_INDEX, on.encode("\n" + QUESTION), end,
-           assistant, vocab.start_id])
+    check(
+        build_prompt("phi3_instruct", QUESTION, num_images=2, image_generation=True),
+        [
+            *head,
+            IMAGE_TOKEN_INDEX,
+            on.encode("\n"),
+            IMAGE_TOKEN_INDEX,
+            on.encode("\n" + QUESTION),
+            end,
+            assistant,
+            vocab.start_id,
+        ],
+    )
     history = [("What modality is this?", " It is a CT scan. ")]
-    check(build_prompt("phi3_instruct", "Where is the mass?", history=history),
-          [*head, IMAGE_TOKEN_INDEX, on.encode("\nWhat modality is this?"), end, assistant,
-           "It is a CT scan. ", end, user, "Where is the mass?", end, assistant])
+    check(
+        build_prompt("phi3_instruct", "Where is the mass?", history=history),
+        [
+            *head,
+            IMAGE_TOKEN_INDEX,
+            on.encode("\nWhat modality is this?"),
+            end,
+            assistant,
+            "It is a CT scan. ",
+            end,
+            user,
+            "Where is the mass?",
+            end,
+            assistant,
+        ],
+    )
     # The lone ▁ goes only before 4.41's all_special_tokens (bos/eos/unk/pad and the image tokens).
     assert prompt_tokenizer.encode_text("<s>the mass") == [1, *off.encode("the mass")]
     assert prompt_tokenizer.encode_text("<start_index><idx_3>") == [vocab.start_id, vocab.first_code_id + 3]
@@ -240,12 +267,44 @@ def test_bpe_prompt_ids_by_hand(bpe_folders: dict[str, Path], style: str) -> Non
 
     if style == "qwen":
         template, system = "qwen_2", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-        parts = [start, f"system\n{system}", end, "\n", start, "user\n", IMAGE_TOKEN_INDEX, "\n" + QUESTION, end,
-                 "\n", start, "assistant\n", vocab.start_id]
+        parts = [
+            start,
+            f"system\n{system}",
+            end,
+            "\n",
+            start,
+            "user\n",
+            IMAGE_TOKEN_INDEX,
+            "\n" + QUESTION,
+            end,
+            "\n",
+            start,
+            "assistant\n",
+            vocab.start_id,
+        ]
     else:
         template, system = "phi4_instruct", "You are a medieval knight and must provide explanations to modern people."
-        parts = [start, "system", sep, "\n" + system, end, "\n", start, "user", sep, "\n", IMAGE_TOKEN_INDEX,
-                 "\n" + QUESTION, end, "\n", start, "assistant", sep, "\n", vocab.start_id]
+        parts = [
+            start,
+            "system",
+            sep,
+            "\n" + system,
+            end,
+            "\n",
+            start,
+            "user",
+            sep,
+            "\n",
+            IMAGE_TOKEN_INDEX,
+            "\n" + QUESTION,
+            end,
+            "\n",
+            start,
+            "assistant",
+            sep,
+            "\n",
+            vocab.start_id,
+        ]
     prompt = build_prompt(template, QUESTION, image_generation=True)
     assert PromptTokenizer(tok).encode_prompt(prompt) == _join(parts, encode)
     if style == "phi4":

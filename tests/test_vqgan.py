@@ -22,8 +22,14 @@ from healthgpt.vqgan import VQGAN, AttnBlock, CheckpointError, VQGANError, load_
 FIXTURE = Path(__file__).parent / "fixtures" / "taming_gumbel_f8_keys.txt"
 # A small config (ch 16, ch_mult (1,2,2,4), z/embed 16, 256 codes, image 64) with attention at 8 to cover it.
 TINY = dict(
-    num_codes=256, embed_dim=16, z_channels=16, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
-    attn_resolutions=(8,), image_size=64,
+    num_codes=256,
+    embed_dim=16,
+    z_channels=16,
+    ch=16,
+    ch_mult=(1, 2, 2, 4),
+    num_res_blocks=1,
+    attn_resolutions=(8,),
+    image_size=64,
 )
 LIGHTNING_MODULE = "pytorch_lightning.callbacks.model_checkpoint"
 
@@ -191,8 +197,15 @@ def test_from_config_nano_matches_config_grid() -> None:
 def test_reconstruction_plus_quantizer_loss_trains(quantizer: str) -> None:
     torch.manual_seed(0)
     model = VQGAN(
-        num_codes=32, embed_dim=8, z_channels=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-        image_size=16, quantizer=quantizer,
+        num_codes=32,
+        embed_dim=8,
+        z_channels=8,
+        ch=8,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        image_size=16,
+        quantizer=quantizer,
     )
     x = F.interpolate(images(4, size=2), size=16)  # blocky images a 32-code tokenizer can learn
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -251,11 +264,22 @@ def test_failed_save_leaves_no_partial_file(tmp_path: Path, monkeypatch: MonkeyP
 def taming_yaml(path: Path, target: str = "taming.models.vqgan.GumbelVQ") -> Path:
     """A model.yaml laid out like taming's (and HealthGPT's) configs, for the tiny architecture."""
     ddconfig = dict(
-        double_z=False, z_channels=16, resolution=64, in_channels=3, out_ch=3, ch=16, ch_mult=[1, 2, 2, 4],
-        num_res_blocks=1, attn_resolutions=[8], dropout=0.0,
+        double_z=False,
+        z_channels=16,
+        resolution=64,
+        in_channels=3,
+        out_ch=3,
+        ch=16,
+        ch_mult=[1, 2, 2, 4],
+        num_res_blocks=1,
+        attn_resolutions=[8],
+        dropout=0.0,
     )
     params = dict(
-        kl_weight=1e-8, embed_dim=16, n_embed=256, ddconfig=ddconfig,
+        kl_weight=1e-8,
+        embed_dim=16,
+        n_embed=256,
+        ddconfig=ddconfig,
         lossconfig={"target": "taming.modules.losses.vqperceptual.DummyLoss"},
         temperature_scheduler_config={"target": "taming.lr_scheduler.LambdaWarmUpCosineScheduler"},
     )
@@ -272,12 +296,19 @@ def lightning_ckpt(path: Path, state: dict[str, torch.Tensor], monkeypatch: Monk
     model_checkpoint = type("ModelCheckpoint", (), {"__module__": LIGHTNING_MODULE})
     sys.modules[LIGHTNING_MODULE].ModelCheckpoint = model_checkpoint
     loss = {"loss.discriminator.main.0.weight": torch.ones(4, 3, 4, 4), "loss.logvar": torch.zeros(())}
-    torch.save({
-        "epoch": 3, "global_step": 1000, "pytorch-lightning_version": "1.0.8",
-        "callbacks": {model_checkpoint: {"best_model_score": torch.tensor(0.5), "best_model_path": "x.ckpt"}},
-        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6, "betas": (0.5, 0.9)}]}],
-        "lr_schedulers": [], "state_dict": {**state, **loss}, "numpy_value": np.float64(0.25),
-    }, path)
+    torch.save(
+        {
+            "epoch": 3,
+            "global_step": 1000,
+            "pytorch-lightning_version": "1.0.8",
+            "callbacks": {model_checkpoint: {"best_model_score": torch.tensor(0.5), "best_model_path": "x.ckpt"}},
+            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6, "betas": (0.5, 0.9)}]}],
+            "lr_schedulers": [],
+            "state_dict": {**state, **loss},
+            "numpy_value": np.float64(0.25),
+        },
+        path,
+    )
     monkeypatch.undo()  # loading happens without any pytorch_lightning module
     return path
 

@@ -121,7 +121,13 @@ class Stage(nn.Module):
     the level's resolution is an attention resolution. The caller attaches `downsample` / `upsample`."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, num_blocks: int, *, attention: bool, dropout: float,
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_blocks: int,
+        *,
+        attention: bool,
+        dropout: float,
         num_groups: int,
     ) -> None:
         super().__init__()
@@ -157,15 +163,28 @@ class Encoder(nn.Module):
     """taming `Encoder` (double_z False): conv_in, `down` levels, `mid`, `norm_out`, swish, `conv_out`."""
 
     def __init__(
-        self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
-        resolution: int, z_channels: int, dropout: float, num_groups: int, in_channels: int = 3,
+        self,
+        *,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        resolution: int,
+        z_channels: int,
+        dropout: float,
+        num_groups: int,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         stages, block_in, res = [], ch, resolution
         for level, mult in enumerate(ch_mult):
             stage = Stage(
-                block_in, ch * mult, num_res_blocks, attention=res in attn_resolutions, dropout=dropout,
+                block_in,
+                ch * mult,
+                num_res_blocks,
+                attention=res in attn_resolutions,
+                dropout=dropout,
                 num_groups=num_groups,
             )
             block_in = ch * mult
@@ -193,8 +212,17 @@ class Decoder(nn.Module):
     prepended, so `up[i]` is level i."""
 
     def __init__(
-        self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
-        resolution: int, z_channels: int, dropout: float, num_groups: int, out_channels: int = 3,
+        self,
+        *,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        resolution: int,
+        z_channels: int,
+        dropout: float,
+        num_groups: int,
+        out_channels: int = 3,
     ) -> None:
         super().__init__()
         block_in = ch * ch_mult[-1]
@@ -204,8 +232,12 @@ class Decoder(nn.Module):
         stages: list[Stage] = []
         for level in reversed(range(len(ch_mult))):
             stage = Stage(
-                block_in, ch * ch_mult[level], num_res_blocks + 1, attention=res in attn_resolutions,
-                dropout=dropout, num_groups=num_groups,
+                block_in,
+                ch * ch_mult[level],
+                num_res_blocks + 1,
+                attention=res in attn_resolutions,
+                dropout=dropout,
+                num_groups=num_groups,
             )
             block_in = ch * ch_mult[level]
             if level != 0:
@@ -287,11 +319,21 @@ class VQGAN(nn.Module):
     `decoder`. Images are (B, 3, S, S) in [-1, 1]; codes are (B, grid, grid) in raster order."""
 
     def __init__(
-        self, *, num_codes: int = 8192, embed_dim: int = 256, z_channels: int = 256, ch: int = 128,
-        ch_mult: Sequence[int] = (1, 1, 2, 4), num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (32,), image_size: int = 256,
-        quantizer: Literal["gumbel", "vq"] = "gumbel", dropout: float = 0.0, num_groups: int = 32,
-        kl_weight: float = 1e-8, beta: float = 0.25,
+        self,
+        *,
+        num_codes: int = 8192,
+        embed_dim: int = 256,
+        z_channels: int = 256,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 1, 2, 4),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (32,),
+        image_size: int = 256,
+        quantizer: Literal["gumbel", "vq"] = "gumbel",
+        dropout: float = 0.0,
+        num_groups: int = 32,
+        kl_weight: float = 1e-8,
+        beta: float = 0.25,
     ) -> None:
         super().__init__()
         factor = 2 ** (len(ch_mult) - 1)
@@ -303,13 +345,29 @@ class VQGAN(nn.Module):
             # taming's GumbelVQ feeds quant_conv's embed_dim output to a proj built for z_channels inputs.
             raise VQGANError(f"a Gumbel VQGAN needs embed_dim == z_channels, got {embed_dim}, {z_channels}")
         self.arch: dict[str, Any] = dict(
-            num_codes=num_codes, embed_dim=embed_dim, z_channels=z_channels, ch=ch, ch_mult=list(ch_mult),
-            num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions), image_size=image_size,
-            quantizer=quantizer, dropout=dropout, num_groups=num_groups, kl_weight=kl_weight, beta=beta,
+            num_codes=num_codes,
+            embed_dim=embed_dim,
+            z_channels=z_channels,
+            ch=ch,
+            ch_mult=list(ch_mult),
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=list(attn_resolutions),
+            image_size=image_size,
+            quantizer=quantizer,
+            dropout=dropout,
+            num_groups=num_groups,
+            kl_weight=kl_weight,
+            beta=beta,
         )
         levels = dict(
-            ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions),
-            resolution=image_size, z_channels=z_channels, dropout=dropout, num_groups=num_groups,
+            ch=ch,
+            ch_mult=ch_mult,
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=tuple(attn_resolutions),
+            resolution=image_size,
+            z_channels=z_channels,
+            dropout=dropout,
+            num_groups=num_groups,
         )
         self.encoder = Encoder(**levels)
         self.decoder = Decoder(**levels)
@@ -325,9 +383,15 @@ class VQGAN(nn.Module):
     def from_config(cls, vq: VQConfig) -> VQGAN:
         """A randomly initialised VQGAN of `vq`'s architecture; weights come from the loaders."""
         return cls(
-            num_codes=vq.num_codes, embed_dim=vq.embed_dim, z_channels=vq.z_channels, ch=vq.ch,
-            ch_mult=vq.ch_mult, num_res_blocks=vq.num_res_blocks, attn_resolutions=vq.attn_resolutions,
-            image_size=vq.image_size, quantizer=vq.quantizer,
+            num_codes=vq.num_codes,
+            embed_dim=vq.embed_dim,
+            z_channels=vq.z_channels,
+            ch=vq.ch,
+            ch_mult=vq.ch_mult,
+            num_res_blocks=vq.num_res_blocks,
+            attn_resolutions=vq.attn_resolutions,
+            image_size=vq.image_size,
+            quantizer=vq.quantizer,
         )
 
     @property
@@ -459,10 +523,16 @@ def arch_from_taming_yaml(yaml_path: str | Path) -> dict[str, Any]:
         if params.get("remap") is not None:
             raise CheckpointError(f"{yaml_path}: codebook remapping (params.remap) is unsupported")
         return dict(
-            num_codes=params["n_embed"], embed_dim=params["embed_dim"], z_channels=dd["z_channels"],
-            ch=dd["ch"], ch_mult=list(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
-            attn_resolutions=list(dd["attn_resolutions"]), image_size=dd["resolution"],
-            quantizer=TAMING_TARGETS[target], dropout=dd.get("dropout", 0.0),
+            num_codes=params["n_embed"],
+            embed_dim=params["embed_dim"],
+            z_channels=dd["z_channels"],
+            ch=dd["ch"],
+            ch_mult=list(dd["ch_mult"]),
+            num_res_blocks=dd["num_res_blocks"],
+            attn_resolutions=list(dd["attn_resolutions"]),
+            image_size=dd["resolution"],
+            quantizer=TAMING_TARGETS[target],
+            dropout=dd.get("dropout", 0.0),
             kl_weight=params.get("kl_weight", 1e-8),
         )
     except OSError as e:
@@ -526,8 +596,11 @@ def _build_loaded(arch: dict[str, Any], state: dict[str, Tensor], source: str) -
             f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {s}" for k, s in expected.items()
-             if tuple(state[k].shape) != s]
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {s}"
+        for k, s in expected.items()
+        if tuple(state[k].shape) != s
+    ]
     if wrong:
         raise CheckpointError(f"{source}: wrong tensor shapes: {'; '.join(wrong[:8])}")
     model.load_state_dict(state, assign=True)

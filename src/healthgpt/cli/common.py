@@ -47,10 +47,9 @@ class ModelOptions:
     model: Annotated[
         str,
         typer.Option(
-            help="'nano' (the built-in toy model trained on synthetic phantoms, for trying things out), a bundle folder "
-            "written by "
-            "`healthgpt convert`, a folder of official files, a variant (m3, l14, xl32; with --base-model, "
-            "--vision-tower, --plugin-file) or a Hub id (lintw/HealthGPT-M3).",
+            help="'nano' (the built-in toy model trained on synthetic phantoms, for trying things out), a bundle "
+            "folder written by `healthgpt convert`, a folder of official files, a variant (m3, l14, xl32; with "
+            "--base-model, --vision-tower, --plugin-file) or a Hub id (lintw/HealthGPT-M3).",
             rich_help_panel=_MODEL,
         ),
     ] = NANO

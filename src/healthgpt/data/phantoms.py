@@ -228,9 +228,7 @@ def degrade(image: np.ndarray, factor: int = LOW_RES_FACTOR) -> np.ndarray:
     return _to_uint8(resize(small, image.shape, order=3, mode="symmetric"))
 
 
-def sample_case(
-    rng: np.random.Generator, size: int = 64, p_lesion: float = 0.5, max_lesions: int = 3
-) -> PhantomCase:
+def sample_case(rng: np.random.Generator, size: int = 64, p_lesion: float = 0.5, max_lesions: int = 3) -> PhantomCase:
     """Draw a case: small random pose and contrast, and with probability `p_lesion` 1..max_lesions lesions."""
     if not (isinstance(size, int) and MIN_SIZE <= size <= MAX_SIZE):
         raise ValueError(f"size must be an int in {MIN_SIZE}..{MAX_SIZE}, got {size!r}")

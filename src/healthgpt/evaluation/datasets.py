@@ -274,9 +274,7 @@ def _literal_list(value: Any) -> list[str]:
 
 
 def _mmmu_item(row: dict[str, Any], subject: str, base: Path, where: str) -> EvalItem:
-    images = tuple(
-        _hf_image(row[f"image_{k}"], base) for k in range(1, MMMU_MAX_IMAGES + 1) if row.get(f"image_{k}")
-    )
+    images = tuple(_hf_image(row[f"image_{k}"], base) for k in range(1, MMMU_MAX_IMAGES + 1) if row.get(f"image_{k}"))
     common = {
         "id": f"{MMMU_MED}/{row['id']}",
         "dataset": MMMU_MED,
@@ -288,15 +286,11 @@ def _mmmu_item(row: dict[str, Any], subject: str, base: Path, where: str) -> Eva
     meta = {"subject": subject, "subfield": row.get("subfield"), "difficulty": row.get("topic_difficulty")}
     if row.get("question_type") == "open":
         answers = _literal_list(row["answer"])
-        return EvalItem(
-            **common, answer=answers[0], kind="open", meta={**meta, "accepted_answers": answers[1:]}
-        )
+        return EvalItem(**common, answer=answers[0], kind="open", meta={**meta, "accepted_answers": answers[1:]})
     options = tuple(_literal_list(row["options"]))
     letter = str(row["answer"]).strip()
     if letter not in option_letters(len(options)):
-        raise ValueError(
-            f"{where}: answer {letter!r} is not an option letter (test-split answers are hidden)"
-        )
+        raise ValueError(f"{where}: answer {letter!r} is not an option letter (test-split answers are hidden)")
     answer = options[option_letters(len(options)).index(letter)]
     return EvalItem(**common, answer=answer, kind="mcq", options=options, meta=meta)
 

@@ -77,9 +77,7 @@ def score_image_pairs(
         output = _load_output(outputs[stem], mode, decode)
         if output.shape != target.shape:
             raise ValueError(f"{stem}: output shape {output.shape} != target shape {target.shape}")
-        scores = {
-            k: float(v) for k, v in image_metrics(output, target, data_range=data_range, percent=True).items()
-        }
+        scores = {k: float(v) for k, v in image_metrics(output, target, data_range=data_range, percent=True).items()}
         if lpips is not None:
             scores["lpips"] = 100.0 * float(lpips(output, target))
         per_image[stem] = scores

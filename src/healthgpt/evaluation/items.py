@@ -37,9 +37,7 @@ class EvalItem:
         if self.kind not in KINDS:
             raise ValueError(f"item {self.id}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "mcq" and self.answer not in self.options:
-            raise ValueError(
-                f"item {self.id}: the answer of a multiple-choice item must be one of its options"
-            )
+            raise ValueError(f"item {self.id}: the answer of a multiple-choice item must be one of its options")
 
     @property
     def answer_letter(self) -> str | None:

@@ -110,10 +110,7 @@ def compare_runs(run_dirs: Iterable[str | Path], labels: Sequence[str] | None = 
         parts.append(
             _table(
                 ["run"] + [h for h, _ in _DATASET_COLUMNS],
-                [
-                    [label] + [_get(m["datasets"].get(name, {}), p) for _, p in _DATASET_COLUMNS]
-                    for label, m, _ in runs
-                ],
+                [[label] + [_get(m["datasets"].get(name, {}), p) for _, p in _DATASET_COLUMNS] for label, m, _ in runs],
             )
         )
     return "\n\n".join(parts) + "\n"

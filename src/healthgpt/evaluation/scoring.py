@@ -28,8 +28,7 @@ YES_WORDS = frozenset({"yes", "yeah", "yep"})
 NO_WORDS = frozenset({"no", "nope"})
 _ARTICLES = frozenset({"a", "an", "the"})
 _NUMBERS = {
-    w: str(i)
-    for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())
+    w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())
 }
 _PUNCT = re.compile(r"[^\w\s]|_")
 # Table 1 of the paper: (column, dataset, statistic); OMVQA is the mean over Table 9's seven modalities.
@@ -215,9 +214,7 @@ def _dataset_metrics(pairs: list[tuple[EvalItem, ItemScore]]) -> dict[str, Any]:
     return out
 
 
-def summarize(
-    items: list[EvalItem], predictions: Mapping[str, str], *, open_metric: str = "recall"
-) -> dict[str, Any]:
+def summarize(items: list[EvalItem], predictions: Mapping[str, str], *, open_metric: str = "recall") -> dict[str, Any]:
     """Metrics (percent) per dataset, breakdowns by modality and question type, and the paper's Table-1 row.
 
     Every item counts: an item with no prediction raises, an unparseable one is wrong.
@@ -227,9 +224,7 @@ def summarize(
         raise KeyError(f"{len(missing)} items have no prediction, e.g. {missing[:3]}")
     by_dataset: dict[str, list[tuple[EvalItem, ItemScore]]] = defaultdict(list)
     for item in items:
-        by_dataset[item.dataset].append(
-            (item, score_item(item, predictions[item.id], open_metric=open_metric))
-        )
+        by_dataset[item.dataset].append((item, score_item(item, predictions[item.id], open_metric=open_metric)))
     datasets = {name: _dataset_metrics(pairs) for name, pairs in sorted(by_dataset.items())}
     return {
         "datasets": datasets,

@@ -45,9 +45,7 @@ def read_dicom(path: Path, frame: int | None) -> MedicalImage:
     _require_pixels(ds, path)
     frames = int(ds.get("NumberOfFrames") or 1)
     if frame is not None and not 0 <= frame < frames:
-        raise ImageInputError(
-            path, f"frame {frame} is out of range for {frames} frames", f"use 0..{frames - 1}"
-        )
+        raise ImageInputError(path, f"frame {frame} is out of range for {frames} frames", f"use 0..{frames - 1}")
     picked = [frame] if frame is not None else list(range(frames))
     pixels = _decode(ds, path, frame if frames > 1 else None)
     if len(picked) == 1:
@@ -69,9 +67,7 @@ def read_dicom_series(folder: Path) -> MedicalImage:
         )
     series = {ds.get("SeriesInstanceUID") for ds in images}
     if len(series) > 1:
-        raise ImageInputError(
-            folder, f"holds {len(series)} DICOM series", "move each series to its own folder"
-        )
+        raise ImageInputError(folder, f"holds {len(series)} DICOM series", "move each series to its own folder")
     for ds in datasets:  # a member of the series without pixels was cut short
         if ds.get("SeriesInstanceUID") in series:
             _require_pixels(ds, Path(ds.filename))
@@ -337,9 +333,7 @@ def _set_pixels(ds: Dataset, pixels: np.ndarray, invert: bool, out_dir: Path) ->
         ds.set_pixel_data(pixels, "RGB" if pixels.ndim == 3 else "MONOCHROME2", 8)
         return
     if pixels.ndim == 3:
-        raise ImageInputError(
-            out_dir, f"slice {ds.InstanceNumber} is colour but {pixels.dtype}", "pass uint8 RGB"
-        )
+        raise ImageInputError(out_dir, f"slice {ds.InstanceNumber} is colour but {pixels.dtype}", "pass uint8 RGB")
     if not np.all(np.isfinite(pixels)):
         raise ImageInputError(
             out_dir,

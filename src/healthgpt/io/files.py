@@ -66,9 +66,7 @@ def _read(path: Path, frame: int | None) -> MedicalImage:
             )
         return read_dicom_series(path)
     if not path.exists():
-        raise ImageInputError(
-            path, "does not exist", f"check the path (relative paths start at {Path.cwd()})"
-        )
+        raise ImageInputError(path, "does not exist", f"check the path (relative paths start at {Path.cwd()})")
     with path.open("rb") as file:
         head = file.read(348)
     if not head:

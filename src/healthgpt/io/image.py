@@ -100,9 +100,7 @@ class MedicalImage:
     def reoriented(self, plane: Plane) -> MedicalImage:
         """The volume resliced (flips and transposes only) so its slices are `plane` in radiological view."""
         if not self.is_volume:
-            raise ImageInputError(
-                self.name, "is a 2D image; an axis applies to volumes only", "leave axis=None"
-            )
+            raise ImageInputError(self.name, "is a 2D image; an axis applies to volumes only", "leave axis=None")
         if self.affine is None:
             raise ImageInputError(self.name, "has no geometry to reslice by", "leave axis=None")
         ornt = ornt_transform(io_orientation(self.affine), axcodes2ornt(PLANES[plane]))
@@ -137,9 +135,7 @@ class MedicalImage:
         """This image displayed with `window`: a preset name, "multi", "percentile", "C,W" or a window."""
         chosen = parse_window(window, self.name)
         if chosen is not None and self.color:
-            raise ImageInputError(
-                self.name, "is a colour image; windows apply to grey images", "pass no window"
-            )
+            raise ImageInputError(self.name, "is a colour image; windows apply to grey images", "pass no window")
         return self if chosen is None else replace(self, window=chosen)
 
     def to_pil(self, window: WindowSpec = None) -> Image.Image:
@@ -181,9 +177,7 @@ def spacing_of(affine: np.ndarray) -> tuple[float, float]:
     return float(row), float(col)
 
 
-def as_slices(
-    data: MedicalImage | Pixels | Sequence[Pixels], name: str | Path, gray: bool = False
-) -> list[np.ndarray]:
+def as_slices(data: MedicalImage | Pixels | Sequence[Pixels], name: str | Path, gray: bool = False) -> list[np.ndarray]:
     """2D slices from a volume, a 3D array, one image or a list; colour PIL images turn grey if `gray`."""
     if isinstance(data, MedicalImage):
         data = data.array if data.is_volume else [data.array]

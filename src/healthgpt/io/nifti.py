@@ -32,9 +32,7 @@ def read_nifti(path: Path, frame: int | None) -> MedicalImage:
             f"is truncated or corrupt: nibabel cannot read it ({exc})",
             "copy or export the file again",
         ) from exc
-    volume = MedicalImage(
-        array=values, path=path, affine=image.affine, pixel_spacing=spacing_of(image.affine)
-    )
+    volume = MedicalImage(array=values, path=path, affine=image.affine, pixel_spacing=spacing_of(image.affine))
     return volume.reoriented("axial")
 
 
@@ -73,9 +71,7 @@ def _frame(image: nib.spatialimages.SpatialImage, frame: int | None, path: Path)
         )
     frames = image.shape[3] if len(image.shape) == 4 else 1
     if frame is not None and not 0 <= frame < frames:
-        raise ImageInputError(
-            path, f"frame {frame} is out of range for {frames} volumes", f"use 0..{frames - 1}"
-        )
+        raise ImageInputError(path, f"frame {frame} is out of range for {frames} volumes", f"use 0..{frames - 1}")
     return image.dataobj[..., frame or 0] if len(image.shape) == 4 else image.dataobj
 
 

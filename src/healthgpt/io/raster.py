@@ -66,9 +66,7 @@ def save_png(image: MedicalImage | Image.Image | np.ndarray, path: str | Path) -
 def _seek(image: Image.Image, frame: int | None, path: Path) -> None:
     frames = getattr(image, "n_frames", 1)
     if frame is not None and not 0 <= frame < frames:
-        raise ImageInputError(
-            path, f"frame {frame} is out of range for {frames} frames", f"use 0..{frames - 1}"
-        )
+        raise ImageInputError(path, f"frame {frame} is out of range for {frames} frames", f"use 0..{frames - 1}")
     image.seek(frame or 0)
 
 

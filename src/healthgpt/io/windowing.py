@@ -61,9 +61,7 @@ class PercentileWindow:
 class MultiWindow:
     """Three CT windows as R, G, B (default lung, mediastinum, bone), as some CT models expect."""
 
-    channels: tuple[Window, Window, Window] = field(
-        default=(PRESETS["lung"], PRESETS["mediastinum"], PRESETS["bone"])
-    )
+    channels: tuple[Window, Window, Window] = field(default=(PRESETS["lung"], PRESETS["mediastinum"], PRESETS["bone"]))
 
     def apply(self, values: np.ndarray) -> np.ndarray:
         """Window `values` once per channel: shape (..., 3) uint8."""
