@@ -221,14 +221,14 @@ def test_ask_batches_several_questions_with_image_options(nano: HealthGPT, tmp_p
 
 @pytest.mark.slow
 def test_chat_reads_turns_from_stdin(nano: HealthGPT, ct_picture: Image.Image, tmp_path: Path) -> None:
-    script = "Is there a lesion?\n\nWhere is it?\n/reset\nWhere is it?\n/quit\nNever read.\n"
+    script = "Is there a lesion?\n\nWhy?\n/reset\nWhy?\n/quit\nNever read.\n"
     out = healthgpt("chat", CT, *TOKENS, cwd=tmp_path, stdin=script)
     assert out.returncode == 0, out.stderr
     first = [{"role": "user", "content": "Is there a lesion?"}]
     reply = nano.chat(first, ct_picture, max_new_tokens=8)
-    second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "Where is it?"}]
+    second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "Why?"}]
     follow_up = nano.chat(second, ct_picture, max_new_tokens=8)
-    fresh = nano.chat([{"role": "user", "content": "Where is it?"}], ct_picture, max_new_tokens=8)
+    fresh = nano.chat([{"role": "user", "content": "Why?"}], ct_picture, max_new_tokens=8)
     assert follow_up != fresh  # so the output shows that /reset really dropped the history
     assert out.stdout == f"{reply}\n{follow_up}\n{fresh}\n"
     assert "(new conversation)" in out.stderr
