@@ -12,7 +12,7 @@ import argparse
 import time
 
 import torch
-from _configs import QUESTIONS, small_config
+from _shared import QUESTIONS, small_config
 
 from healthgpt.api import HealthGPT
 from healthgpt.config import COMPREHENSION, get_variant

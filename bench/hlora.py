@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _shared import NaiveMoELoRA
 from torch import Tensor, nn
 
 from healthgpt.config import PluginConfig
@@ -33,26 +34,6 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
-
-
-class NaiveMoELoRA(nn.Module):
-    """MoELoRA as usually written: k separate LoRA experts, each output weighted by its gate, then summed."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, num_experts: int) -> None:
-        super().__init__()
-        r = rank // num_experts
-        self.base = base
-        self.experts_A = nn.ModuleList(nn.Linear(base.in_features, r, bias=False) for _ in range(num_experts))
-        self.experts_B = nn.ModuleList(nn.Linear(r, base.out_features, bias=False) for _ in range(num_experts))
-        self.route = nn.Linear(base.in_features, num_experts, bias=False)
-        self.scaling = alpha / rank * num_experts
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate = torch.softmax(self.route(x), dim=-1)  # [..., k]
-        y = self.base(x)
-        for e, (A, B) in enumerate(zip(self.experts_A, self.experts_B, strict=True)):
-            y = y + gate[..., e : e + 1] * B(A(x)) * self.scaling
-        return y
 
 
 def hlora_layer(base: nn.Linear, plugins: dict[str, PluginConfig], active: str | list[str]) -> HLoRALinear:

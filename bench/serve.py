@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from _configs import QUESTIONS, small_config
+from _shared import QUESTIONS, small_config
 from PIL import Image
 
 from healthgpt.config import HealthGPTConfig, get_variant

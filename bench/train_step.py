@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from _shared import NaiveMoELoRA
 from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 
@@ -31,34 +32,12 @@ from healthgpt.vision import build_projector
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-class MoELoRALinear(nn.Module):
-    """MoELoRA as usually written: k separate LoRA experts of rank R/k, each output weighted by its gate, summed."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, num_experts: int) -> None:
-        super().__init__()
-        r = rank // num_experts
-        self.base = base
-        self.experts_A = nn.ModuleList(nn.Linear(base.in_features, r, bias=False) for _ in range(num_experts))
-        self.experts_B = nn.ModuleList(nn.Linear(r, base.out_features, bias=False) for _ in range(num_experts))
-        self.route = nn.Linear(base.in_features, num_experts, bias=False)
-        self.scaling = alpha / rank * num_experts
-        for b in self.experts_B:
-            nn.init.zeros_(b.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate = torch.softmax(self.route(x), dim=-1)  # [..., k]
-        y = self.base(x)
-        for e, (a, b) in enumerate(zip(self.experts_A, self.experts_B, strict=True)):
-            y = y + gate[..., e : e + 1] * b(a(x)) * self.scaling
-        return y
-
-
 def with_moelora(llm: nn.Module, rank: int, alpha: float, experts: int) -> nn.Module:
     llm.requires_grad_(False)
     for path, module in list(llm.named_modules()):
         if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in TARGETS:
             parent, _, child = path.rpartition(".")
-            setattr(llm.get_submodule(parent), child, MoELoRALinear(module, rank, alpha, experts))
+            setattr(llm.get_submodule(parent), child, NaiveMoELoRA(module, rank, alpha, experts))
     return llm
 
 
