@@ -171,35 +171,50 @@ def test_serve_command_answers_health_and_requires_its_key(tmp_path: Path) -> No
 
 
 def _phantom_benchmarks(root: Path) -> Path:
-    """VQA-RAD (OSF json) and SLAKE (test.json + imgs/) folders of held-out phantom CTs: closed presence
-    questions and open count questions, in each benchmark's public on-disk format."""
+    """The five benchmarks' public on-disk layouts filled with held-out phantom CTs: closed presence questions
+    (VQA-RAD OSF json, PathVQA jsonl), open count questions (SLAKE), and the same presence question as multiple
+    choice (OmniMedVQA, MMMU Clinical_Medicine json)."""
     from healthgpt.data.phantoms import COUNT_WORDS, sample_case
 
     rng = np.random.default_rng(20261125)  # phantoms no part of the nano recipe saw
-    rad, slake = root / "vqa-rad", root / "slake"
-    (rad / "VQA_RAD Image Folder").mkdir(parents=True)
-    (slake / "imgs" / "ct").mkdir(parents=True)
-    rad_rows, slake_rows = [], []
+    rad, slake, path, omni, mmmu = (root / n for n in ("vqa-rad", "slake", "pathvqa", "omnimedvqa", "mmmu"))
+    for folder in (
+        rad / "VQA_RAD Image Folder",
+        slake / "imgs",
+        path / "images",
+        omni / "Images" / "Phantom",
+        omni / "QA_information" / "Open-access",
+        mmmu / "Clinical_Medicine" / "img",
+    ):
+        folder.mkdir(parents=True)
+    rows: dict[str, list] = {k: [] for k in ("rad", "slake", "path", "omni", "mmmu")}
+    question = "Is there a lesion in this CT image?"
     for i in range(8):
         case = sample_case(rng, size=64)
-        case.rgb("ct").save(rad / "VQA_RAD Image Folder" / f"synpic{i}.png")
-        case.rgb("ct").save(slake / "imgs" / "ct" / f"{i}.png")
-        rad_rows.append(
+        yes_no = "yes" if case.has_lesion else "no"
+        for image in (
+            rad / "VQA_RAD Image Folder" / f"synpic{i}.png",
+            slake / "imgs" / f"{i}.png",
+            path / "images" / f"{i}.png",
+            omni / "Images" / "Phantom" / f"{i}.png",
+            mmmu / "Clinical_Medicine" / "img" / f"{i}.png",
+        ):
+            case.rgb("ct").save(image)
+        rows["rad"].append(
             {
                 "qid": i,
                 "image_name": f"synpic{i}.png",
-                "question": "Is there a lesion in this CT image?",
-                "answer": "yes" if case.has_lesion else "no",
+                "question": question,
+                "answer": yes_no,
                 "answer_type": "CLOSED",
                 "question_type": "PRES",
                 "phrase_type": "test_freeform",
-                "image_organ": "HEAD",
             }
         )
-        slake_rows.append(
+        rows["slake"].append(
             {
                 "qid": i,
-                "img_name": f"ct/{i}.png",
+                "img_name": f"{i}.png",
                 "question": "How many lesions are there?",
                 "answer": COUNT_WORDS[case.count],
                 "q_lang": "en",
@@ -208,44 +223,95 @@ def _phantom_benchmarks(root: Path) -> Path:
                 "content_type": "Quantity",
             }
         )
-    (rad / "VQA_RAD Dataset Public.json").write_text(json.dumps(rad_rows))
-    (slake / "test.json").write_text(json.dumps(slake_rows))
+        rows["path"].append({"image": f"images/{i}.png", "question": question, "answer": yes_no, "id": str(i)})
+        rows["omni"].append(
+            {
+                "dataset": "Phantom",
+                "question_id": str(i),
+                "question_type": "Lesion",
+                "question": question,
+                "image_path": f"Images/Phantom/{i}.png",
+                "modality_type": "CT(Computed Tomography)",
+                "gt_answer": yes_no,
+                "option_A": "yes",
+                "option_B": "no",
+            }
+        )
+        mmmu_row = {
+            "id": f"validation_Clinical_Medicine_{i}",
+            "question": question,
+            "options": "['yes', 'no']",
+            "answer": "A" if case.has_lesion else "B",
+            "question_type": "multiple-choice",
+            "image_1": f"img/{i}.png",
+        }
+        rows["mmmu"].append(mmmu_row | {f"image_{k}": None for k in range(2, 8)})
+    (rad / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows["rad"]))
+    (slake / "test.json").write_text(json.dumps(rows["slake"]))
+    (path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows["path"]))
+    (omni / "QA_information" / "Open-access" / "Phantom.json").write_text(json.dumps(rows["omni"]))
+    (mmmu / "Clinical_Medicine" / "validation.json").write_text(json.dumps(rows["mmmu"]))
+    for subject in ("Basic_Medical_Science", "Diagnostics_and_Laboratory_Medicine", "Pharmacy", "Public_Health"):
+        (mmmu / subject).mkdir()
+        (mmmu / subject / "validation.json").write_text("[]")
     return root
 
 
 def test_eval_with_the_nano_model_matches_hand_computed_scores(tmp_path: Path) -> None:
+    """`healthgpt eval` end to end on all five layouts; every score equals one computed here by hand from the
+    predictions file (first word for closed questions, word recall for open ones, letter or option text for MCQ)."""
     root = _phantom_benchmarks(tmp_path / "data")
-    run(
-        "eval",
-        "--data",
-        f"vqa-rad={root / 'vqa-rad'}",
-        "--data",
-        f"slake={root / 'slake'}",
-        "--out",
-        tmp_path / "run",
-        "--prompts",
-        "plain",
-        "--no-progress",
-        cwd=tmp_path,
-    )
+    names = {
+        "vqa-rad": "vqa-rad",
+        "slake": "slake",
+        "pathvqa": "pathvqa",
+        "omnimedvqa": "omnimedvqa",
+        "mmmu-med": "mmmu",
+    }
+    data = [arg for name, folder in names.items() for arg in ("--data", f"{name}={root / folder}")]
+    run("eval", *data, "--out", tmp_path / "run", "--prompts", "plain", "--no-progress", cwd=tmp_path)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["datasets"]
     predictions = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
-    truth = {
-        f"vqa-rad/{r['qid']}": r["answer"]
-        for r in json.loads((root / "vqa-rad" / "VQA_RAD Dataset Public.json").read_text())
-    }
-    truth |= {f"slake/{r['qid']}": r["answer"] for r in json.loads((root / "slake" / "test.json").read_text())}
 
     def words(text: str) -> list[str]:
         return "".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split()
 
-    closed = [words(p["prediction"])[:1] == [truth[p["id"]]] for p in predictions if p["id"].startswith("vqa-rad")]
-    recalls = [
-        len(set(words(truth[p["id"]])) & set(words(p["prediction"]))) / len(set(words(truth[p["id"]])))
-        for p in predictions
-        if p["id"].startswith("slake")
+    def truth(dataset: str) -> list[str]:
+        folder = root / names[dataset]
+        if dataset == "vqa-rad":
+            return [r["answer"] for r in json.loads((folder / "VQA_RAD Dataset Public.json").read_text())]
+        if dataset == "slake":
+            return [r["answer"] for r in json.loads((folder / "test.json").read_text())]
+        if dataset == "pathvqa":
+            return [json.loads(line)["answer"] for line in (folder / "test.jsonl").read_text().splitlines()]
+        if dataset == "omnimedvqa":
+            return [
+                r["gt_answer"] for r in json.loads((folder / "QA_information/Open-access/Phantom.json").read_text())
+            ]
+        return [
+            ("yes", "no")["AB".index(r["answer"])]
+            for r in json.loads((folder / "Clinical_Medicine" / "validation.json").read_text())
+        ]
+
+    def score(dataset: str, prediction: str, answer: str) -> float:
+        said = words(prediction)
+        if dataset == "slake":  # open: share of the answer's words in the prediction
+            return len(set(words(answer)) & set(said)) / len(set(words(answer)))
+        if dataset in ("omnimedvqa", "mmmu-med"):  # MCQ over A=yes, B=no: the letter, or the option text alone
+            letter = "ab"[("yes", "no").index(answer)]
+            other = "no" if answer == "yes" else "yes"
+            return float(said == [letter] or (answer in said and other not in said))
+        return float(said[:1] == [answer])  # closed: the first word
+
+    for dataset in names:
+        preds = [p["prediction"] for p in predictions if p["dataset"] == dataset]
+        assert len(preds) == 8, dataset
+        expected = 100 * sum(score(dataset, p, a) for p, a in zip(preds, truth(dataset), strict=True)) / 8
+        kind = {"slake": ("open", "recall"), "omnimedvqa": ("mcq", "accuracy"), "mmmu-med": ("mcq", "accuracy")}
+        section, key = kind.get(dataset, ("closed", "accuracy"))
+        assert metrics[dataset][section][key] == pytest.approx(expected), dataset
+    closed = [
+        score("vqa-rad", p["prediction"], a)
+        for p, a in zip([p for p in predictions if p["dataset"] == "vqa-rad"], truth("vqa-rad"), strict=True)
     ]
-    assert len(closed) == 8 and len(recalls) == 8
-    assert metrics["vqa-rad"]["closed"]["accuracy"] == pytest.approx(100 * sum(closed) / 8)
-    assert metrics["slake"]["open"]["recall"] == pytest.approx(100 * sum(recalls) / 8)
     assert sum(closed) >= 6  # the trained toy model does see the phantom lesions
