@@ -1,5 +1,5 @@
-"""`HealthGPT`: the facade every entry point uses — ask, stream, chat (and later generate images) on one loaded
-model whose plugins are chosen per request."""
+"""`HealthGPT`: the facade every entry point uses — ask, stream, chat and generate images on one loaded model whose
+plugins are chosen per request."""
 
 from __future__ import annotations
 
