@@ -12,6 +12,7 @@ same VQGAN decode. Each mode runs in its own subprocess so peak RSS is its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import resource
@@ -21,39 +22,24 @@ import time
 
 import numpy as np
 import torch
+from _shared import small_config
 from PIL import Image
 
 from healthgpt.api import HealthGPT
-from healthgpt.config import GENERATION, LLMConfig, VQConfig, get_variant
+from healthgpt.config import GENERATION, HealthGPTConfig
 
 PUBLISHED_MAX_NEW_TOKENS = 1100
 
 
-def small_config():
-    """nano's architecture with a 32x32 code grid (1,024 codes, as the real VQGAN) and a 256-wide, 4-layer LLM."""
-    nano = get_variant("nano")
-    llm = LLMConfig(
-        arch="phi3",
-        source="small",
-        hidden_size=256,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=4,
-        intermediate_size=704,
-        vocab_rows=512,
-        max_position_embeddings=2048,
+def image_config() -> HealthGPTConfig:
+    """The shared `small` config made 256 wide and 4 layers deep, with a 32x32 code grid (1,024 codes and 8,192
+    code tokens, as the real VQGAN) on a light VQGAN."""
+    base = small_config()
+    llm = dataclasses.replace(
+        base.llm, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=704
     )
-    vq = VQConfig(
-        num_codes=8192,
-        embed_dim=16,
-        image_size=256,
-        z_channels=16,
-        ch=16,
-        ch_mult=(1, 2, 2, 4),
-        num_res_blocks=1,
-        attn_resolutions=(),
-    )
-    return nano.replace(name="small", llm=llm, vq=vq)
+    vq = dataclasses.replace(base.vq, num_codes=8192, image_size=256)
+    return base.replace(name="image-bench", llm=llm, vq=vq)
 
 
 def published(model: HealthGPT, images: list[Image.Image]) -> tuple[int, int]:
@@ -95,7 +81,7 @@ def ours(model: HealthGPT, images: list[Image.Image]) -> tuple[int, int]:
 def child(mode: str, batch: int) -> None:
     torch.set_num_threads(1)  # CPU seconds of one thread are what neighbours on a shared machine cannot inflate
     torch.manual_seed(0)
-    model = HealthGPT.random(small_config(), seed=0)
+    model = HealthGPT.random(image_config(), seed=0)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)) for _ in range(batch)]
     start, cpu = time.perf_counter(), time.process_time()
