@@ -50,7 +50,7 @@ def published(model: HealthGPT, images: list[Image.Image]) -> tuple[int, int]:
         )
         for im in images
     ]
-    from healthgpt.generation import _left_pad
+    from healthgpt.generation import left_pad as _left_pad
     from healthgpt.model import expand_image_slots
 
     ids, mask = _left_pad([expand_image_slots(r.input_ids, model.model.num_patches) for r in reqs], model.pad_id)

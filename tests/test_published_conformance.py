@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from healthgpt.api import HealthGPT
-from healthgpt.generation import SamplingParams, stream
+from healthgpt.generation import SamplingParams, StaticEngine, stream
 from healthgpt.vision import project_images
 
 
@@ -27,9 +27,15 @@ def m3(published) -> HealthGPT:
     )
 
 
-def _steps(model: HealthGPT, request, max_new_tokens: int):
+@pytest.fixture(scope="module")
+def engines(m3) -> dict[str, StaticEngine | None]:
+    """The eager path and the compiled static-cache engine (compiled once for the module)."""
+    return {"eager": None, "compiled": StaticEngine(m3.model)}
+
+
+def _steps(model: HealthGPT, request, max_new_tokens: int, engine: StaticEngine | None = None):
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    kw = dict(stop_ids=model.stop_ids, pad_id=model.pad_id, return_logits=True)
+    kw = dict(stop_ids=model.stop_ids, pad_id=model.pad_id, return_logits=True, engine=engine)
     return list(stream(model.model, [request], params, **kw))
 
 
@@ -42,15 +48,16 @@ def test_vocabulary_has_published_image_tokens_and_mean_rows(m3):
     torch.testing.assert_close(head[523:], mean.expand(8718 - 523, -1))
 
 
+@pytest.mark.parametrize("path", ["eager", "compiled"])
 @pytest.mark.parametrize("case", ["image", "text_only"])
-def test_prompt_logits_and_greedy_tokens_match_published(m3, published, case):
+def test_prompt_logits_and_greedy_tokens_match_published(m3, published, engines, case, path):
     folder = published / "case_a_m3_com" / ("text_only" if case == "text_only" else "")
     expected = json.loads((folder / "outputs.json").read_text())
     images = [Image.open(published / "input_image.png")] if case == "image" else []
     request = m3.build_request([{"role": "user", "content": expected["question"]}], images)
     assert request.input_ids == expected["input_ids"]
 
-    steps = _steps(m3, request, max_new_tokens=16)
+    steps = _steps(m3, request, max_new_tokens=16, engine=engines[path])
     tokens = [int(s.tokens[0]) for s in steps]
     assert tokens == expected["output_ids"]  # the text-only case ends with eos 519, as published
     logits = np.stack([s.logits[0].numpy() for s in steps])

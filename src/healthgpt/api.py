@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from . import checkpoints
 from .config import COMPREHENSION, GENERATION, HealthGPTConfig, get_variant
-from .generation import Request, SamplingParams, generate, stream
+from .generation import Request, SamplingParams, StaticEngine, generate, stream
 from .model import HealthGPTModel, build_model, expand_image_slots
 from .nano import nano_tokenizer, random_llm, random_vision
 from .tasks import UNCONDITIONAL_INSTRUCTION, resolve_instruction
@@ -51,7 +51,10 @@ class GeneratedImage:
 
 
 class HealthGPT:
-    """A loaded HealthGPT: model, tokenizer, preprocessing and chat template, with both plugins resident."""
+    """A loaded HealthGPT: model, tokenizer, preprocessing and chat template, with both plugins resident.
+
+    `enforce_eager` (vLLM's name): True decodes eagerly, False through the compiled static-cache engine, None (the
+    default) compiles on a GPU and stays eager on a CPU, where compiling costs more than one answer gains."""
 
     def __init__(
         self,
@@ -61,7 +64,11 @@ class HealthGPT:
         preprocessor: ImagePreprocessor,
         prompt_tokenizer: PromptTokenizer | None = None,
         vqgan: VQGAN | None = None,
+        *,
+        enforce_eager: bool | None = None,
     ) -> None:
+        self.enforce_eager = enforce_eager
+        self._engine: StaticEngine | None = None
         self.vqgan = vqgan.eval() if vqgan is not None else None
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -71,7 +78,9 @@ class HealthGPT:
         self.template = get_template(config.template)
 
     @classmethod
-    def random(cls, variant: str | HealthGPTConfig = "nano", *, seed: int = 0) -> HealthGPT:
+    def random(
+        cls, variant: str | HealthGPTConfig = "nano", *, seed: int = 0, enforce_eager: bool | None = None
+    ) -> HealthGPT:
         """An untrained model of the real architecture with random weights (tests, demos, benchmarks)."""
         config = get_variant(variant) if isinstance(variant, str) else variant
         tokenizer = nano_tokenizer(config.llm.vocab_rows, config.template)
@@ -87,14 +96,24 @@ class HealthGPT:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 3)
             vqgan = VQGAN.from_config(config.vq) if config.add_image_tokens else None
-        return cls(model, tokenizer, config, pre, vqgan=vqgan)
+        return cls(model, tokenizer, config, pre, vqgan=vqgan, enforce_eager=enforce_eager)
 
     @classmethod
-    def from_pretrained(cls, source: str | Path | HealthGPTConfig | None = None, **kwargs: Any) -> HealthGPT:
+    def from_pretrained(
+        cls, source: str | Path | HealthGPTConfig | None = None, *, enforce_eager: bool | None = None, **kwargs: Any
+    ) -> HealthGPT:
         """Load our bundle or the official release (local folders, a variant name or a Hub id such as
-        `lintw/HealthGPT-M3`), strictly; arguments as `healthgpt.checkpoints.load`."""
+        `lintw/HealthGPT-M3`), strictly; other arguments as `healthgpt.checkpoints.load`."""
         parts = checkpoints.load(source, **kwargs)
-        return cls(parts.model, parts.tokenizer, parts.config, parts.preprocessor, parts.prompts, vqgan=parts.vqgan)
+        return cls(
+            parts.model,
+            parts.tokenizer,
+            parts.config,
+            parts.preprocessor,
+            parts.prompts,
+            vqgan=parts.vqgan,
+            enforce_eager=enforce_eager,
+        )
 
     def save_pretrained(self, directory: str | Path, *, include_base: bool = False) -> Path:
         """Write this model as a bundle (base LLM and CLIP by reference, or included); see `checkpoints.save_bundle`."""
@@ -116,6 +135,7 @@ class HealthGPT:
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> HealthGPT:
         """Move the model and VQGAN to `device` and cast the model's floating weights to `dtype`; returns self."""
         self.model.to(device=device, dtype=None if dtype is None else checkpoints.resolve_dtype(dtype))
+        self._engine = None  # compiled for the old device and dtype
         if self.vqgan is not None:
             self.vqgan.to(device=device)
         return self
@@ -171,8 +191,24 @@ class HealthGPT:
         cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
         return self.tokenizer.decode(list(ids[:cut]), skip_special_tokens=True).strip()
 
-    def _generate_kwargs(self) -> dict[str, Any]:
-        return dict(stop_ids=self.stop_ids, pad_id=self.pad_id)
+    @property
+    def compiled(self) -> bool:
+        """Whether decoding runs on the compiled static-cache engine (see `enforce_eager`)."""
+        return self.device.type == "cuda" if self.enforce_eager is None else not self.enforce_eager
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Stop and pad ids and, when compiled, the engine (built once per device)."""
+        if self.compiled and self._engine is None:
+            self._engine = StaticEngine(self.model)
+        return dict(stop_ids=self.stop_ids, pad_id=self.pad_id, engine=self._engine if self.compiled else None)
+
+    def sampling_params(self, sampling: Mapping[str, Any]) -> SamplingParams:
+        """Decoding settings: the caller's, over the published defaults (greedy, with the base model's
+        `generation_config.repetition_penalty` where it sets one, as the published scripts leave it: 1.05 for
+        XL32)."""
+        penalty = getattr(self.model.llm.generation_config, "repetition_penalty", None)
+        defaults = {} if penalty in (None, 1.0) else {"repetition_penalty": penalty}
+        return SamplingParams(**{**defaults, **sampling})
 
     # ----- public API ----------------------------------------------------------------------------------------
     def ask(
@@ -255,14 +291,14 @@ class HealthGPT:
         sampling: Mapping[str, Any],
     ) -> tuple[list[Request], SamplingParams]:
         """One comprehension request per (conversation, images of its first turn), and the sampling settings."""
-        params = SamplingParams(**sampling)
+        params = self.sampling_params(sampling)
         requests = [
             self.build_request(c, list(ims), system=system, max_new_tokens=params.max_new_tokens) for c, ims in rows
         ]
         return requests, params
 
     def _replies(self, requests: Sequence[Request], params: SamplingParams) -> list[str]:
-        return [self._decode(ids) for ids in generate(self.model, requests, params, **self._generate_kwargs())]
+        return [self._decode(ids) for ids in generate(self.model, requests, params, **self.generation_kwargs())]
 
     @torch.inference_mode()
     def _pieces(self, requests: Sequence[Request], params: SamplingParams) -> Iterator[tuple[int, str]]:
@@ -271,7 +307,7 @@ class HealthGPT:
         stops = set(self.stop_ids)
         ids: list[list[int]] = [[] for _ in requests]
         sent = [""] * len(requests)
-        for step in stream(self.model, requests, params, **self._generate_kwargs()):
+        for step in stream(self.model, requests, params, **self.generation_kwargs()):
             for row in step.active.nonzero().flatten().tolist():
                 token = int(step.tokens[row])
                 if token in stops:  # the row's last step
@@ -339,7 +375,7 @@ class HealthGPT:
         built = [self.build_image_request(im, task_or_instruction, text=text, guided=guided) for im in images]
         instruction, task = built[0].instruction, built[0].task
         span = self.config.vq.num_image_tokens
-        params = SamplingParams(**{**sampling, "max_new_tokens": span + 1})
+        params = self.sampling_params({**sampling, "max_new_tokens": span + 1})
         codes = torch.zeros((len(images), span), dtype=torch.long)
         steps = stream(
             self.model,
@@ -347,7 +383,7 @@ class HealthGPT:
             params,
             unconditional=[b.unconditional for b in built] if guided else None,
             guidance_scale=guidance_scale or 1.0,
-            **self._generate_kwargs(),
+            **self.generation_kwargs(),
         )
         for i, step in enumerate(tqdm(steps, total=span + 1, desc="image codes", disable=not progress, leave=False)):
             if i < span:

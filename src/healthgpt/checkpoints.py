@@ -322,6 +322,13 @@ class PluginTable(nn.Module):
         active = self.selection.active
         if active is None or isinstance(active, str):
             return self._lookup(x, active)
+        if isinstance(active, Tensor):  # per-row plugin indices (compiled decode): each row keeps its own table
+            out = self._lookup(x, None)
+            for index, name in enumerate(self.selection.names):
+                if name in self.tables:
+                    keep = (active == index).view(-1, *[1] * (out.dim() - 1))
+                    out = torch.where(keep, self._lookup(x, name), out)
+            return out
         if len(active) != x.shape[0]:
             raise ValueError(f"per-sample plugin selection has {len(active)} entries but the input has {x.shape[0]}")
         out = self._lookup(x, None)

@@ -3,12 +3,14 @@
 Each plugin of a linear holds one A [R, in], one B [out, R] and one router [k, in]; the k experts are the
 consecutive rank blocks of size R/k (REFERENCE §2.2). Several plugins (comprehension, generation, ...) live
 side by side over the same frozen base weights, and the plugin is chosen per call or per sample through one
-`PluginSelection` shared by every wrapper of a model.
+`PluginSelection` shared by every wrapper of a model. The selection is set only inside `HLoRAController.use`, which
+holds the model's lock, so threads sharing a model take turns per forward and never see each other's plugins.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 
 from healthgpt.config import PluginConfig
 
-Selection = str | tuple[str | None, ...] | None
+Selection = str | tuple[str | None, ...] | Tensor | None
 
 
 class HLoRAStateError(ValueError):
@@ -78,16 +80,22 @@ class HLoRAPlugin(nn.Module):
 
 
 class PluginSelection:
-    """Which plugins the wrappers of one model apply: None (base only), one name for every row, or one name
-    (or None) per sample along dim 0. Shared by reference, so switching touches no layer."""
+    """Which plugins the wrappers of one model apply: None (base only), one name for every row, one name (or None)
+    per sample along dim 0, or a long tensor [B] of indices into `names` (the form a compiled decode step takes:
+    rows pick plugins by tensor arithmetic, so one captured graph serves every mix). Shared by reference, so
+    switching touches no layer."""
 
     def __init__(self) -> None:
         self.active: Selection = None
+        self.names: tuple[str, ...] = ()  # plugin order for tensor selections
         self._rows: dict[str, list[int]] = {}
         self._groups: dict[torch.device, list[tuple[str, Tensor]]] = {}
 
-    def set(self, plugins: str | Sequence[str | None] | None) -> None:
+    def set(self, plugins: str | Sequence[str | None] | Tensor | None) -> None:
         """Select plugins (see the class docstring); sequences are copied, so later edits do not leak in."""
+        if isinstance(plugins, Tensor):
+            self.active, self._rows, self._groups = plugins, {}, {}
+            return
         self.active = plugins if plugins is None or isinstance(plugins, str) else tuple(plugins)
         self._rows = {}
         for i, name in enumerate(self.active if isinstance(self.active, tuple) else ()):
@@ -153,6 +161,11 @@ class HLoRALinear(nn.Module):
             return y
         if isinstance(active, str):
             return y + self._plugin(active)(x).to(y.dtype)
+        if isinstance(active, Tensor):  # per-row plugin indices: every plugin runs, each row keeps its own delta
+            for index, name in enumerate(self.selection.names):
+                keep = (active == index).to(y.dtype).view(-1, *[1] * (y.dim() - 1))
+                y = y + keep * self._plugin(name)(x).to(y.dtype)
+            return y
         if len(active) != x.shape[0]:
             raise ValueError(
                 f"per-sample H-LoRA selection has {len(active)} entries but the input has {x.shape[0]} "
@@ -175,6 +188,7 @@ class HLoRAController:
         self.selection = selection
         self.dtype = dtype
         self.configs: dict[str, PluginConfig] = {}
+        self.lock = threading.RLock()  # held while a selection is in force (see the module docstring)
 
     @property
     def plugin_names(self) -> tuple[str, ...]:
@@ -191,21 +205,24 @@ class HLoRAController:
         for layer in self.layers.values():
             layer.add_plugin(name, cfg, self.dtype, init)
         self.configs[name] = cfg
+        self.selection.names = tuple(self.configs)
 
     @contextmanager
-    def use(self, plugins: str | Sequence[str | None] | None) -> Iterator[None]:
+    def use(self, plugins: str | Sequence[str | None] | Tensor | None) -> Iterator[None]:
         """Within the block apply no plugin (None), one plugin to all rows (a name), or one per sample (a
-        sequence of names, None = base only, along dim 0 of every input); then restore the previous one."""
-        if plugins is not None:
+        sequence of names, None = base only, or a tensor of indices into `plugin_names`, along dim 0 of every
+        input); then restore the previous one. Holds the model's lock for the block."""
+        if plugins is not None and not isinstance(plugins, Tensor):
             for name in [plugins] if isinstance(plugins, str) else plugins:
                 if name is not None:
                     self._check(name)
-        previous = self.selection.active
-        self.selection.set(plugins)
-        try:
-            yield
-        finally:
-            self.selection.set(previous)
+        with self.lock:
+            previous = self.selection.active
+            self.selection.set(plugins)
+            try:
+                yield
+            finally:
+                self.selection.set(previous)
 
     def parameters_of(self, plugin: str) -> list[nn.Parameter]:
         """Adapter parameters (A, B, router of every layer) of one plugin."""

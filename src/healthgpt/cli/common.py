@@ -95,6 +95,15 @@ class ModelOptions:
             help="VQGAN folder or taming last.ckpt (needed to decode generated images).", rich_help_panel=_MODEL
         ),
     ] = None
+    enforce_eager: Annotated[
+        bool | None,
+        typer.Option(
+            "--enforce-eager/--compile",
+            help="Decode eagerly, or through the compiled static-cache engine (default: compiled on a GPU, eager on "
+            "a CPU, where compiling takes longer than one answer saves).",
+            rich_help_panel=_MODEL,
+        ),
+    ] = None
 
     def __post_init__(self) -> None:
         """Check what can be checked before anything loads: PLUGIN=PATH specs, and that named files exist."""
@@ -150,7 +159,9 @@ class ModelOptions:
         """The model these options name."""
         from ..api import HealthGPT
 
-        return HealthGPT.from_pretrained(self.model, device=self.device, **self.load_kwargs())
+        return HealthGPT.from_pretrained(
+            self.model, device=self.device, enforce_eager=self.enforce_eager, **self.load_kwargs()
+        )
 
     def convert(self, output: Path, *, include_base: bool) -> None:
         """Write the model these options name as a bundle at `output`."""

@@ -253,7 +253,7 @@ class Batcher:
         hg = self.model
         first = jobs[0]
         sampling = replace(first.sampling, max_new_tokens=max(job.budget for job in jobs))
-        kwargs: dict = {"stop_ids": hg.stop_ids, "pad_id": hg.pad_id}
+        kwargs: dict = hg.generation_kwargs()
         vocab = hg.model.image_vocab
         span = hg.config.vq.num_image_tokens
         if first.guidance_scale != 1.0:

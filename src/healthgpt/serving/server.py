@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..api import HealthGPT, PromptTooLongError
 from ..config import GENERATION
-from ..generation import Request, SamplingParams
+from ..generation import Request
 from ..io import ImageInputError
 from ..model import expand_image_slots
 from ..tasks import TASKS, resolve_instruction
@@ -210,7 +210,7 @@ async def _chat(state: _State, body: ChatCompletionRequest) -> JSONResponse | St
     if budget < 1:
         raise ApiError(400, f"the prompt fills the model's context of {context} tokens", code="context_length_exceeded")
     try:
-        sampling = SamplingParams(
+        chosen = dict(
             max_new_tokens=budget,
             temperature=body.temperature or 0.0,
             top_p=body.top_p,
@@ -218,6 +218,7 @@ async def _chat(state: _State, body: ChatCompletionRequest) -> JSONResponse | St
             repetition_penalty=body.repetition_penalty,
             seed=body.seed,
         )
+        sampling = batcher.model.sampling_params({k: v for k, v in chosen.items() if v is not None})
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
     events: asyncio.Queue[Event] = asyncio.Queue()
@@ -362,12 +363,14 @@ async def _image_edits(state: _State, http: HttpRequest) -> dict:
         raise ApiError(400, "n must be between 1 and 4", param="n")
     guidance = _form_number(fields, "guidance_scale", float, 1.0)
     try:
-        sampling = SamplingParams(
-            max_new_tokens=model.config.vq.num_image_tokens + 1,
-            temperature=_form_number(fields, "temperature", float, 0.0),
-            top_p=_form_number(fields, "top_p", float, None),
-            top_k=_form_number(fields, "top_k", int, None),
-            seed=_form_number(fields, "seed", int, None),
+        sampling = model.sampling_params(
+            dict(
+                max_new_tokens=model.config.vq.num_image_tokens + 1,
+                temperature=_form_number(fields, "temperature", float, 0.0),
+                top_p=_form_number(fields, "top_p", float, None),
+                top_k=_form_number(fields, "top_k", int, None),
+                seed=_form_number(fields, "seed", int, None),
+            )
         )
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None

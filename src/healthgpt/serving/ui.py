@@ -105,12 +105,13 @@ class _App:
         batcher = self.batchers[model]
         try:
             source = _slice(path, None if index is None else int(index), window) if path else None
-            sampling = SamplingParams(
+            chosen = dict(
                 max_new_tokens=int(max_new_tokens),
                 temperature=float(temperature),
                 top_p=float(top_p) if top_p < 1 else None,
                 seed=None if seed is None else int(seed),
             )
+            sampling = batcher.model.sampling_params({k: v for k, v in chosen.items() if v is not None})
             if task == ANALYZE:
                 yield from self._analyze(batcher, source, question, sampling)
             else:
