@@ -3,10 +3,13 @@ MoE-LoRA baseline H-LoRA is measured against."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor, nn
 
-from healthgpt.config import HealthGPTConfig, LLMConfig, get_variant
+from healthgpt.api import HealthGPT
+from healthgpt.config import COMPREHENSION, HealthGPTConfig, LLMConfig, get_variant
 
 QUESTIONS = ["Is there a lesion in this CT image?", "Which side is the lesion on?", "How many lesions are there?"]
 
@@ -48,3 +51,49 @@ class NaiveMoELoRA(nn.Module):
         for e, (a, b) in enumerate(zip(self.experts_A, self.experts_B, strict=True)):
             y = y + gate[..., e : e + 1] * b(a(x)) * self.scaling
         return y
+
+
+def build_on_device(variant: str, device: torch.device, dtype: str = "float32") -> HealthGPT:
+    """A random-weight model of `variant` ('small' or a variant name such as nano or m3) built directly on `device`
+    (no host copy, so real M3 shapes take seconds on a GPU), cast to `dtype`."""
+    config = small_config() if variant == "small" else get_variant(variant)
+    with torch.device(device):
+        model = HealthGPT.random(config, seed=0)
+    return model.to(device, dtype)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second moved by a device-to-device copy of a large buffer (each byte read once and written once):
+    the memory-bandwidth ceiling a decode step is measured against."""
+    src = torch.empty(megabytes << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() / best
+
+
+def step_bytes(model: HealthGPT, batch: int, length: int, plugin: str = COMPREHENSION) -> int:
+    """Bytes one decode step must read: every LLM weight but the input embedding table (one row per token) and the
+    other plugins' adapters, plus the K and V cache of `batch` rows of `length` positions."""
+    embedding = model.model.llm.get_input_embeddings().weight
+    others = tuple(f".plugins.{name}." for name in model.model.hlora.plugin_names if name != plugin)
+    weights = sum(
+        p.numel() * p.element_size()
+        for name, p in model.model.llm.named_parameters()
+        if p is not embedding and not any(o in name for o in others)
+    )
+    cfg = model.model.llm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * length * batch * embedding.element_size()
+    return weights + kv
