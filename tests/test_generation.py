@@ -131,3 +131,17 @@ def test_text_answers_never_contain_image_tokens():
     finally:
         handle.remove()
     assert len(out) == 12 and not any(vocab.start_id <= t <= vocab.newline_id for t in out)
+
+
+def test_incremental_detokenizer_pieces_join_to_the_decoded_row_without_broken_characters():
+    from healthgpt.generation import IncrementalDetokenizer
+
+    model = HealthGPT.random("nano", seed=1)
+    tok = model.tokenizer
+    ids = tok.encode("Lésion à gauche: 12 mm → suivi, 肺结节 ok", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.push(i) for i in ids]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert not any(p.endswith("\ufffd") for p in pieces[:-1])
+    assert sum(bool(p) for p in pieces) > 3  # it streams, not everything at the end

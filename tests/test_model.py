@@ -141,3 +141,42 @@ def test_unsupported_image_mode_and_empty_prompt_raise():
         model.ask(_image(0), "   ")
     with pytest.raises(ValueError, match="unknown plugin"):
         model.model(torch.tensor([[1, 2]]), "segmentation")
+
+
+def test_a_second_question_about_the_same_image_skips_the_vision_tower(monkeypatch):
+    from healthgpt.api import HealthGPT
+
+    model = HealthGPT.random("nano", seed=4)
+    calls = []
+    original = model.model.vision.features
+    monkeypatch.setattr(model.model.vision, "features", lambda *a, **k: calls.append(1) or original(*a, **k))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    first = model.ask(image, "Is there a lesion?", max_new_tokens=6)
+    assert len(calls) == 1 and model.ask(image, "Is there a lesion?", max_new_tokens=6) == first
+    assert len(calls) == 1 and model.model.feature_cache.hits == 1
+    other = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    model.ask(other, "Is there a lesion?", max_new_tokens=6)
+    assert len(calls) == 2
+    model.model.train()  # weights may change: the cache is emptied
+    model.model.eval()
+    model.ask(image, "Is there a lesion?", max_new_tokens=6)
+    assert len(calls) == 3
+
+
+def test_the_feature_cache_keeps_at_most_its_bound_and_evicts_the_oldest():
+    from healthgpt.feature_cache import FeatureCache
+
+    cache = FeatureCache(max_entries=2)
+    pixels = torch.arange(3 * 4, dtype=torch.float32).reshape(3, 4)
+    computed = []
+
+    def compute(p, plugins):
+        computed.append(len(p))
+        return p * 2
+
+    torch.testing.assert_close(cache.features(pixels, ["a"] * 3, compute), pixels * 2)
+    assert len(cache) == 2 and computed == [3]
+    torch.testing.assert_close(cache.features(pixels[1:], ["a", "a"], compute), pixels[1:] * 2)
+    assert computed == [3]  # rows 1 and 2 were kept; row 0 was evicted
+    cache.features(pixels[:1], ["a"], compute)
+    assert computed == [3, 1]

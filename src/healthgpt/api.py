@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from . import checkpoints
 from .config import COMPREHENSION, GENERATION, HealthGPTConfig, get_variant
-from .generation import Request, SamplingParams, StaticEngine, generate, stream
+from .generation import IncrementalDetokenizer, Request, SamplingParams, StaticEngine, generate, stream
 from .model import HealthGPTModel, build_model, expand_image_slots
 from .nano import nano_tokenizer, random_llm, random_vision
 from .tasks import UNCONDITIONAL_INSTRUCTION, resolve_instruction
@@ -302,25 +302,18 @@ class HealthGPT:
 
     @torch.inference_mode()
     def _pieces(self, requests: Sequence[Request], params: SamplingParams) -> Iterator[tuple[int, str]]:
-        """(row, new text) as each row's reply grows; text held back for an incomplete character is flushed at
-        the end, so a row's pieces join to the decoded reply."""
+        """(row, new text) as each row's reply grows (one incremental detokenizer per row); text held back for an
+        incomplete character is flushed at the end, so a row's pieces join to the decoded reply."""
         stops = set(self.stop_ids)
-        ids: list[list[int]] = [[] for _ in requests]
-        sent = [""] * len(requests)
+        rows = [IncrementalDetokenizer(self.tokenizer) for _ in requests]
         for step in stream(self.model, requests, params, **self.generation_kwargs()):
             for row in step.active.nonzero().flatten().tolist():
                 token = int(step.tokens[row])
-                if token in stops:  # the row's last step
-                    continue
-                ids[row].append(token)
-                text = self.tokenizer.decode(ids[row], skip_special_tokens=True)
-                if not text.endswith("\ufffd") and len(text) > len(sent[row]):  # wait for the rest of a character
-                    yield row, text[len(sent[row]) :]
-                    sent[row] = text
-        for row, row_ids in enumerate(ids):
-            text = self.tokenizer.decode(row_ids, skip_special_tokens=True)
-            if len(text) > len(sent[row]):
-                yield row, text[len(sent[row]) :]
+                if token not in stops and (text := rows[row].push(token)):  # a stop token is the row's last step
+                    yield row, text
+        for row, detokenizer in enumerate(rows):
+            if text := detokenizer.flush():
+                yield row, text
 
     def build_image_request(
         self, image: Image.Image | None, task_or_instruction: str, *, text: str | None = None, guided: bool = False

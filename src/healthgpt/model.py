@@ -14,6 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import HealthGPTConfig
+from .feature_cache import FeatureCache
 from .hlora import HLoRAController, inject_hlora
 from .tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageVocab, add_image_tokens
 from .vision import VisionEncoder, build_projector, project_images
@@ -75,6 +76,7 @@ class HealthGPTModel(nn.Module):
         self.image_vocab = image_vocab
         self.num_patches = num_patches
         self.image_span_length = image_span_length if image_vocab is not None else None  # codes per generated image
+        self.feature_cache = FeatureCache()  # in eval mode without gradients; emptied whenever weights may change
 
     @property
     def plugin_names(self) -> tuple[str, ...]:
@@ -105,8 +107,23 @@ class HealthGPTModel(nn.Module):
         if n_images == 0:
             return embeds
         image_plugins = [p for p, n in zip(plugins, per_row, strict=True) for _ in range(n // self.num_patches)]
-        feats = project_images(self.vision, self.projectors, self.vision_layers, pixel_values, image_plugins)
+        if self.training or torch.is_grad_enabled():
+            feats = self._project(pixel_values, image_plugins)
+        else:
+            feats = self.feature_cache.features(pixel_values, image_plugins, self._project)
         return embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype))
+
+    def train(self, mode: bool = True) -> HealthGPTModel:
+        """Switch mode; the feature cache is emptied, since training changes the weights behind it."""
+        self.feature_cache.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # nn.Module's hook behind .to(), .half(), .cuda(): features change too
+        self.feature_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _project(self, pixel_values: torch.Tensor, plugins: Sequence[str]) -> torch.Tensor:
+        return project_images(self.vision, self.projectors, self.vision_layers, pixel_values, plugins)
 
     def forward(
         self,

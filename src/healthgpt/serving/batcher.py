@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..api import HealthGPT
-from ..generation import Request, SamplingParams, stream
+from ..generation import IncrementalDetokenizer, Request, SamplingParams, stream
 from ..model import expand_image_slots
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,7 @@ class Job:
     # worker-side state
     ids: list[int] = field(default_factory=list)
     finished: bool = False
-    _decoded: tuple[int, int] = (0, 0)  # (prefix offset, read offset) of the incremental detokenizer
-
-    def __post_init__(self) -> None:
-        if self.request.max_new_tokens is None:
-            self.request.max_new_tokens = self.sampling.max_new_tokens
+    detokenizer: IncrementalDetokenizer | None = None
 
     @property
     def is_image(self) -> bool:
@@ -259,7 +255,8 @@ class Batcher:
         if first.guidance_scale != 1.0:
             kwargs |= {"unconditional": [job.unconditional for job in jobs], "guidance_scale": first.guidance_scale}
         log.debug("%s: batch of %d (%d image)", self.name, len(jobs), sum(job.is_image for job in jobs))
-        steps = stream(hg.model, [job.request for job in jobs], sampling, **kwargs)
+        requests = [replace(job.request, max_new_tokens=job.budget) for job in jobs]
+        steps = stream(hg.model, requests, sampling, **kwargs)
         try:
             for step in steps:
                 with self._tokenizer_lock:
@@ -290,27 +287,16 @@ class Batcher:
             self._finish_text(job, "stop")
             return
         job.ids.append(token)
-        delta = self._detokenize(job)
-        if delta:
+        if job.detokenizer is None:
+            job.detokenizer = IncrementalDetokenizer(self.model.tokenizer)
+        if delta := job.detokenizer.push(token):
             _emit(job, TextDelta(delta))
         if len(job.ids) >= job.budget:
             self._finish_text(job, "length")
 
-    def _detokenize(self, job: Job, final: bool = False) -> str:
-        """The text the newest tokens complete, decoding a few tokens of context (O(1) per token). Until `final`,
-        it waits while the text ends in an incomplete multi-byte character."""
-        decode = self.model.tokenizer.decode
-        prefix, read = job._decoded
-        before = decode(job.ids[prefix:read], skip_special_tokens=True)
-        after = decode(job.ids[prefix:], skip_special_tokens=True)
-        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
-            return ""
-        job._decoded = (read, len(job.ids))
-        return after[len(before) :]
-
     def _finish_text(self, job: Job, reason: str) -> None:
         job.finished = True
-        if rest := self._detokenize(job, final=True):
+        if job.detokenizer is not None and (rest := job.detokenizer.flush()):
             _emit(job, TextDelta(rest))
         text = self.model.tokenizer.decode(job.ids, skip_special_tokens=True).strip()
         completion = len(job.ids) + (reason == "stop")
