@@ -309,7 +309,7 @@ def _thread_server(app) -> Iterator[str]:
 
 
 def test_a_full_queue_answers_503_and_a_late_answer_times_out(nano):
-    app = create_app(nano, ServerOptions(max_batch_size=1, max_queue=1, request_timeout=3))
+    app = create_app(nano, ServerOptions(max_batch_size=1, max_queue=1, request_timeout=3, batching="static"))
     batcher = app.state.healthgpt.batchers[MODEL]
     entered, release = threading.Event(), threading.Event()
     run = batcher.run

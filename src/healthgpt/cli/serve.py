@@ -1,4 +1,4 @@
-"""`serve` (OpenAI-compatible HTTP API) and `ui` (Gradio app): one loaded model, both tasks, dynamic batching."""
+"""`serve` (OpenAI-compatible HTTP API) and `ui` (Gradio app): one loaded model, both tasks, continuous batching."""
 
 from __future__ import annotations
 
@@ -22,13 +22,19 @@ def serve(
     ] = False,
     cors_origin: Annotated[list[str] | None, typer.Option(help="Browser origin allowed to call the API.")] = None,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass (1: no batching).")] = 32,
+    batching: Annotated[
+        str, typer.Option(help="continuous (rows join and leave the running batch at every step) or static.")
+    ] = "continuous",
+    max_model_len: Annotated[
+        int | None, typer.Option(min=1, help="Positions per request (prompt + answer); default: the model's context.")
+    ] = None,
     max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before 503.")] = 256,
     timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 300.0,
     max_tokens: Annotated[int, typer.Option(min=1, help="Default and largest answer length.")] = 512,
     *,
     model: ModelOptions,
 ) -> None:
-    """Serve /v1/chat/completions (streaming too), /v1/images/edits, /v1/models and /health."""
+    """Serve /v1/chat/completions (streaming too), /v1/images/edits, /v1/models, /health and /metrics."""
     from ..serving.server import ServerOptions
     from ..serving.server import serve as run
 
@@ -37,6 +43,8 @@ def serve(
         allow_remote_images=allow_remote_images,
         cors_origins=tuple(cors_origin or ()),
         max_batch_size=max_batch_size,
+        batching=batching,
+        max_model_len=max_model_len,
         max_queue=max_queue,
         request_timeout=timeout,
         max_tokens=max_tokens,

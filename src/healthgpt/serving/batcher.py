@@ -17,6 +17,7 @@ from PIL import Image
 from ..api import HealthGPT
 from ..generation import IncrementalDetokenizer, Request, SamplingParams, stream
 from ..model import expand_image_slots
+from .metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,11 +82,15 @@ class Job:
     unconditional: Request | None = None  # image jobs with classifier-free guidance
     guidance_scale: float = 1.0
     deadline: float | None = None  # time.monotonic() after which the job is dropped
+    min_tokens: int = 0  # stop tokens are suppressed before this many tokens (vLLM's extension)
+    ignore_eos: bool = False  # run to the budget whatever is generated (vLLM's extension, for benchmarks)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.monotonic)
     # worker-side state
     ids: list[int] = field(default_factory=list)
     finished: bool = False
     detokenizer: IncrementalDetokenizer | None = None
+    last_token_at: float | None = None
 
     @property
     def is_image(self) -> bool:
@@ -140,6 +145,7 @@ class Batcher:
         max_wait: float = 0.005,
         max_queue: int = 256,
         name: str = "healthgpt",
+        metrics: ServingMetrics | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait >= 0")
@@ -148,6 +154,7 @@ class Batcher:
         self.max_wait = max_wait
         self.max_queue = max_queue
         self.name = name
+        self.metrics = metrics or ServingMetrics()
         self._queue: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
@@ -250,11 +257,10 @@ class Batcher:
         first = jobs[0]
         sampling = replace(first.sampling, max_new_tokens=max(job.budget for job in jobs))
         kwargs: dict = hg.generation_kwargs()
-        vocab = hg.model.image_vocab
-        span = hg.config.vq.num_image_tokens
         if first.guidance_scale != 1.0:
             kwargs |= {"unconditional": [job.unconditional for job in jobs], "guidance_scale": first.guidance_scale}
         log.debug("%s: batch of %d (%d image)", self.name, len(jobs), sum(job.is_image for job in jobs))
+        self.metrics.running.labels(self.name).set(len(jobs))
         requests = [replace(job.request, max_new_tokens=job.budget) for job in jobs]
         steps = stream(hg.model, requests, sampling, **kwargs)
         try:
@@ -267,23 +273,37 @@ class Batcher:
                     break
         finally:
             steps.close()
-        images = [job for job in jobs if job.is_image and job.finished and not job.cancelled.is_set()]
-        if images:
-            assert vocab is not None and hg.vqgan is not None
-            codes = vocab.ids_to_codes(torch.tensor([job.ids[:span] for job in images]))
-            device = next(hg.vqgan.parameters()).device
-            with torch.inference_mode():
-                pictures = hg.vqgan.codes_to_pil(codes.to(device))
-            for job, picture, c in zip(images, pictures, codes, strict=True):
-                _emit(job, ImageDone(picture, c.reshape(hg.vqgan.grid, hg.vqgan.grid), _prompt_tokens(hg, job)))
+        self.emit_images([job for job in jobs if job.is_image and job.finished and not job.cancelled.is_set()])
+
+    def emit_images(self, jobs: Sequence[Job]) -> None:
+        """Decode finished image jobs' codes with the VQGAN and send each its picture."""
+        if not jobs:
+            return
+        hg = self.model
+        vocab, span = hg.model.image_vocab, hg.config.vq.num_image_tokens
+        assert vocab is not None and hg.vqgan is not None
+        codes = vocab.ids_to_codes(torch.tensor([job.ids[:span] for job in jobs]))
+        device = next(hg.vqgan.parameters()).device
+        with torch.inference_mode():
+            pictures = hg.vqgan.codes_to_pil(codes.to(device))
+        for job, picture, c in zip(jobs, pictures, codes, strict=True):
+            _emit(job, ImageDone(picture, c.reshape(hg.vqgan.grid, hg.vqgan.grid), _prompt_tokens(hg, job)))
 
     def _feed(self, job: Job, token: int) -> None:
         """Advance one job by its new token: stream text pieces, collect image codes, finish."""
+        now = time.monotonic()
+        labels = self.metrics.tokens.labels(self.name)
+        labels.inc()
+        if job.last_token_at is None:
+            self.metrics.ttft.labels(self.name).observe(now - job.arrived)
+        else:
+            self.metrics.itl.labels(self.name).observe(now - job.last_token_at)
+        job.last_token_at = now
         if job.is_image:
             job.ids.append(token)
             job.finished = len(job.ids) > self.model.config.vq.num_image_tokens  # the codes and the end token
             return
-        if token in self._stops:
+        if token in self._stops and not job.ignore_eos and len(job.ids) >= job.min_tokens:
             self._finish_text(job, "stop")
             return
         job.ids.append(token)

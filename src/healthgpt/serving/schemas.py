@@ -63,8 +63,9 @@ class StreamOptions(_Lenient):
 
 
 class ChatCompletionRequest(_Lenient):
-    """`POST /v1/chat/completions`. `top_k` and `repetition_penalty` extend the OpenAI schema (send them with the
-    client's `extra_body`); an absent temperature means greedy decoding, as the published model is run."""
+    """`POST /v1/chat/completions`. `top_k`, `repetition_penalty`, `min_tokens` and `ignore_eos` extend the OpenAI
+    schema (send them with the client's `extra_body`); an absent temperature means greedy decoding, as the published
+    model is run."""
 
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -77,6 +78,8 @@ class ChatCompletionRequest(_Lenient):
     top_k: int | None = Field(None, ge=1)
     repetition_penalty: float | None = Field(None, gt=0)
     seed: int | None = None
+    min_tokens: int | None = Field(None, ge=0)  # vLLM's extension: no stop before this many tokens
+    ignore_eos: bool = False  # vLLM's extension: generate to the token budget
     n: int = 1
     stop: str | list[str] | None = None
     frequency_penalty: float | None = None

@@ -25,8 +25,9 @@ import httpx
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -52,12 +53,17 @@ from .batcher import (
     TextDelta,
     named_models,
 )
+from .continuous import ContinuousBatcher
 from .images import ImageRejected, data_uri_bytes, decode_image, fetch_remote, is_remote
+from .metrics import ServingMetrics
 from .schemas import ApiError, ChatCompletionRequest
 from .schemas import Message as ChatMessage
 
 log = logging.getLogger(__name__)
 API_KEY_ENV = "HEALTHGPT_API_KEY"
+
+
+BATCHING = ("continuous", "static")
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,10 @@ class ServerOptions:
     api_key: str | None = None  # required as `Authorization: Bearer <key>` on /v1; default: $HEALTHGPT_API_KEY
     allow_remote_images: bool = False  # fetch http(s) image URLs (data: URIs are always accepted)
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none by default
-    max_batch_size: int = 32  # rows per forward pass; 1 turns dynamic batching off
-    batch_wait_ms: float = 5.0  # how long the first queued request waits for others to join its batch
+    max_batch_size: int = 32  # rows per forward pass (continuous: KV-cache slots); 1 turns batching off
+    batching: str = "continuous"  # "continuous" (rows join and leave at every step) or "static" (whole batches)
+    max_model_len: int | None = None  # positions per request slot (continuous); default: the model's context
+    batch_wait_ms: float = 5.0  # static batching: how long the first queued request waits for others to join
     max_queue: int = 256  # requests waiting to start; more are answered 503 with Retry-After
     request_timeout: float = 300.0  # seconds from arrival to the last token
     max_body_bytes: int = 32 * 2**20
@@ -81,6 +89,10 @@ class ServerOptions:
             raise ValueError("batch size, queue, body, pixel and token limits must be >= 1")
         if self.request_timeout <= 0 or self.batch_wait_ms < 0:
             raise ValueError("request_timeout must be > 0 and batch_wait_ms >= 0")
+        if self.batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError("max_model_len must be >= 1")
 
 
 @dataclass
@@ -108,18 +120,9 @@ def create_app(models: HealthGPT | Mapping[str, HealthGPT], options: ServerOptio
     options = options or ServerOptions()
     if options.api_key is None and os.environ.get(API_KEY_ENV):
         options = replace(options, api_key=os.environ[API_KEY_ENV])
+    metrics = ServingMetrics()
     state = _State(
-        options,
-        {
-            name: Batcher(
-                model,
-                max_batch_size=options.max_batch_size,
-                max_wait=options.batch_wait_ms / 1000,
-                max_queue=options.max_queue,
-                name=name,
-            )
-            for name, model in named_models(models).items()
-        },
+        options, {name: _batcher(model, name, options, metrics) for name, model in named_models(models).items()}
     )
 
     @asynccontextmanager
@@ -149,6 +152,10 @@ def create_app(models: HealthGPT | Mapping[str, HealthGPT], options: ServerOptio
     async def health() -> dict:
         return {"status": "ok", "models": {name: {"queued": b.queued} for name, b in state.batchers.items()}}
 
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def list_models() -> dict:
         return {"object": "list", "data": [_model_card(name, state) for name in state.batchers]}
@@ -167,6 +174,26 @@ def create_app(models: HealthGPT | Mapping[str, HealthGPT], options: ServerOptio
         return await _image_edits(state, request)
 
     return app
+
+
+def _batcher(model: HealthGPT, name: str, options: ServerOptions, metrics: ServingMetrics) -> Batcher:
+    if options.batching == "continuous":
+        return ContinuousBatcher(
+            model,
+            max_batch_size=options.max_batch_size,
+            max_queue=options.max_queue,
+            max_model_len=options.max_model_len,
+            name=name,
+            metrics=metrics,
+        )
+    return Batcher(
+        model,
+        max_batch_size=options.max_batch_size,
+        max_wait=options.batch_wait_ms / 1000,
+        max_queue=options.max_queue,
+        name=name,
+        metrics=metrics,
+    )
 
 
 def serve(
@@ -221,8 +248,19 @@ async def _chat(state: _State, body: ChatCompletionRequest) -> JSONResponse | St
         sampling = batcher.model.sampling_params({k: v for k, v in chosen.items() if v is not None})
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
+    if (body.min_tokens or body.ignore_eos) and not isinstance(batcher, ContinuousBatcher):
+        raise ApiError(
+            400, "min_tokens and ignore_eos need continuous batching (healthgpt serve --batching continuous)"
+        )
     events: asyncio.Queue[Event] = asyncio.Queue()
-    job = Job(request, sampling, _async_sink(events), deadline=deadline)
+    job = Job(
+        request,
+        sampling,
+        _async_sink(events),
+        deadline=deadline,
+        min_tokens=body.min_tokens or 0,
+        ignore_eos=body.ignore_eos,
+    )
     _submit(batcher, job)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
@@ -476,6 +514,8 @@ def _submit(batcher: Batcher, *jobs: Job) -> None:
         raise ApiError(503, str(exc), type="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
     except BatcherClosedError as exc:
         raise ApiError(503, str(exc), type="server_error", code="unavailable") from None
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
 
 
 def _async_sink(events: asyncio.Queue[Event]) -> Callable[[Event], None]:

@@ -1,0 +1,230 @@
+"""Iteration-level batching over KV-cache slots (continuous batching): a row joins the running batch as soon as a
+slot is free and leaves it at the step it ends, so a short question never waits for a long answer or an image.
+
+Each slot is one row of a preallocated cache of `max_len` positions that writes at its own position (transformers'
+`StaticCache` writes every row at one shared position, so the layer is ours). A new request is prefilled alone
+(eagerly, as `HealthGPT.ask` does) and its keys and values copied into its slot; every step then runs one forward
+over all slots, each with its own plugin, sampling settings, generator, image-span state and stop rules.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Cache, DynamicCache, LogitsProcessorList, MinNewTokensLengthLogitsProcessor
+from transformers.cache_utils import StaticLayer
+
+from ..model import HealthGPTModel, expand_image_slots
+from .loop import Request, head_logits
+from .sampling import SamplingParams
+from .spans import ImageSpanConstraint
+
+
+class SlotLayer(StaticLayer):
+    """A static cache layer whose rows write one token each at their own position (`positions`, shared by every
+    layer of the cache and advanced by the batch)."""
+
+    def __init__(self, max_cache_len: int, positions: torch.Tensor) -> None:
+        super().__init__(max_cache_len)
+        self.positions = positions
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        rows = torch.arange(key_states.shape[0], device=key_states.device)
+        self.keys[rows, :, self.positions] = key_states[:, :, 0]
+        self.values[rows, :, self.positions] = value_states[:, :, 0]
+        return self.keys, self.values
+
+
+@dataclass(eq=False)
+class Row:
+    """One running request: its slot (and its guidance twin's), settings and what it produced so far."""
+
+    request: Request
+    sampling: SamplingParams
+    slot: int
+    twin: int | None = None  # the unconditional twin's slot (classifier-free guidance)
+    guidance_scale: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    tokens: list[int] = field(default_factory=list)
+    finished: str | None = None  # "stop", "length" or "image" once the row has ended
+    id: int = field(default_factory=itertools.count().__next__)
+
+    @property
+    def budget(self) -> int:
+        return self.request.max_new_tokens or self.sampling.max_new_tokens
+
+
+class SlotBatch:
+    """The running batch of one model: `slots` rows of at most `max_len` positions each. `admit` prefills a request
+    into free slots, `step` advances every running row by one token and frees the slots of rows that ended."""
+
+    def __init__(
+        self, model: HealthGPTModel, slots: int, max_len: int, *, stop_ids: Sequence[int], pad_id: int
+    ) -> None:
+        self.model = model
+        self.slots = slots
+        self.max_len = max_len
+        self.stop_ids = list(stop_ids)
+        self.pad_id = pad_id
+        param = next(model.llm.parameters())
+        self.device = param.device
+        cfg = model.llm.config
+        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)  # next position of each slot
+        self.cache = Cache(layers=[SlotLayer(max_len, self.positions) for _ in range(cfg.num_hidden_layers)])
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.cache.early_initialization(slots, cfg.num_key_value_heads, head_dim, param.dtype, self.device)
+        self.last = torch.full((slots,), pad_id, dtype=torch.long, device=self.device)  # token each slot feeds next
+        self.plugins = [model.plugin_names[0]] * slots
+        self.rows: list[Row] = []
+        self._free = list(range(slots))
+        self._pending: dict[int, torch.Tensor] = {}  # slot -> logits of a just-admitted row's first token
+        self._state: dict[int, tuple[LogitsProcessorList, ImageSpanConstraint | None, torch.Generator | None]] = {}
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def slots_needed(self, unconditional: Request | None) -> int:
+        return 1 if unconditional is None else 2
+
+    def prompt_length(self, request: Request) -> int:
+        return len(expand_image_slots(request.input_ids, self.model.num_patches))
+
+    # ----- joining -------------------------------------------------------------------------------------------
+    def _prefill(self, request: Request, slot: int) -> None:
+        """Run one prompt alone and copy its keys and values into `slot`; keep its last logits for the next step."""
+        ids = torch.tensor([expand_image_slots(request.input_ids, self.model.num_patches)], device=self.device)
+        pixels = None if request.pixel_values is None else request.pixel_values.to(self.device)
+        with self.model.hlora.use(request.plugin):
+            embeds = self.model.embed(ids, pixels, [request.plugin])
+            out = self.model.llm.get_decoder()(inputs_embeds=embeds, cache=DynamicCache(config=self.model.llm.config))
+        length = ids.shape[1]
+        for layer, filled in zip(self.cache.layers, out.cache.layers, strict=True):
+            layer.keys[slot, :, :length] = filled.keys[0]
+            layer.values[slot, :, :length] = filled.values[0]
+        self.positions[slot] = length
+        self.plugins[slot] = request.plugin
+        self._pending[slot] = head_logits(self.model, out.last_hidden_state[:, -1], request.plugin, False)[0]
+
+    def admit(
+        self,
+        request: Request,
+        sampling: SamplingParams,
+        *,
+        unconditional: Request | None = None,
+        guidance_scale: float = 1.0,
+        min_tokens: int = 0,
+        ignore_eos: bool = False,
+    ) -> Row:
+        """Prefill `request` (and its guidance twin) into free slots; its first token comes with the next `step`."""
+        need = self.slots_needed(unconditional)
+        if need > len(self._free):
+            raise RuntimeError(f"{need} free slot(s) needed, {len(self._free)} free")
+        row = Row(request, sampling, self._free.pop(0), None, guidance_scale, min_tokens, ignore_eos)
+        longest = max(self.prompt_length(r) for r in (request, unconditional) if r is not None) + row.budget
+        if longest > self.max_len:
+            self._free.insert(0, row.slot)
+            raise ValueError(f"the prompt and answer need {longest} positions; a slot holds {self.max_len}")
+        with torch.inference_mode():
+            self._prefill(request, row.slot)
+            if unconditional is not None:
+                row.twin = self._free.pop(0)
+                self._prefill(unconditional, row.twin)
+        self._state[row.id] = self._row_state(row)
+        self.rows.append(row)
+        return row
+
+    def _row_state(self, row: Row) -> tuple[LogitsProcessorList, ImageSpanConstraint | None, torch.Generator | None]:
+        """The row's own processors (as `stream` builds them for a batch of one), span state and generator."""
+        constraint = None
+        model = self.model
+        if model.image_vocab is not None and model.image_span_length is not None:
+            span = torch.tensor([row.request.image_span], device=self.device)
+            allow = torch.tensor([row.request.allow_images], device=self.device)
+            constraint = ImageSpanConstraint(model.image_vocab, model.image_span_length, span, allow)
+        procs = row.sampling.processors(constraint)
+        if row.min_tokens:
+            procs.insert(0, MinNewTokensLengthLogitsProcessor(0, row.min_tokens, self.stop_ids, device=self.device))
+        generator = None
+        if row.sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(row.sampling.seed)
+        return procs, constraint, generator
+
+    # ----- stepping ------------------------------------------------------------------------------------------
+    def release(self, row: Row) -> None:
+        """Free a row's slots now (it ended, was cancelled or timed out)."""
+        if row in self.rows:
+            self.rows.remove(row)
+            for slot in (row.slot, row.twin):
+                if slot is not None:
+                    self._pending.pop(slot, None)
+                    self.positions[slot] = 0
+                    self._free.append(slot)
+            self._state.pop(row.id, None)
+
+    def _forward(self, advance: torch.Tensor) -> torch.Tensor:
+        """One token for every slot at its own position; fp32 logits [slots, V]. Only the `advance` slots (rows that
+        fed a real token) move on; the others' writes land where their next real token will overwrite them."""
+        valid = torch.arange(self.max_len, device=self.device)[None] <= self.positions[:, None]  # [S, L]
+        with self.model.hlora.use(tuple(self.plugins)):
+            embeds = self.model.llm.get_input_embeddings()(self.last[:, None])
+            out = self.model.llm.get_decoder()(
+                inputs_embeds=embeds,
+                attention_mask=valid[:, None, None, :],
+                position_ids=self.positions[:, None],
+                cache=self.cache,
+                use_cache=True,
+            )
+        self.positions += advance
+        return head_logits(self.model, out.last_hidden_state[:, -1], tuple(self.plugins), False)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Row, int]]:
+        """Advance every running row by one token: (row, token) pairs; rows that ended are released."""
+        advance = torch.zeros(self.slots, dtype=torch.long, device=self.device)
+        for row in self.rows:
+            if row.slot not in self._pending:
+                advance[[s for s in (row.slot, row.twin) if s is not None]] = 1
+        logits = self._forward(advance) if bool(advance.any()) else None
+        produced = []
+        for row in list(self.rows):
+            own = self._pending.pop(row.slot) if row.slot in self._pending else logits[row.slot]
+            raw = own
+            if row.twin is not None:
+                twin = self._pending.pop(row.twin) if row.twin in self._pending else logits[row.twin]
+                raw = twin + row.guidance_scale * (own - twin)
+            token = self._sample(row, raw)
+            row.tokens.append(token)
+            produced.append((row, token))
+            self._finish(row, token)
+            for slot in (row.slot, row.twin):
+                if slot is not None:
+                    self.last[slot] = token
+            if row.finished:
+                self.release(row)
+        return produced
+
+    def _sample(self, row: Row, raw: torch.Tensor) -> int:
+        procs, _, generator = self._state[row.id]
+        done = torch.tensor([row.tokens], dtype=torch.long, device=self.device).reshape(1, -1)
+        scores = procs(done, raw[None].float())
+        if row.sampling.greedy:
+            return int(scores.argmax(dim=-1))
+        return int(torch.multinomial(scores.softmax(dim=-1), 1, generator=generator))
+
+    def _finish(self, row: Row, token: int) -> None:
+        _, constraint, _ = self._state[row.id]
+        in_span = constraint is not None and bool(constraint.in_span[0])
+        if constraint is not None:
+            closed = bool(constraint.update(torch.tensor([token], device=self.device))[0])
+            if closed and row.request.image_span:
+                row.finished = "image"
+                return
+        if token in self.stop_ids and not in_span and not row.ignore_eos:
+            row.finished = "stop"
+        elif len(row.tokens) >= row.budget:
+            row.finished = "length"
