@@ -339,3 +339,29 @@ def test_a_full_queue_answers_503_and_a_late_answer_times_out(nano):
         release.set()
         waiting.close()
         running.close()
+
+
+def test_min_tokens_and_ignore_eos_run_to_the_budget_and_metrics_count_them(client, server):
+    def generated() -> float:
+        text = httpx.get(f"{server}/metrics", timeout=10).text
+        line = next(row for row in text.splitlines() if row.startswith("healthgpt_generated_tokens_total{"))
+        return float(line.rsplit(" ", 1)[1])
+
+    before = generated()
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Is there a lesion?"}],
+        max_tokens=40,
+        extra_body={"min_tokens": 40, "ignore_eos": True},
+    )
+    assert reply.usage.completion_tokens == 40 and reply.choices[0].finish_reason == "length"
+    assert generated() - before == 40
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    for name in ("healthgpt_queue_length", "healthgpt_running_rows"):
+        assert f'{name}{{model="{MODEL}"}} 0.0' in text, name  # idle again
+    counts = {
+        name: float(next(r for r in text.splitlines() if r.startswith(f'{name}_count{{model="{MODEL}"}}')).split()[-1])
+        for name in ("healthgpt_time_to_first_token_seconds", "healthgpt_inter_token_latency_seconds")
+    }
+    assert counts["healthgpt_time_to_first_token_seconds"] >= 1
+    assert counts["healthgpt_inter_token_latency_seconds"] >= 39  # 40 tokens, 39 gaps in this request alone

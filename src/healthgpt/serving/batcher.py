@@ -155,6 +155,7 @@ class Batcher:
         self.max_queue = max_queue
         self.name = name
         self.metrics = metrics or ServingMetrics()
+        self.metrics.watch(name)
         self._queue: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closed = False

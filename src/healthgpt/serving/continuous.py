@@ -84,8 +84,7 @@ class ContinuousBatcher(Batcher):
         self.batch = SlotBatch(hg.model, self.max_batch_size, self.max_len, stop_ids=hg.stop_ids, pad_id=hg.pad_id)
         while not self._closed:
             self._admit()
-            self.metrics.queued.labels(self.name).set(len(self._queue))
-            self.metrics.running.labels(self.name).set(len(self._jobs))
+            self._gauge()
             if not self._jobs:
                 with self._ready:
                     while not self._queue and not self._closed:
@@ -99,7 +98,12 @@ class ContinuousBatcher(Batcher):
                 continue
             self._deliver(produced)
             self._drop_expired()
+            self._gauge()
         self._fail_running(BatcherClosedError("the server is shutting down"))
+
+    def _gauge(self) -> None:
+        self.metrics.queued.labels(self.name).set(len(self._queue))
+        self.metrics.running.labels(self.name).set(len(self._jobs))
 
     def _admit(self) -> None:
         """Move queued jobs into free slots (in arrival order), prefilling each."""

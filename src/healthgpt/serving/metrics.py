@@ -33,6 +33,11 @@ class ServingMetrics:
             registry=self.registry,
         )
 
+    def watch(self, model: str) -> None:
+        """Create the model's series now, so /metrics lists them (at zero) before its first request."""
+        for metric in (self.queued, self.running, self.tokens, self.ttft, self.itl):
+            metric.labels(model)
+
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format."""
         return generate_latest(self.registry)
