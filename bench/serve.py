@@ -1,12 +1,13 @@
-"""Serving throughput: the OpenAI-compatible server with dynamic batching on (up to 32 rows per forward pass) vs
-off (one request at a time), at 1, 8 and 32 concurrent clients, side by side in one run.
+"""Serving under a mixed workload: static batching (whole batches; a batch decodes until its longest row ends) vs
+continuous batching (rows join and leave at every step), side by side in one run.
 
-Each configuration starts two real servers (subprocesses on loopback, same random weights); for every client count
-the two are measured back to back (off first, then on) so neighbours' load hits both alike. Each client sends
-chat completions with an image, one after another (greedy, a fixed token budget). Printed per row: requests/s,
-p50/p95 latency, and the server process's CPU time per request (immune to other jobs on a shared machine).
+Each configuration starts two real servers (subprocesses on loopback, same random weights, 32 rows or slots each).
+The workload: Poisson arrivals at several rates, about 10% image generations (`/v1/images/edits`, ct2mri) and 90%
+short questions about an image (streamed chat completions), at most 32 requests in flight (32 clients). Printed per
+rate: the questions' time to first token p50/p95, the images' latency p50, throughput (requests/s) and the p95 ratio
+static / continuous. The two servers are measured back to back with the same arrivals.
 
-    python bench/serve.py [--configs nano small] [--clients 1 8 32] [--max-tokens 32] [--threads 1]
+    python bench/serve.py [--configs nano small] [--rates 8 16 32] [--requests 96] [--grid 16] [--threads 1]
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -38,9 +38,11 @@ from healthgpt.config import HealthGPTConfig
 from healthgpt.serving.server import ServerOptions, serve
 torch.set_num_threads(int(sys.argv[3]))
 config = HealthGPTConfig.from_dict(json.loads(sys.argv[2]))
-options = ServerOptions(max_batch_size=int(sys.argv[4]), max_queue=1024, request_timeout=3600, max_tokens=256)
+options = ServerOptions(batching=sys.argv[4], max_batch_size=32, max_queue=1024, request_timeout=3600, max_tokens=256)
 serve(HealthGPT.random(config), "127.0.0.1", int(sys.argv[1]), options, log_level="warning")
 """
+CLIENTS = 32
+MODES = ("static", "continuous")
 
 
 @dataclass
@@ -48,17 +50,12 @@ class Server:
     proc: subprocess.Popen
     url: str
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-
-def start(config: HealthGPTConfig, threads: int, batch: int) -> Server:
+def start(config: HealthGPTConfig, threads: int, batching: str) -> Server:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    args = [str(port), json.dumps(config.to_dict()), str(threads), str(batch)]
+    args = [str(port), json.dumps(config.to_dict()), str(threads), batching]
     proc = subprocess.Popen([sys.executable, "-c", SERVER, *args])
     url = f"http://127.0.0.1:{port}"
     while True:
@@ -71,89 +68,128 @@ def start(config: HealthGPTConfig, threads: int, batch: int) -> Server:
             time.sleep(0.3)
 
 
-def payloads(model: str, count: int, max_tokens: int) -> list[dict]:
-    """`count` chat requests over 4 images x 3 questions (different prompt lengths)."""
-    uris = []
-    for seed in range(4):
-        image = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (96, 128, 3), dtype=np.uint8))
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        uris.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
-    return [
-        {
-            "model": model,
-            "max_tokens": max_tokens,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": uris[i % 4]}},
-                        {"type": "text", "text": QUESTIONS[i % 3]},
-                    ],
-                }
-            ],
-        }
-        for i in range(count)
-    ]
+def png(seed: int, size: int) -> bytes:
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-async def load(url: str, requests: list[dict], clients: int) -> tuple[float, list[float], list[str]]:
-    """(wall seconds, latencies, answers in request order) for `clients` clients sharing the requests."""
-    latencies: list[float] = []
-    answers: list[str] = [""] * len(requests)
-    todo = iter(range(len(requests)))
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+def workload(count: int, rate: float, seed: int = 0) -> list[tuple[float, str, int]]:
+    """(arrival second, "image" or "question", index) for `count` Poisson arrivals at `rate` per second."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1 / rate, count))
+    kinds = np.where(rng.random(count) < 0.1, "image", "question")
+    return [(float(t), str(k), i) for i, (t, k) in enumerate(zip(arrivals, kinds, strict=True))]
+
+
+async def question(http: httpx.AsyncClient, model: str, index: int, max_tokens: int) -> float:
+    """Time to the first streamed token of one chat completion about an image."""
+    uri = "data:image/png;base64," + base64.b64encode(png(index % 4, 96)).decode()
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": uri}},
+                    {"type": "text", "text": QUESTIONS[index % len(QUESTIONS)]},
+                ],
+            }
+        ],
+    }
+    start, first = time.perf_counter(), None
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if first is None and line.startswith("data: {") and '"content"' in line:
+                first = time.perf_counter() - start
+    return first if first is not None else time.perf_counter() - start
+
+
+async def image(http: httpx.AsyncClient, model: str, index: int) -> float:
+    """Latency of one ct2mri generation."""
+    start = time.perf_counter()
+    files = {"image": ("ct.png", png(index, 96), "image/png")}
+    response = await http.post("/v1/images/edits", data={"model": model, "prompt": "ct2mri"}, files=files)
+    response.raise_for_status()
+    return time.perf_counter() - start
+
+
+async def run(url: str, model: str, arrivals: list[tuple[float, str, int]], max_tokens: int) -> dict:
+    """Send the arrivals on time (at most CLIENTS in flight): TTFTs of questions, image latencies, wall seconds."""
+    gate = asyncio.Semaphore(CLIENTS)
+    ttft: list[float] = []
+    images: list[float] = []
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
+        begin = time.perf_counter()
 
-        async def client() -> None:
-            for i in todo:
-                start = time.perf_counter()
-                response = await http.post("/v1/chat/completions", json=requests[i])
-                response.raise_for_status()
-                latencies.append(time.perf_counter() - start)
-                answers[i] = response.json()["choices"][0]["message"]["content"]
+        async def one(at: float, kind: str, index: int) -> None:
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - begin)))
+            async with gate:
+                if kind == "image":
+                    images.append(await image(http, model, index))
+                else:
+                    ttft.append(await question(http, model, index, max_tokens))
 
-        start = time.perf_counter()
-        await asyncio.gather(*[client() for _ in range(clients)])
-        return time.perf_counter() - start, latencies, answers
+        await asyncio.gather(*[one(*a) for a in arrivals])
+        wall = time.perf_counter() - begin
+    return {"ttft": ttft, "images": images, "wall": wall}
 
 
 def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q))
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def config_for(name: str, grid: int) -> HealthGPTConfig:
+    """The named config with a `grid` x `grid` code grid, so an image takes grid² + 1 steps."""
+    config = small_config() if name == "small" else get_variant("nano")
+    factor = config.vq.image_size // round(config.vq.num_image_tokens**0.5)
+    return config.replace(vq=dataclasses.replace(config.vq, image_size=grid * factor))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["nano", "small"], choices=["nano", "small"])
-    parser.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--requests-per-client", type=int, default=2, help="at least 8 requests per measurement")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rates", nargs="+", type=float, default=[8, 16, 32], help="arrivals per second")
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--max-tokens", type=int, default=16, help="answer budget of a question")
+    parser.add_argument("--grid", type=int, default=16, help="code grid of a generated image (grid² codes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each server")
     args = parser.parse_args()
-    print(f"torch threads per server: {args.threads}; {args.max_tokens} new tokens per request; greedy")
-    header = "| config | clients | batching | req/s | p50 s | p95 s | server CPU s/req | req/s on/off |"
+    print(
+        f"{CLIENTS} clients, {args.requests} requests per rate (~10% images of {args.grid**2} codes), questions of "
+        f"{args.max_tokens} tokens, greedy; torch threads per server: {args.threads}"
+    )
+    header = "| config | rate/s | batching | question TTFT p50 s | p95 s | image p50 s | req/s | p95 static/cont. |"
     print(header, "|---" * 8 + "|", sep="\n")
     for name in args.configs:
-        config = small_config() if name == "small" else get_variant("nano")
-        servers = {"off": start(config, args.threads, 1), "on": start(config, args.threads, 32)}
+        config = config_for(name, args.grid)
+        model = f"healthgpt-{config.name}"
+        servers = {mode: start(config, args.threads, mode) for mode in MODES}
         try:
-            warm = payloads(f"healthgpt-{name}", 2, 4)
-            for server in servers.values():
-                asyncio.run(load(server.url, warm, 1))
-            for clients in args.clients:
-                requests = payloads(f"healthgpt-{name}", max(8, clients * args.requests_per_client), args.max_tokens)
-                rates, answers = {}, {}
-                for mode, server in servers.items():
-                    cpu = server.cpu_seconds()
-                    wall, latencies, answers[mode] = asyncio.run(load(server.url, requests, clients))
-                    cpu = (server.cpu_seconds() - cpu) / len(requests)
-                    rates[mode] = len(requests) / wall
-                    p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
-                    ratio = f"{rates['on'] / rates['off']:.2f}x" if mode == "on" else ""
-                    row = [name, clients, mode, f"{rates[mode]:.2f}", f"{p50:.2f}", f"{p95:.2f}", f"{cpu:.3f}", ratio]
-                    print("| " + " | ".join(map(str, row)) + " |", flush=True)
-                if answers["on"] != answers["off"]:
-                    print(f"  warning: {name} at {clients} clients answered differently with batching on", flush=True)
+            for server in servers.values():  # warm-up: one of each kind
+                asyncio.run(run(server.url, model, [(0.0, "question", 0), (0.0, "image", 1)], args.max_tokens))
+            for rate in args.rates:
+                arrivals = workload(args.requests, rate)
+                found = {mode: asyncio.run(run(servers[mode].url, model, arrivals, args.max_tokens)) for mode in MODES}
+                p95 = {mode: percentile(r["ttft"], 95) for mode, r in found.items()}
+                for mode, r in found.items():
+                    ratio = f"{p95['static'] / p95['continuous']:.1f}x" if mode == "continuous" else ""
+                    row = [
+                        name,
+                        f"{rate:g}",
+                        mode,
+                        f"{percentile(r['ttft'], 50):.3f}",
+                        f"{p95[mode]:.3f}",
+                        f"{percentile(r['images'], 50):.2f}",
+                        f"{args.requests / r['wall']:.2f}",
+                        ratio,
+                    ]
+                    print("| " + " | ".join(row) + " |", flush=True)
         finally:
             for server in servers.values():
                 server.proc.terminate()
