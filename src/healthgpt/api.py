@@ -369,7 +369,6 @@ class HealthGPT:
         instruction, task = built[0].instruction, built[0].task
         span = self.config.vq.num_image_tokens
         params = self.sampling_params({**sampling, "max_new_tokens": span + 1})
-        codes = torch.zeros((len(images), span), dtype=torch.long)
         steps = stream(
             self.model,
             [b.request for b in built],
@@ -378,9 +377,11 @@ class HealthGPT:
             guidance_scale=guidance_scale or 1.0,
             **self.generation_kwargs(),
         )
-        for i, step in enumerate(tqdm(steps, total=span + 1, desc="image codes", disable=not progress, leave=False)):
-            if i < span:
-                codes[:, i] = self.model.image_vocab.ids_to_codes(step.tokens.cpu())
+        # Tokens stay on the device until the span is complete: the host never waits inside the loop.
+        tokens = [
+            step.tokens for step in tqdm(steps, total=span + 1, desc="image codes", disable=not progress, leave=False)
+        ]
+        codes = self.model.image_vocab.ids_to_codes(torch.stack(tokens[:span], dim=1).cpu())  # [B, span]
         grid = self.vqgan.grid
         pictures = self.vqgan.codes_to_pil(codes.to(next(self.vqgan.parameters()).device))
         meta = {**sampling, "guidance_scale": guidance_scale}
