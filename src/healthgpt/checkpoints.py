@@ -47,6 +47,7 @@ from transformers import (
 )
 
 from .config import GENERATION, VARIANTS, HealthGPTConfig, LLMConfig, VisionConfig
+from .errors import CheckpointError
 from .hlora import HLoRAStateError, PluginSelection, infer_plugin_shape
 from .hub import OfficialFiles, WeightsNotFoundError, is_repo_id, resolve_official_files, variant_of_hub_id
 from .io.atomic import atomic_target
@@ -83,10 +84,6 @@ __all__ = [
     "resolve_dtype",
     "save_bundle",
 ]
-
-
-class CheckpointError(ValueError):
-    """A weight file that is unreadable or does not fit the model; the message names the file and what is wrong."""
 
 
 @dataclass

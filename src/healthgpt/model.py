@@ -13,13 +13,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from healthgpt.errors import HealthGPTError
+
 from .config import HealthGPTConfig
 from .hlora import HLoRAController, inject_hlora
 from .tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageVocab, add_image_tokens
 from .vision import VisionEncoder, build_projector, project_images
 
 
-class ImageSlotError(ValueError):
+class ImageSlotError(HealthGPTError):
     """The prompt's image placeholders and the images given do not match."""
 
 

@@ -13,12 +13,10 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
+from healthgpt.errors import ImageInputError
+
 # Modes that PIL converts to RGB without losing meaning; 16-bit/float images need windowing first.
 _CONVERTIBLE_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr"}
-
-
-class ImageInputError(ValueError):
-    """An image the model cannot take as it is; the message says how to fix it."""
 
 
 def pad_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -60,15 +58,16 @@ class ImagePreprocessor:
     def to_rgb(self, image: Image.Image) -> Image.Image:
         if not isinstance(image, Image.Image):
             raise ImageInputError(
-                f"expected a PIL image, got {type(image).__name__}; load files with healthgpt.io.load_image"
+                "image", f"expected a PIL image, got {type(image).__name__}", "load files with healthgpt.io.load_image"
             )
         if image.mode not in _CONVERTIBLE_MODES:
             raise ImageInputError(
-                f"image mode {image.mode!r} (e.g. 16-bit or float pixels) cannot be shown to the model as it is; "
-                "window it to 8-bit first, e.g. healthgpt.io.load_image(path, window='soft_tissue').to_pil()"
+                "image",
+                f"mode {image.mode!r} (e.g. 16-bit or float pixels) cannot be shown to the model as it is",
+                "window it to 8-bit first, e.g. healthgpt.io.load_image(path, window='soft_tissue').to_pil()",
             )
         if image.width == 0 or image.height == 0:
-            raise ImageInputError(f"image has an empty size {image.size}")
+            raise ImageInputError("image", f"has an empty size {image.size}", "pass a picture with pixels")
         return image.convert("RGB")
 
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from healthgpt.config import VQConfig
+from healthgpt.errors import CheckpointError, HealthGPTError
 
 WEIGHTS_FILE = "vqgan.safetensors"
 ARCH_FILE = "vqgan.json"
@@ -42,12 +43,8 @@ LIGHTNING_CLASS_NAMES = (
 )
 
 
-class VQGANError(ValueError):
+class VQGANError(HealthGPTError):
     """Bad input to the tokenizer: image shape, code count or code range."""
-
-
-class CheckpointError(VQGANError):
-    """A VQGAN checkpoint or its model.yaml cannot be used: unreadable, missing keys, wrong shapes."""
 
 
 def _group_norm(channels: int, num_groups: int) -> nn.GroupNorm:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from healthgpt.io.errors import ImageInputError
+from healthgpt.errors import ImageInputError
 
 
 @contextmanager

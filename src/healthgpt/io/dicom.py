@@ -17,8 +17,8 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder, pix
 from pydicom.uid import UID, SecondaryCaptureImageStorage, generate_uid
 from pydicom.valuerep import DSfloat
 
+from healthgpt.errors import ImageInputError
 from healthgpt.io.atomic import atomic_target
-from healthgpt.io.errors import ImageInputError
 from healthgpt.io.image import MedicalImage, Pixels, as_slices, shifted_affine, spacing_of
 from healthgpt.io.windowing import Window
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from healthgpt.errors import ImageInputError
 from healthgpt.io.dicom import read_dicom, read_dicom_series, save_dicom_series
-from healthgpt.io.errors import ImageInputError
 from healthgpt.io.image import MedicalImage, Pixels, Plane, SliceIndex, select
 from healthgpt.io.nifti import NIFTI_SUFFIXES, read_nifti, save_nifti
 from healthgpt.io.raster import read_raster

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
+from healthgpt.errors import ImageInputError
 from healthgpt.io.atomic import atomic_target
-from healthgpt.io.errors import ImageInputError
 from healthgpt.io.image import MedicalImage, Pixels, as_slices, spacing_of
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

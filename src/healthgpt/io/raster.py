@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from healthgpt.errors import ImageInputError
 from healthgpt.io.atomic import atomic_target
-from healthgpt.io.errors import ImageInputError
 from healthgpt.io.image import MedicalImage
 from healthgpt.io.windowing import Window
 

@@ -18,14 +18,11 @@ from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 from PIL import Image, UnidentifiedImageError
 
-from ..io import ImageInputError, load_image
+from ..errors import ImageInputError, ImageRejected
+from ..io import load_image
 
 _NIFTI_MAGIC = (b"n+1\0", b"ni1\0")  # at byte 344 of a NIfTI-1 header
 _FORMATS = "PNG, JPEG, DICOM or NIfTI"
-
-
-class ImageRejected(ValueError):
-    """An image in a request that the server will not read; the message says why and what to send instead."""
 
 
 def is_remote(url: str) -> bool:

@@ -35,8 +35,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..api import HealthGPT, PromptTooLongError
 from ..config import GENERATION
+from ..errors import ImageInputError, ImageRejected, http_status
 from ..generation import Request, SamplingParams
-from ..io import ImageInputError
 from ..model import expand_image_slots
 from ..tasks import TASKS, resolve_instruction
 from ..templates import PromptError
@@ -52,7 +52,7 @@ from .batcher import (
     TextDelta,
     named_models,
 )
-from .images import ImageRejected, data_uri_bytes, decode_image, fetch_remote, is_remote
+from .images import data_uri_bytes, decode_image, fetch_remote, is_remote
 from .schemas import ApiError, ChatCompletionRequest
 from .schemas import Message as ChatMessage
 
@@ -520,8 +520,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def crashed(_: HttpRequest, exc: Exception) -> JSONResponse:
+        status = http_status(exc)
+        if status < 500:  # bad input that no route turned into an ApiError
+            return JSONResponse(ApiError(status, str(exc)).body(), status_code=status)
         log.exception("request failed")
-        return JSONResponse(ApiError(500, f"internal error: {exc}", type="server_error").body(), status_code=500)
+        return JSONResponse(ApiError(500, "internal error", type="server_error").body(), status_code=500)
 
 
 class _Guard:

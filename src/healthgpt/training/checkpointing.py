@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from healthgpt.errors import CheckpointError
 from healthgpt.io.atomic import atomic_target
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,6 @@ STAGE_FILE = "stage.json"
 TRAINER_STATE = "trainer_state.json"
 ACCELERATE_WEIGHTS = "model.safetensors"
 _PREFIX = "step_"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or stage output that cannot be used for this run."""
 
 
 def save_stage_output(
