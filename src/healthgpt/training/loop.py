@@ -256,7 +256,6 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
             f"the DeepSpeed config fixes gradient_accumulation_steps to {accelerator.gradient_accumulation_steps}, "
             f'but this stage needs {accumulation}: set it to "auto"'
         )
-    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
     trainable_filter(accelerator)
 
     settings = {
@@ -270,7 +269,7 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
     start, history = 0, []
     found = checkpoints(ckpt_root) if resume else []
     if found:
-        state = load_checkpoint(accelerator, found[-1], model)
+        state = load_checkpoint(accelerator, found[-1], model, scheduler)
         if state["settings"] != json.loads(json.dumps(settings)):
             raise RecipeError(f"{found[-1]} was written with other settings; resume with the same recipe and world")
         start, history = int(state["step"]), list(state["history"])
@@ -371,6 +370,7 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
                 ckpt_root,
                 {"step": step + 1, "history": history, "settings": settings},
                 engine.keep_checkpoints,
+                scheduler,
             )
     bar.close()
     elapsed = time.perf_counter() - began
