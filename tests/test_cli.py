@@ -115,6 +115,12 @@ def bad_files(tmp_path: Path) -> Path:
     (tmp_path / "twice.jsonl").write_text('{"id": 1, "question": "Why?"}\n{"id": 1, "question": "How?"}\n')
     (tmp_path / "one.jsonl").write_text('{"id": 1, "question": "Why?"}\n')
     (tmp_path / "notes.txt").write_text("my notes\nnot results")  # no final newline: must not be cut
+    Image.new("L", (20000, 1)).save(tmp_path / "wide.png")  # ~100 bytes; its padded square 400 M pixels
+    header = nib.Nifti1Header()
+    header.set_data_shape((64, 64, 64))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    (tmp_path / "short.nii").write_bytes(header.binaryblock + bytes(104))  # declares 1 MiB of voxels, holds 100 B
     return tmp_path
 
 
@@ -126,6 +132,8 @@ BAD_INPUTS = [
     pytest.param(["ask", "bomb.png", "Why?"], "bomb.png: is too large to decode safely", id="decompression bomb"),
     pytest.param(["ask", "truncated.dcm", "Why?"], "truncated.dcm: is truncated or corrupt", id="truncated dicom"),
     pytest.param(["ask", "no_pixels.dcm", "Why?"], "no_pixels.dcm: has no pixel data", id="dicom without pixels"),
+    pytest.param(["ask", "wide.png", "Why?"], "wide.png: the square canvas a 20000 x 1 picture", id="20000x1 png"),
+    pytest.param(["ask", "short.nii", "Why?"], "short.nii: is truncated or corrupt", id="nifti short of its header"),
     pytest.param(["ask", "ct.dcm", "  "], "question 1 is empty", id="empty question"),
     pytest.param(["ask", "ct.dcm", "Why?", "--window", "sunset"], "unknown window 'sunset'", id="unknown window"),
     pytest.param(["ask", NIFTI, "Why?", "--slice", "99"], "slice index 99 is out of range", id="slice out of range"),

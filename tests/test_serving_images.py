@@ -39,20 +39,29 @@ def test_dicom_and_nifti_bytes_read_as_their_files(nifti):
 
 def test_a_png_is_shown_as_it_is():
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8))
-    assert decode_image(_png(image), max_pixels=1200).tobytes() == image.tobytes()
+    assert decode_image(_png(image), max_pixels=40 * 40).tobytes() == image.tobytes()  # its padded square
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (CT.read_bytes(), "has 16384 pixels, more than the server's limit of 10000"),
-        (_png(Image.new("L", (200, 100))), "has 20000 pixels"),
+        (CT.read_bytes(), "would need 16384 pixels .*, more than the server's limit of 10000"),
+        (_png(Image.new("L", (200, 100))), "would need 40000 pixels"),  # 20000, padded to 200 x 200
+        (_png(Image.new("L", (20000, 1))), "would need 400000000 pixels"),
         (b"", "is empty"),
         (b"GIF89a" + bytes(20), "is not a PNG, JPEG, DICOM or NIfTI image"),
         (CT.read_bytes()[:400], "unreadable header"),
         (gzip.compress(b"not a nifti" * 40), "unreadable header"),
     ],
-    ids=["dicom-limit", "png-limit", "empty", "truncated-gif", "truncated-dicom", "gzip-not-nifti"],
+    ids=[
+        "dicom-limit",
+        "png-limit",
+        "png-padded-square",
+        "empty",
+        "truncated-gif",
+        "truncated-dicom",
+        "gzip-not-nifti",
+    ],
 )
 def test_unreadable_or_oversized_images_are_refused_with_the_reason(data, message):
     with pytest.raises(ImageRejected, match=message):

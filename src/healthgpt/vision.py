@@ -14,6 +14,7 @@ from torch import nn
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
 from healthgpt.errors import ImageInputError
+from healthgpt.io.limits import check_picture
 
 # Modes that PIL converts to RGB without losing meaning; 16-bit/float images need windowing first.
 _CONVERTIBLE_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr"}
@@ -68,6 +69,7 @@ class ImagePreprocessor:
             )
         if image.width == 0 or image.height == 0:
             raise ImageInputError("image", f"has an empty size {image.size}", "pass a picture with pixels")
+        check_picture(getattr(image, "filename", "") or "image", image.width, image.height)
         return image.convert("RGB")
 
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -72,7 +72,10 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
     suffix = _suffix(data)
     pixels = _pixel_count(data, suffix, name)
     if pixels > max_pixels:
-        raise ImageRejected(f"{name} has {pixels} pixels, more than the server's limit of {max_pixels}")
+        raise ImageRejected(
+            f"{name} would need {pixels} pixels (all its slices, or the square it is padded to), more than the "
+            f"server's limit of {max_pixels}"
+        )
     with tempfile.TemporaryDirectory(prefix="healthgpt-upload-") as folder:
         path = Path(folder) / f"upload{suffix}"
         path.write_bytes(data)
@@ -94,17 +97,20 @@ def _suffix(data: bytes) -> str:
 
 
 def _pixel_count(data: bytes, suffix: str, name: str) -> int:
-    """Pixels (all slices of a volume) from the header alone."""
+    """Pixels that decoding will allocate, from the header alone: all slices of a volume, or the square canvas the
+    picture is padded to, whichever is more."""
     try:
         if suffix == ".dcm":
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-            return int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
-        if suffix:
+            shape = (int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns))
+        elif suffix:
             head = zlib.decompressobj(wbits=31).decompress(data, 348) if suffix == ".nii.gz" else data[:348]
-            shape = nib.Nifti1Header.from_fileobj(io.BytesIO(head)).get_data_shape()
-            return math.prod(int(n) for n in shape[:3])  # a 4D series shows one volume
-        with Image.open(io.BytesIO(data)) as image:
-            return image.width * image.height
+            shape = nib.Nifti1Header.from_fileobj(io.BytesIO(head)).get_data_shape()[:3]  # a 4D series: one volume
+        else:
+            with Image.open(io.BytesIO(data)) as image:
+                shape = (image.height, image.width)
+        sides = shape[1:] if suffix == ".dcm" else shape  # frames of a DICOM are not a side of its picture
+        return max(math.prod(int(n) for n in shape), max(int(n) for n in sides) ** 2)
     except Image.DecompressionBombError:
         raise ImageRejected(f"{name} has too many pixels to decode safely") from None
     except UnidentifiedImageError:
