@@ -85,7 +85,8 @@ def test_remote_images_are_fetched_when_allowed(nano, tmp_path):
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     site = f"http://127.0.0.1:{files.server_address[1]}"
-    app = create_app(nano, ServerOptions(allow_remote_images=True, max_body_bytes=2_000_000))
+    options = ServerOptions(allow_remote_images=True, remote_image_hosts=("127.0.0.1",), max_body_bytes=2_000_000)
+    app = create_app(nano, options)
     try:
         with _thread_server(app) as base:
             client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
@@ -94,6 +95,9 @@ def test_remote_images_are_fetched_when_allowed(nano, tmp_path):
             for path, message in [("missing.png", "answered HTTP 404"), ("big.png", "larger than the server's limit")]:
                 with pytest.raises(openai.BadRequestError, match=message):
                     client.chat.completions.create(model=MODEL, messages=_ask(f"{site}/{path}", "What?"), max_tokens=4)
+            unlisted = f"http://localhost:{files.server_address[1]}/ct.png"  # the same server, by a name not listed
+            with pytest.raises(openai.BadRequestError, match="does not fetch images from that host"):
+                client.chat.completions.create(model=MODEL, messages=_ask(unlisted, "What?"), max_tokens=4)
             with pytest.raises(openai.BadRequestError, match="never reads files"):
                 client.chat.completions.create(model=MODEL, messages=_ask("file:///etc/hostname", "What?"))
     finally:

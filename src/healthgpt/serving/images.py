@@ -1,5 +1,5 @@
-"""Images sent to the server: `data:` URIs and uploads (PNG/JPEG/DICOM/NIfTI, recognised by content), optional
-remote URLs, and the limits checked before any pixel is decoded. File-system paths are never read."""
+"""Images sent to the server: `data:` URIs and uploads (PNG/JPEG/DICOM/NIfTI, recognised by content) and the limits
+checked before any pixel is decoded. File-system paths are never read; remote URLs are fetched by `remote`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import tempfile
 import zlib
 from pathlib import Path
 
-import httpx
 import nibabel as nib
 import pydicom
 from nibabel.spatialimages import HeaderDataError
@@ -46,22 +45,6 @@ def data_uri_bytes(url: str, name: str) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageRejected(f"{name} is not valid base64 ({exc})") from None
-
-
-async def fetch_remote(url: str, client: httpx.AsyncClient, max_bytes: int, name: str) -> bytes:
-    """Download a remote image, refusing more than `max_bytes`."""
-    try:
-        async with client.stream("GET", url) as response:
-            if response.status_code != 200:
-                raise ImageRejected(f"{name}: {url} answered HTTP {response.status_code}")
-            data = bytearray()
-            async for chunk in response.aiter_bytes():
-                data += chunk
-                if len(data) > max_bytes:
-                    raise ImageRejected(f"{name}: {url} is larger than the server's limit of {max_bytes} bytes")
-            return bytes(data)
-    except httpx.HTTPError as exc:
-        raise ImageRejected(f"{name}: could not download {url} ({exc})") from None
 
 
 def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
