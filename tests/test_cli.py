@@ -121,6 +121,9 @@ def bad_files(tmp_path: Path) -> Path:
     header.set_data_dtype(np.float32)
     header["vox_offset"] = 352
     (tmp_path / "short.nii").write_bytes(header.binaryblock + bytes(104))  # declares 1 MiB of voxels, holds 100 B
+    shutil.copy(tmp_path / "good.png", tmp_path / "taken.png")
+    (tmp_path / "filled").mkdir()
+    (tmp_path / "filled" / "keep.txt").write_text("not mine")
     return tmp_path
 
 
@@ -164,6 +167,11 @@ BAD_INPUTS = [
     pytest.param(["generate", "good.png", "-o", "out.nii.gz"], "needs a source with geometry", id="nifti from png"),
     pytest.param(["generate", NIFTI, "-o", "v.png", "--all-slices"], "a PNG holds one slice", id="volume into png"),
     pytest.param(["generate", NIFTI, "-o", "v.nii", "--all-slices", "--slice", "3"], "exclude each other", id="slices"),
+    pytest.param(["generate", "good.png", "-o", "taken.png"], "taken.png: already exists", id="existing output"),
+    pytest.param(["generate", "ct.dcm", "-o", "gone/x.png"], "the folder to write into does not exist", id="no folder"),
+    pytest.param(["generate", "ct.dcm", "-o", "filled"], "filled: the output folder already exists", id="filled"),
+    pytest.param(["convert", "filled", "--include-base"], "filled: the output folder already exists", id="convert"),
+    pytest.param(["batch", "one.jsonl", "gone/out.jsonl"], "gone/out.jsonl: the folder to write", id="batch no folder"),
     pytest.param(["batch", "rows.jsonl", "out.jsonl"], "rows.jsonl:2: not valid JSON", id="batch bad json"),
     pytest.param(["batch", "twice.jsonl", "out.jsonl"], "id 1 appears twice", id="batch duplicate id"),
     pytest.param(["batch", "one.jsonl", "notes.txt"], "notes.txt:1: not a result line", id="batch foreign output"),

@@ -201,7 +201,10 @@ def batch(
 
     Each result is appended and flushed as soon as it is done, so an interrupted run loses nothing written, and a
     re-run skips the ids already there. Rows with bad input get an "error" result; the command then exits with 2."""
+    from ..io.atomic import check_target
+
     jobs = _read_jobs(rows)
+    check_target(results)  # appended to: may exist
     done = _read_done(results, {job.id for job in jobs})
     groups: dict[tuple[str | None, str | None], list[_Job]] = {}
     for job in jobs:

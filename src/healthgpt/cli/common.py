@@ -268,11 +268,14 @@ def command(func: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(func)
     def run(**kwargs: Any) -> None:
+        from ..io.atomic import terminate_on_signals
+
         show_traceback = kwargs.pop("debug")
         try:
             for name, group in groups.items():
                 kwargs[name] = group(**{f.name: kwargs.pop(f.name) for f in fields(group)})
-            func(**kwargs)
+            with terminate_on_signals():  # SIGTERM unwinds like Ctrl-C, so temporary outputs are removed
+                func(**kwargs)
         except Exception as exc:
             if show_traceback:
                 raise

@@ -33,6 +33,9 @@ def convert(
 
     --model names the official files (a folder of them, a variant or a Hub id), with --base-model, --vision-tower,
     --plugin-file, --fusion-file and --vqgan where they are elsewhere."""
+    from ..io.atomic import check_target
+
+    check_target(output, directory=True)  # before any weight is read
     model.convert(output, include_base=include_base)
     typer.echo(str(output))
 

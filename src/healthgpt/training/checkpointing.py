@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from healthgpt.errors import CheckpointError
-from healthgpt.io.atomic import atomic_target
+from healthgpt.io.atomic import atomic_target, match_umask
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / SCHEDULER_STATE).write_text(json.dumps(scheduler.state_dict(), allow_nan=False) + "\n")
+        match_umask(tmp)
         files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / TRAINER_STATE).write_text(json.dumps({**state, "files": files}, indent=1) + "\n")
         shutil.rmtree(final, ignore_errors=True)
