@@ -196,6 +196,56 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_files: Path, args: 
     assert files_under(bad_files) == before
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _nan_in(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    key = sorted(k for k in state if state[k].is_floating_point())[0]
+    state[key][0] = float("nan")
+    save_file(state, path)
+
+
+@pytest.fixture(scope="module")
+def pristine_bundle(nano: HealthGPT, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("bundle") / "bundle"
+    nano.save_pretrained(folder, include_base=True)
+    return folder
+
+
+BAD_BUNDLES = [
+    pytest.param(lambda b: _truncate(b / "llm" / "model.safetensors"), "llm", id="truncated base llm"),
+    pytest.param(lambda b: _truncate(b / "vision" / "model.safetensors"), "vision", id="truncated vision tower"),
+    pytest.param(lambda b: _truncate(b / "vqgan" / "vqgan.safetensors"), "vqgan", id="truncated vqgan"),
+    pytest.param(
+        lambda b: (b / "bundle.json").write_text("[1, 2]"), "bundle.json: not a bundle", id="bundle.json list"
+    ),
+    pytest.param(lambda b: (b / "bundle.json").write_text('{"format": '), "not a HealthGPT bundle", id="bad json"),
+    pytest.param(
+        lambda b: _nan_in(b / "plugins" / "generation.safetensors"),
+        "generation.safetensors: tensor ",
+        id="nan in a plugin",
+    ),
+]
+
+
+@pytest.mark.parametrize(("damage", "message"), BAD_BUNDLES)
+def test_a_damaged_bundle_is_one_line_exit_2(pristine_bundle: Path, tmp_path: Path, damage, message: str) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(pristine_bundle, bundle)
+    shutil.copy(CT, tmp_path / "ct.dcm")
+    damage(bundle)
+    before = files_under(tmp_path)
+    out = healthgpt("ask", "ct.dcm", "Why?", "--model", "bundle", *TOKENS, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert files_under(tmp_path) == before
+
+
 # ----- info --------------------------------------------------------------------------------------------------------
 def test_info_on_images(tmp_path: Path) -> None:
     out = healthgpt("info", CT, "--json", cwd=tmp_path)

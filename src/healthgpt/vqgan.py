@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -478,8 +479,10 @@ class VQGAN(nn.Module):
         try:
             arch = json.loads((directory / ARCH_FILE).read_text())
             state = load_file(directory / WEIGHTS_FILE, device=str(device))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{directory}: not a saved VQGAN ({e}); write one with VQGAN.save") from e
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as e:
+            raise CheckpointError(
+                f"{directory}: not a saved VQGAN, or a truncated one ({e}); write one with VQGAN.save"
+            ) from e
         return _build_loaded(arch, state, str(directory / WEIGHTS_FILE))
 
 
