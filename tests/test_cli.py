@@ -121,6 +121,7 @@ def bad_files(tmp_path: Path) -> Path:
     header.set_data_dtype(np.float32)
     header["vox_offset"] = 352
     (tmp_path / "short.nii").write_bytes(header.binaryblock + bytes(104))  # declares 1 MiB of voxels, holds 100 B
+    nib.save(nib.Nifti1Image(np.full((4, 4, 3), np.nan, np.float32), np.eye(4)), tmp_path / "nan.nii")
     shutil.copy(tmp_path / "good.png", tmp_path / "taken.png")
     (tmp_path / "filled").mkdir()
     (tmp_path / "filled" / "keep.txt").write_text("not mine")
@@ -135,6 +136,7 @@ BAD_INPUTS = [
     pytest.param(["ask", "bomb.png", "Why?"], "bomb.png: is too large to decode safely", id="decompression bomb"),
     pytest.param(["ask", "truncated.dcm", "Why?"], "truncated.dcm: is truncated or corrupt", id="truncated dicom"),
     pytest.param(["ask", "no_pixels.dcm", "Why?"], "no_pixels.dcm: has no pixel data", id="dicom without pixels"),
+    pytest.param(["ask", "nan.nii", "Why?"], "nan.nii: holds no finite pixel value", id="all-nan image"),
     pytest.param(["ask", "wide.png", "Why?"], "wide.png: the square canvas a 20000 x 1 picture", id="20000x1 png"),
     pytest.param(["ask", "short.nii", "Why?"], "short.nii: is truncated or corrupt", id="nifti short of its header"),
     pytest.param(["ask", "ct.dcm", "  "], "question 1 is empty", id="empty question"),
@@ -266,6 +268,20 @@ def test_info_on_images(tmp_path: Path) -> None:
     assert sorted(facts["spacing_mm"]) == pytest.approx(sorted(volume.header.get_zooms()[:3]), abs=1e-4)
     text = healthgpt("info", NIFTI, cwd=tmp_path).stdout
     assert "format: NIfTI" in text and "percentiles: [0.5, 99.5]" in text
+
+
+def test_info_json_is_valid_json_with_null_for_non_finite_values(tmp_path: Path) -> None:
+    values = np.arange(48, dtype=np.float32).reshape(4, 4, 3)
+    values[0, 0, 0], values[1, 1, 1] = -np.inf, np.nan
+    nib.save(nib.Nifti1Image(values, np.eye(4)), tmp_path / "inf.nii")
+    out = healthgpt("info", "inf.nii", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    facts = json.loads(out.stdout, parse_constant=refuse)
+    assert facts["value_range"] == [None, 47.0]
 
 
 # ----- ask, chat ---------------------------------------------------------------------------------------------------

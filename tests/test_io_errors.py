@@ -167,6 +167,15 @@ def nifti_declaring(shape: tuple[int, ...], data_bytes: int) -> Case:
     return case
 
 
+def _saved(path: Path, values: np.ndarray) -> tuple[Callable[[], object], Path]:
+    """`values` written as float32 NIfTI or float TIFF, and the call that loads it."""
+    if path.suffix == ".nii":
+        nib.save(nib.Nifti1Image(values.astype(np.float32), np.eye(4)), path)
+    else:
+        Image.fromarray(values.astype(np.float32), mode="F").save(path)
+    return lambda: load_image(path), path
+
+
 CASES: list[tuple[str, Case, str]] = [
     ("missing file", lambda tmp: (lambda: load_image(tmp / "nope.dcm"), tmp / "nope.dcm"), "does not exist"),
     ("empty file", file_with("empty.png", b""), "is empty"),
@@ -207,6 +216,8 @@ CASES: list[tuple[str, Case, str]] = [
     ),
     ("nifti declaring a huge volume", nifti_declaring((4000, 4000, 100), 64), "its volume would hold 1,600,000,000"),
     ("nifti shorter than its header", nifti_declaring((64, 64, 64), 100), "Expected 1048576 bytes, got 100"),
+    ("all-nan nifti", lambda tmp: _saved(tmp / "nan.nii", np.full((3, 8, 8), np.nan)), "holds no finite pixel value"),
+    ("all-inf float tiff", lambda tmp: _saved(tmp / "inf.tiff", np.full((8, 8), np.inf)), "no finite pixel value"),
     (
         "dicom declaring 10^6 frames",
         lambda tmp: (lambda path: (lambda: load_image(path), path))(ct_copy(tmp / "frames.dcm", NumberOfFrames=10**6)),

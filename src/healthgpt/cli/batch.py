@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..api import HealthGPT
     from ..io import MedicalImage
 
+from .. import jsonout
 from .common import ImageOptions, ModelOptions, SamplingOptions, T, chunks, command
 from .outputs import check_output, write_images
 
@@ -222,7 +223,7 @@ def batch(
             for group in groups.values():
                 for chunk in chunks(group, batch_size):
                     for job, outcome in _run_chunk(health, chunk, view, guidance_scale, sampling.kwargs()):
-                        out.write(json.dumps({"id": job.id, **outcome}, ensure_ascii=False) + "\n")
+                        out.write(jsonout.dumps({"id": job.id, **outcome}, ensure_ascii=False) + "\n")
                         out.flush()
                         os.fsync(out.fileno())
                         failed += "error" in outcome

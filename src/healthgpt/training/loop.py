@@ -30,6 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from healthgpt import jsonout
 from healthgpt.api import HealthGPT
 from healthgpt.checkpoints import load_base_llm, load_vision_tower, load_vqgan, resolve_dtype
 from healthgpt.config import PluginConfig, get_variant
@@ -395,7 +396,7 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
             "history": history,
             "tensorboard": str(out / "tensorboard") if tracking else None,
         }
-        (out / METRICS).write_text(json.dumps(metrics, indent=1) + "\n")
+        (out / METRICS).write_text(jsonout.dumps(metrics, indent=1) + "\n")
         write_loss_plot(history, out / LOSS_PLOT, f"HealthGPT {name}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
