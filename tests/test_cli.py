@@ -122,6 +122,10 @@ def bad_files(tmp_path: Path) -> Path:
     header["vox_offset"] = 352
     (tmp_path / "short.nii").write_bytes(header.binaryblock + bytes(104))  # declares 1 MiB of voxels, holds 100 B
     nib.save(nib.Nifti1Image(np.full((4, 4, 3), np.nan, np.float32), np.eye(4)), tmp_path / "nan.nii")
+    long = bytearray(CT.read_bytes())
+    at = long.rfind(b"\xe0\x7f\x10\x00OW")  # pixel data: tag, VR, 2 reserved bytes, then its 4-byte length
+    long[at + 8 : at + 12] = struct.pack("<I", 0x7FFFFFF0)
+    (tmp_path / "long.dcm").write_bytes(long)
     shutil.copy(tmp_path / "good.png", tmp_path / "taken.png")
     (tmp_path / "filled").mkdir()
     (tmp_path / "filled" / "keep.txt").write_text("not mine")
@@ -136,6 +140,7 @@ BAD_INPUTS = [
     pytest.param(["ask", "bomb.png", "Why?"], "bomb.png: is too large to decode safely", id="decompression bomb"),
     pytest.param(["ask", "truncated.dcm", "Why?"], "truncated.dcm: is truncated or corrupt", id="truncated dicom"),
     pytest.param(["ask", "no_pixels.dcm", "Why?"], "no_pixels.dcm: has no pixel data", id="dicom without pixels"),
+    pytest.param(["ask", "long.dcm", "Why?"], "long.dcm: is truncated or corrupt: its pixel", id="dicom length"),
     pytest.param(["ask", "nan.nii", "Why?"], "nan.nii: holds no finite pixel value", id="all-nan image"),
     pytest.param(["ask", "wide.png", "Why?"], "wide.png: the square canvas a 20000 x 1 picture", id="20000x1 png"),
     pytest.param(["ask", "short.nii", "Why?"], "short.nii: is truncated or corrupt", id="nifti short of its header"),

@@ -167,6 +167,15 @@ def nifti_declaring(shape: tuple[int, ...], data_bytes: int) -> Case:
     return case
 
 
+def dicom_declaring_more_pixels(tmp: Path) -> tuple[Callable[[], object], Path]:
+    """CT_small with its pixel-data length field set to 0x7ffffff0 (pydicom reads to the end and warns)."""
+    data = bytearray(Path(CT).read_bytes())
+    at = data.rfind(b"\xe0\x7f\x10\x00OW")  # (7FE0,0010) OW, 2 reserved bytes, then a 4-byte length
+    data[at + 8 : at + 12] = struct.pack("<I", 0x7FFFFFF0)
+    (tmp / "long.dcm").write_bytes(data)
+    return lambda: load_image(tmp / "long.dcm"), tmp / "long.dcm"
+
+
 def _saved(path: Path, values: np.ndarray) -> tuple[Callable[[], object], Path]:
     """`values` written as float32 NIfTI or float TIFF, and the call that loads it."""
     if path.suffix == ".nii":
@@ -216,6 +225,7 @@ CASES: list[tuple[str, Case, str]] = [
     ),
     ("nifti declaring a huge volume", nifti_declaring((4000, 4000, 100), 64), "its volume would hold 1,600,000,000"),
     ("nifti shorter than its header", nifti_declaring((64, 64, 64), 100), "Expected 1048576 bytes, got 100"),
+    ("dicom pixel length past the end", dicom_declaring_more_pixels, "pixel data declares 2147483632 bytes"),
     ("all-nan nifti", lambda tmp: _saved(tmp / "nan.nii", np.full((3, 8, 8), np.nan)), "holds no finite pixel value"),
     ("all-inf float tiff", lambda tmp: _saved(tmp / "inf.tiff", np.full((8, 8), np.inf)), "no finite pixel value"),
     (

@@ -139,6 +139,14 @@ def _require_pixels(ds: Dataset, path: Path) -> None:
             "load an image file of the series",
         )
     check_picture(path, int(ds.get("Columns") or 0), int(ds.get("Rows") or 0), int(ds.get("NumberOfFrames") or 1))
+    element = ds.get_item(next(k for k in _PIXEL_KEYWORDS if k in ds))
+    declared = getattr(element, "length", None)  # pydicom reads to the end of a file shorter than declared
+    if declared is not None and declared != 0xFFFFFFFF and element.value is not None and declared > len(element.value):
+        raise ImageInputError(
+            path,
+            f"is truncated or corrupt: its pixel data declares {declared} bytes, the file holds {len(element.value)}",
+            "copy or export the file again",
+        )
 
 
 def _decode(ds: Dataset, path: Path, index: int | None) -> np.ndarray:
