@@ -16,6 +16,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from healthgpt import HealthGPT
+from healthgpt.cli.outputs import check_output
 from healthgpt.config import get_variant
 from healthgpt.errors import ImageInputError
 from healthgpt.io import save_png
@@ -67,6 +68,23 @@ def test_an_existing_file_is_kept_unless_overwrite(tmp_path: Path) -> None:
     with atomic_target(tmp_path / "x.png") as tmp:
         tmp.write_bytes(b"new")
     assert (tmp_path / "x.png").read_bytes() == b"new" and os.listdir(tmp_path) == ["x.png"]
+
+
+def test_a_read_only_folder_is_refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As root every folder is writable, so the check is shown with `os.access` answering as for another user;
+    `test_a_really_read_only_folder` does it for real where the tests do not run as root."""
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(ImageInputError, match=r"out.png: the folder to write into is not writable"):
+        check_output(tmp_path / "out.png", None)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+def test_a_really_read_only_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o555)
+    with pytest.raises(ImageInputError, match="is not writable"):
+        save_png(np.zeros((4, 4), np.uint8), folder / "out.png")
 
 
 @pytest.mark.parametrize(("sent", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, -signal.SIGINT)])
