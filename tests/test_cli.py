@@ -178,6 +178,7 @@ BAD_INPUTS = [
     pytest.param(["generate", "ct.dcm", "-o", "gone/x.png"], "the folder to write into does not exist", id="no folder"),
     pytest.param(["generate", "ct.dcm", "-o", "filled"], "filled: the output folder already exists", id="filled"),
     pytest.param(["convert", "filled", "--include-base"], "filled: the output folder already exists", id="convert"),
+    pytest.param(["export", "filled"], "filled: the output folder already exists", id="export into a filled folder"),
     pytest.param(["batch", "one.jsonl", "gone/out.jsonl"], "gone/out.jsonl: the folder to write", id="batch no folder"),
     pytest.param(["batch", "rows.jsonl", "out.jsonl"], "rows.jsonl:2: not valid JSON", id="batch bad json"),
     pytest.param(["batch", "twice.jsonl", "out.jsonl"], "id 1 appears twice", id="batch duplicate id"),
