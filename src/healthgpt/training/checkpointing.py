@@ -187,7 +187,7 @@ def load_checkpoint(
     checksums in its trainer state; returns that state. The saved weights must be the model's trainable parameters."""
     path = Path(path)
     state = _read_json(path / TRAINER_STATE)
-    _verify_files(path, state.get("files"))
+    _verify_files(path, state.get("files") if isinstance(state, dict) else None)
     weights = path / ACCELERATE_WEIGHTS
     if weights.is_file():
         with safe_open(str(weights), framework="pt") as f:
