@@ -72,9 +72,19 @@ class ImagePreprocessor:
         check_picture(getattr(image, "filename", "") or "image", image.width, image.height)
         return image.convert("RGB")
 
+    def bounded(self, image: Image.Image) -> Image.Image:
+        """A non-square picture longer than 4x the model's input is first shrunk (aspect kept) to that length, so its
+        padded square stays small (a 9000 x 10 picture would otherwise become 243 MB of canvas, 1 GB as floats);
+        the processor shrinks the square to the input size anyway. Square and smaller pictures are left as they are."""
+        side, limit = max(image.size), 4 * int(self.processor.crop_size.height)
+        if image.width == image.height or side <= limit:
+            return image
+        size = (max(1, round(image.width * limit / side)), max(1, round(image.height * limit / side)))
+        return image.resize(size, Image.Resampling.BICUBIC)
+
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """[N,3,S,S] float32 pixel values."""
-        squares = [pad_to_square(self.to_rgb(im), self.background) for im in images]
+        squares = [pad_to_square(self.bounded(self.to_rgb(im)), self.background) for im in images]
         return torch.as_tensor(self.processor(images=squares, return_tensors="np")["pixel_values"])
 
 
