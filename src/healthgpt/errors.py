@@ -59,7 +59,6 @@ def exit_code(exc: BaseException) -> int:
 
 
 def http_status(exc: BaseException) -> int:
-    """The HTTP status of an error: its own for the hierarchy, 400 for other bad input, 500 for anything else."""
-    if isinstance(exc, HealthGPTError):
-        return exc.http_status
-    return 400 if is_input_error(exc) else 500
+    """The HTTP status of an error: its own for the hierarchy, 500 for anything else. A missing or unwritable file
+    on the server is the server's fault, not the client's, unlike on the command line."""
+    return exc.http_status if isinstance(exc, HealthGPTError) else 500
