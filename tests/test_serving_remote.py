@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -141,3 +142,27 @@ def test_deadline_size_cap_and_status_are_clear(site: str) -> None:
         _fetch(f"http://{site}/missing", hosts=listed)
     with pytest.raises(RemoteImageError, match="could not be fetched"):
         _fetch("http://127.0.0.1:1/image", hosts=listed)  # nothing listens: no port-scan detail in the message
+
+
+def test_the_connection_goes_to_the_checked_address_not_to_a_second_lookup(
+    site: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebinding DNS server answers the check with one address and the connection with another; here the name
+    resolves once (to the local site) and any second lookup would fail, so the fetch succeeding shows there is none."""
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def rebinding(host: str, *args: object, **kwargs: object) -> list:
+        if host == "images.rebind.test":
+            lookups.append(host)
+            if len(lookups) > 1:
+                raise socket.gaierror("second lookup")
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    _Site.seen.clear()
+    port = site.split(":")[1]
+    url = f"http://images.rebind.test:{port}/image"
+    assert _fetch(url, hosts=frozenset({"images.rebind.test"})) == IMAGE
+    assert lookups == ["images.rebind.test"] and _Site.seen == [("/image", f"images.rebind.test:{port}")]
