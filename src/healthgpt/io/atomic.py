@@ -7,6 +7,7 @@ SIGINT unwind through the `finally` blocks (`terminate_on_signals`), which remov
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -31,7 +32,7 @@ def atomic_target(path: str | Path, *, directory: bool = False, overwrite: bool 
     """
     path = Path(path)
     check_target(path, directory=directory, overwrite=overwrite)
-    remove_stale(path.parent)
+    _remove_stale_once(path.parent.resolve())
     tmp = path.parent / f"{_TMP}{os.getpid()}-{uuid.uuid4().hex}-{path.name}"
     if directory:
         tmp.mkdir()
@@ -65,6 +66,13 @@ def check_target(path: Path, *, directory: bool = False, overwrite: bool = True)
         raise ImageInputError(path, "is a folder, not a file name", "give a file path to write")
     if not directory and not overwrite and path.exists():
         raise ImageInputError(path, "already exists", "choose another name, or pass --overwrite to replace it")
+
+
+@functools.lru_cache(maxsize=4096)
+def _remove_stale_once(folder: Path) -> None:
+    """`remove_stale` once per folder and process: what killed runs left is there before this process writes, and
+    a folder of many outputs (a code cache) must not be listed once per file written."""
+    remove_stale(folder)
 
 
 def remove_stale(folder: Path) -> None:
