@@ -16,6 +16,7 @@ import huggingface_hub
 import pytest
 import torch
 from _tokenizers import build_bpe_chat_tokenizer, build_sentencepiece_phi3_tokenizer
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
 from healthgpt.api import HealthGPT
@@ -269,9 +270,42 @@ def test_bin_files_are_read_without_running_pickled_code(tmp_path):
 
     path = tmp_path / "com_hlora_weights.bin"
     torch.save({"x": torch.zeros(1), "y": Payload()}, path)
-    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+    with pytest.raises(CheckpointError, match="refusing to unpickle") as refused:
         load_state_file(path)
     assert not marker.exists()
+    message = str(refused.value)  # one short line: the file, the object found, the fix; not torch's advice
+    assert "\n" not in message and "weights_only=False" not in message and len(message) < 300
+    assert message.startswith(f"{path}: holds Python objects other than tensors (getattr); refusing")  # Path.touch
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"hello, these are not weights" * 20, "cannot read the weights"),
+        (bytes(range(256)) * 2, "not a weight file"),
+    ],
+    ids=["text", "random bytes"],
+)
+def test_a_bin_of_garbage_is_a_checkpoint_error_naming_it(tmp_path, content, message):
+    path = tmp_path / "com_hlora_weights.bin"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_state_file(path)
+    assert str(error.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_weights_with_nan_or_inf_are_refused_at_load(tmp_path, bad, suffix):
+    state = {"mm_projector.0.weight": torch.ones(2, 2), "steps": torch.arange(3)}
+    state["mm_projector.0.weight"][1, 0] = bad
+    path = tmp_path / f"fusion_layer_weights{suffix}"
+    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"tensor mm_projector\.0\.weight holds NaN or infinite values"):
+        load_state_file(path)
+    state["mm_projector.0.weight"][1, 0] = 0.5
+    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    assert torch.equal(load_state_file(path)["mm_projector.0.weight"], state["mm_projector.0.weight"])
 
 
 @pytest.mark.parametrize("fusion", ["generation", "all", "none"])

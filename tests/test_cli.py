@@ -115,6 +115,20 @@ def bad_files(tmp_path: Path) -> Path:
     (tmp_path / "twice.jsonl").write_text('{"id": 1, "question": "Why?"}\n{"id": 1, "question": "How?"}\n')
     (tmp_path / "one.jsonl").write_text('{"id": 1, "question": "Why?"}\n')
     (tmp_path / "notes.txt").write_text("my notes\nnot results")  # no final newline: must not be cut
+    Image.new("L", (20000, 1)).save(tmp_path / "wide.png")  # ~100 bytes; its padded square 400 M pixels
+    header = nib.Nifti1Header()
+    header.set_data_shape((64, 64, 64))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    (tmp_path / "short.nii").write_bytes(header.binaryblock + bytes(104))  # declares 1 MiB of voxels, holds 100 B
+    nib.save(nib.Nifti1Image(np.full((4, 4, 3), np.nan, np.float32), np.eye(4)), tmp_path / "nan.nii")
+    long = bytearray(CT.read_bytes())
+    at = long.rfind(b"\xe0\x7f\x10\x00OW")  # pixel data: tag, VR, 2 reserved bytes, then its 4-byte length
+    long[at + 8 : at + 12] = struct.pack("<I", 0x7FFFFFF0)
+    (tmp_path / "long.dcm").write_bytes(long)
+    shutil.copy(tmp_path / "good.png", tmp_path / "taken.png")
+    (tmp_path / "filled").mkdir()
+    (tmp_path / "filled" / "keep.txt").write_text("not mine")
     return tmp_path
 
 
@@ -126,6 +140,10 @@ BAD_INPUTS = [
     pytest.param(["ask", "bomb.png", "Why?"], "bomb.png: is too large to decode safely", id="decompression bomb"),
     pytest.param(["ask", "truncated.dcm", "Why?"], "truncated.dcm: is truncated or corrupt", id="truncated dicom"),
     pytest.param(["ask", "no_pixels.dcm", "Why?"], "no_pixels.dcm: has no pixel data", id="dicom without pixels"),
+    pytest.param(["ask", "long.dcm", "Why?"], "long.dcm: is truncated or corrupt: its pixel", id="dicom length"),
+    pytest.param(["ask", "nan.nii", "Why?"], "nan.nii: holds no finite pixel value", id="all-nan image"),
+    pytest.param(["ask", "wide.png", "Why?"], "wide.png: the square canvas a 20000 x 1 picture", id="20000x1 png"),
+    pytest.param(["ask", "short.nii", "Why?"], "short.nii: is truncated or corrupt", id="nifti short of its header"),
     pytest.param(["ask", "ct.dcm", "  "], "question 1 is empty", id="empty question"),
     pytest.param(["ask", "ct.dcm", "Why?", "--window", "sunset"], "unknown window 'sunset'", id="unknown window"),
     pytest.param(["ask", NIFTI, "Why?", "--slice", "99"], "slice index 99 is out of range", id="slice out of range"),
@@ -156,6 +174,12 @@ BAD_INPUTS = [
     pytest.param(["generate", "good.png", "-o", "out.nii.gz"], "needs a source with geometry", id="nifti from png"),
     pytest.param(["generate", NIFTI, "-o", "v.png", "--all-slices"], "a PNG holds one slice", id="volume into png"),
     pytest.param(["generate", NIFTI, "-o", "v.nii", "--all-slices", "--slice", "3"], "exclude each other", id="slices"),
+    pytest.param(["generate", "good.png", "-o", "taken.png"], "taken.png: already exists", id="existing output"),
+    pytest.param(["generate", "ct.dcm", "-o", "gone/x.png"], "the folder to write into does not exist", id="no folder"),
+    pytest.param(["generate", "ct.dcm", "-o", "filled"], "filled: the output folder already exists", id="filled"),
+    pytest.param(["convert", "filled", "--include-base"], "filled: the output folder already exists", id="convert"),
+    pytest.param(["export", "filled"], "filled: the output folder already exists", id="export into a filled folder"),
+    pytest.param(["batch", "one.jsonl", "gone/out.jsonl"], "gone/out.jsonl: the folder to write", id="batch no folder"),
     pytest.param(["batch", "rows.jsonl", "out.jsonl"], "rows.jsonl:2: not valid JSON", id="batch bad json"),
     pytest.param(["batch", "twice.jsonl", "out.jsonl"], "id 1 appears twice", id="batch duplicate id"),
     pytest.param(["batch", "one.jsonl", "notes.txt"], "notes.txt:1: not a result line", id="batch foreign output"),
@@ -180,6 +204,56 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_files: Path, args: 
     assert files_under(bad_files) == before
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _nan_in(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    key = sorted(k for k in state if state[k].is_floating_point())[0]
+    state[key][0] = float("nan")
+    save_file(state, path)
+
+
+@pytest.fixture(scope="module")
+def pristine_bundle(nano: HealthGPT, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("bundle") / "bundle"
+    nano.save_pretrained(folder, include_base=True)
+    return folder
+
+
+BAD_BUNDLES = [
+    pytest.param(lambda b: _truncate(b / "llm" / "model.safetensors"), "llm", id="truncated base llm"),
+    pytest.param(lambda b: _truncate(b / "vision" / "model.safetensors"), "vision", id="truncated vision tower"),
+    pytest.param(lambda b: _truncate(b / "vqgan" / "vqgan.safetensors"), "vqgan", id="truncated vqgan"),
+    pytest.param(
+        lambda b: (b / "bundle.json").write_text("[1, 2]"), "bundle.json: not a bundle", id="bundle.json list"
+    ),
+    pytest.param(lambda b: (b / "bundle.json").write_text('{"format": '), "not a HealthGPT bundle", id="bad json"),
+    pytest.param(
+        lambda b: _nan_in(b / "plugins" / "generation.safetensors"),
+        "generation.safetensors: tensor ",
+        id="nan in a plugin",
+    ),
+]
+
+
+@pytest.mark.parametrize(("damage", "message"), BAD_BUNDLES)
+def test_a_damaged_bundle_is_one_line_exit_2(pristine_bundle: Path, tmp_path: Path, damage, message: str) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(pristine_bundle, bundle)
+    shutil.copy(CT, tmp_path / "ct.dcm")
+    damage(bundle)
+    before = files_under(tmp_path)
+    out = healthgpt("ask", "ct.dcm", "Why?", "--model", "bundle", *TOKENS, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert files_under(tmp_path) == before
+
+
 # ----- info --------------------------------------------------------------------------------------------------------
 def test_info_on_images(tmp_path: Path) -> None:
     out = healthgpt("info", CT, "--json", cwd=tmp_path)
@@ -200,6 +274,20 @@ def test_info_on_images(tmp_path: Path) -> None:
     assert sorted(facts["spacing_mm"]) == pytest.approx(sorted(volume.header.get_zooms()[:3]), abs=1e-4)
     text = healthgpt("info", NIFTI, cwd=tmp_path).stdout
     assert "format: NIfTI" in text and "percentiles: [0.5, 99.5]" in text
+
+
+def test_info_json_is_valid_json_with_null_for_non_finite_values(tmp_path: Path) -> None:
+    values = np.arange(48, dtype=np.float32).reshape(4, 4, 3)
+    values[0, 0, 0], values[1, 1, 1] = -np.inf, np.nan
+    nib.save(nib.Nifti1Image(values, np.eye(4)), tmp_path / "inf.nii")
+    out = healthgpt("info", "inf.nii", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    facts = json.loads(out.stdout, parse_constant=refuse)
+    assert facts["value_range"] == [None, 47.0]
 
 
 # ----- ask, chat ---------------------------------------------------------------------------------------------------

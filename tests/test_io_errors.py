@@ -4,10 +4,13 @@ import gzip
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -150,6 +153,38 @@ def nifti_without_geometry(tmp: Path):
     return lambda: save_nifti(np.zeros((8, 8)), tmp / "out.nii", load_image(tmp / "plain.png")), tmp / "out.nii"
 
 
+def nifti_declaring(shape: tuple[int, ...], data_bytes: int) -> Case:
+    """A NIfTI file whose header declares `shape` float32 voxels but which holds `data_bytes` of them."""
+
+    def case(tmp: Path):
+        header = nib.Nifti1Header()
+        header.set_data_shape(shape)
+        header.set_data_dtype(np.float32)
+        header["vox_offset"] = 352
+        (tmp / "declared.nii").write_bytes(header.binaryblock + bytes(4) + bytes(data_bytes))
+        return lambda: load_image(tmp / "declared.nii"), tmp / "declared.nii"
+
+    return case
+
+
+def dicom_declaring_more_pixels(tmp: Path) -> tuple[Callable[[], object], Path]:
+    """CT_small with its pixel-data length field set to 0x7ffffff0 (pydicom reads to the end and warns)."""
+    data = bytearray(Path(CT).read_bytes())
+    at = data.rfind(b"\xe0\x7f\x10\x00OW")  # (7FE0,0010) OW, 2 reserved bytes, then a 4-byte length
+    data[at + 8 : at + 12] = struct.pack("<I", 0x7FFFFFF0)
+    (tmp / "long.dcm").write_bytes(data)
+    return lambda: load_image(tmp / "long.dcm"), tmp / "long.dcm"
+
+
+def _saved(path: Path, values: np.ndarray) -> tuple[Callable[[], object], Path]:
+    """`values` written as float32 NIfTI or float TIFF, and the call that loads it."""
+    if path.suffix == ".nii":
+        nib.save(nib.Nifti1Image(values.astype(np.float32), np.eye(4)), path)
+    else:
+        Image.fromarray(values.astype(np.float32), mode="F").save(path)
+    return lambda: load_image(path), path
+
+
 CASES: list[tuple[str, Case, str]] = [
     ("missing file", lambda tmp: (lambda: load_image(tmp / "nope.dcm"), tmp / "nope.dcm"), "does not exist"),
     ("empty file", file_with("empty.png", b""), "is empty"),
@@ -183,6 +218,21 @@ CASES: list[tuple[str, Case, str]] = [
     ("nan values", series_with_nan, "slice 1 has NaN or infinite values"),
     ("unknown output suffix", volume_with_unknown_suffix, "unsupported output suffix '.mha'"),
     ("nifti without geometry", nifti_without_geometry, "has no 4x4 affine"),
+    (
+        "extreme aspect ratio",
+        file_with("wide.png", png_header(20_000, 1)),
+        "the square canvas a 20000 x 1 picture is padded to would hold 400,000,000 pixels",
+    ),
+    ("nifti declaring a huge volume", nifti_declaring((4000, 4000, 100), 64), "its volume would hold 1,600,000,000"),
+    ("nifti shorter than its header", nifti_declaring((64, 64, 64), 100), "Expected 1048576 bytes, got 100"),
+    ("dicom pixel length past the end", dicom_declaring_more_pixels, "pixel data declares 2147483632 bytes"),
+    ("all-nan nifti", lambda tmp: _saved(tmp / "nan.nii", np.full((3, 8, 8), np.nan)), "holds no finite pixel value"),
+    ("all-inf float tiff", lambda tmp: _saved(tmp / "inf.tiff", np.full((8, 8), np.inf)), "no finite pixel value"),
+    (
+        "dicom declaring 10^6 frames",
+        lambda tmp: (lambda path: (lambda: load_image(path), path))(ct_copy(tmp / "frames.dcm", NumberOfFrames=10**6)),
+        "its decoded frames would hold 16,384,000,000 pixels",
+    ),
 ]
 
 
@@ -200,6 +250,33 @@ def test_bad_input_raises_named_error_and_writes_nothing(tmp_path, make, fragmen
     assert str(named) in message and fragment in message and "Fix: " in message
     assert isinstance(info.value, ValueError) and info.value.path == named
     assert snapshot(tmp_path) == before
+
+
+def test_a_20000_by_1_png_is_refused_before_its_square_canvas_is_allocated(tmp_path):
+    """~100 bytes on disk; padded to a square it would be 20000 x 20000 (1.2 GB as RGB, 4.8 GB as CLIP input).
+    Both the file reader and the preprocessor (for pictures given to the API) refuse it; the process grows < 200 MB."""
+    Image.new("L", (20_000, 1), 7).save(tmp_path / "wide.png")
+    code = f"""
+import resource
+from PIL import Image
+from healthgpt.errors import ImageInputError
+from healthgpt.io import load_image
+from healthgpt.vision import ImagePreprocessor
+
+preprocess = ImagePreprocessor.for_clip(32, (0.5,) * 3, (0.5,) * 3)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+refused = 0
+for call in (lambda: load_image({str(tmp_path / "wide.png")!r}), lambda: preprocess([Image.new("L", (20000, 1))])):
+    try:
+        call()
+    except ImageInputError as exc:
+        refused += "padded to would hold 400,000,000 pixels" in str(exc)
+print(refused, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    refused, grown_mb = map(int, done.stdout.split())
+    assert refused == 2 and grown_mb < 200
 
 
 def test_error_survives_pickling():

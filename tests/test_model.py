@@ -13,10 +13,10 @@ from tokenizers import Tokenizer, models
 from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
 from healthgpt.config import COMPREHENSION, GENERATION
+from healthgpt.errors import ImageInputError
 from healthgpt.model import ImageSlotError, attach_image_vocab, expand_image_slots
 from healthgpt.templates import PromptError
 from healthgpt.tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from healthgpt.vision import ImageInputError
 
 
 def _image(seed: int, size=(40, 56)) -> Image.Image:

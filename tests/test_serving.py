@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import nibabel as nib
 import numpy as np
 import openai
 import pytest
@@ -101,6 +102,10 @@ def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _nifti(values: np.ndarray) -> bytes:
+    return nib.Nifti1Image(values.astype(np.float32), np.eye(4)).to_bytes()
 
 
 def _data_uri(data: bytes, mime: str = "image/png") -> str:
@@ -240,8 +245,10 @@ def _error(client, messages: list[dict]) -> openai.APIStatusError:
         ("file:///etc/passwd", 400, "never reads files from a request"),
         ("/etc/passwd", 400, "never reads files from a request"),
         (_data_uri(os.urandom(800_000)), 413, "accepts at most 1000000"),
+        (_data_uri(_png(Image.new("L", (20000, 1)))), 400, "would need 400000000 pixels"),  # its padded square
+        (_data_uri(_nifti(np.full((2, 8, 8), np.nan)), "application/octet-stream"), 400, "no finite pixel value"),
     ],
-    ids=["malformed", "bad-base64", "remote", "file-url", "path", "over-size"],
+    ids=["malformed", "bad-base64", "remote", "file-url", "path", "over-size", "20000x1", "all-nan"],
 )
 def test_bad_images_get_a_4xx_with_a_clear_message(client, url, status, message):
     error = _error(client, _ask(url, QUESTIONS[0]))

@@ -39,20 +39,29 @@ def test_dicom_and_nifti_bytes_read_as_their_files(nifti):
 
 def test_a_png_is_shown_as_it_is():
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8))
-    assert decode_image(_png(image), max_pixels=1200).tobytes() == image.tobytes()
+    assert decode_image(_png(image), max_pixels=40 * 40).tobytes() == image.tobytes()  # its padded square
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (CT.read_bytes(), "has 16384 pixels, more than the server's limit of 10000"),
-        (_png(Image.new("L", (200, 100))), "has 20000 pixels"),
+        (CT.read_bytes(), "would need 16384 pixels .*, more than the server's limit of 10000"),
+        (_png(Image.new("L", (200, 100))), "would need 40000 pixels"),  # 20000, padded to 200 x 200
+        (_png(Image.new("L", (20000, 1))), "would need 400000000 pixels"),
         (b"", "is empty"),
         (b"GIF89a" + bytes(20), "is not a PNG, JPEG, DICOM or NIfTI image"),
         (CT.read_bytes()[:400], "unreadable header"),
         (gzip.compress(b"not a nifti" * 40), "unreadable header"),
     ],
-    ids=["dicom-limit", "png-limit", "empty", "truncated-gif", "truncated-dicom", "gzip-not-nifti"],
+    ids=[
+        "dicom-limit",
+        "png-limit",
+        "png-padded-square",
+        "empty",
+        "truncated-gif",
+        "truncated-dicom",
+        "gzip-not-nifti",
+    ],
 )
 def test_unreadable_or_oversized_images_are_refused_with_the_reason(data, message):
     with pytest.raises(ImageRejected, match=message):
@@ -76,7 +85,8 @@ def test_remote_images_are_fetched_when_allowed(nano, tmp_path):
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     site = f"http://127.0.0.1:{files.server_address[1]}"
-    app = create_app(nano, ServerOptions(allow_remote_images=True, max_body_bytes=2_000_000))
+    options = ServerOptions(allow_remote_images=True, remote_image_hosts=("127.0.0.1",), max_body_bytes=2_000_000)
+    app = create_app(nano, options)
     try:
         with _thread_server(app) as base:
             client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
@@ -85,6 +95,9 @@ def test_remote_images_are_fetched_when_allowed(nano, tmp_path):
             for path, message in [("missing.png", "answered HTTP 404"), ("big.png", "larger than the server's limit")]:
                 with pytest.raises(openai.BadRequestError, match=message):
                     client.chat.completions.create(model=MODEL, messages=_ask(f"{site}/{path}", "What?"), max_tokens=4)
+            unlisted = f"http://localhost:{files.server_address[1]}/ct.png"  # the same server, by a name not listed
+            with pytest.raises(openai.BadRequestError, match="does not fetch images from that host"):
+                client.chat.completions.create(model=MODEL, messages=_ask(unlisted, "What?"), max_tokens=4)
             with pytest.raises(openai.BadRequestError, match="never reads files"):
                 client.chat.completions.create(model=MODEL, messages=_ask("file:///etc/hostname", "What?"))
     finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,7 @@ from healthgpt.config import get_variant
 from healthgpt.data.image_codes import tokenize_images
 from healthgpt.data.phantoms import make_dataset
 from healthgpt.data.records import DataError
+from healthgpt.errors import CheckpointError
 from healthgpt.training.checkpointing import checkpoints
 from healthgpt.training.loop import StepBatchSampler, lr_lambda, run_stage
 from healthgpt.training.stages import RecipeError, load_recipe
@@ -143,6 +146,54 @@ def test_outputs_reports_and_guards(phantoms: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match="broken.json:1 .*missing image file"):
         run_stage(load_recipe(None, [*overrides, f"output_dir={tmp_path / 'strict'}", "data.on_error=raise"]), STAGE)
+
+
+class _Payload:
+    """Unpickling this creates the marker file: proof that a checkpoint file ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+def test_resume_checks_every_checkpoint_file_and_never_runs_a_planted_pickle(phantoms: Path, tmp_path: Path) -> None:
+    extra = ["engine.micro_batch_size=2", f"{STAGE}.max_steps=3", "engine.save_every=1", "engine.keep_checkpoints=3"]
+    full = run_stage(load_recipe(None, _overrides(phantoms, tmp_path / "full", *extra)), STAGE)  # dropout 0.05
+    ckpts = tmp_path / "full" / STAGE / "checkpoints"
+    step2 = ckpts / "step_00000002"
+    names = sorted(str(p.relative_to(step2)) for p in step2.rglob("*") if p.is_file())
+    assert not [n for n in names if n.endswith(".pkl")]  # no pickled scheduler or RNG state
+    assert {"trainer_state.json", "scheduler.json", "rng_state_0.safetensors", "model.safetensors"} <= set(names)
+
+    def run_from(checkpoint: Path, out: Path) -> Path:
+        """A copy of the run whose newest checkpoint is `checkpoint` (a step-2 one), ready to resume."""
+        target = out / STAGE / "checkpoints" / checkpoint.name
+        shutil.copytree(checkpoint, target)
+        return out
+
+    marker = tmp_path / "payload-ran"
+    payload = pickle.dumps(_Payload(marker))
+    for i, name in enumerate([*names, "random_states_0.pkl", "custom_checkpoint_0.pkl"]):
+        out = run_from(step2, tmp_path / f"planted{i}")
+        (out / STAGE / "checkpoints" / step2.name / name).write_bytes(payload)
+        with pytest.raises(CheckpointError, match=rf"step_00000002/{name}: .*(tampered|unreadable|planted)") as err:
+            run_stage(load_recipe(None, _overrides(phantoms, out, *extra)), STAGE, resume=True)
+        assert not marker.exists(), name
+        assert "\n" not in str(err.value)
+    out = run_from(step2, tmp_path / "missing")
+    (out / STAGE / "checkpoints" / step2.name / "rng_state_0.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="rng_state_0.safetensors: missing from the checkpoint"):
+        run_stage(load_recipe(None, _overrides(phantoms, out, *extra)), STAGE, resume=True)
+
+    # An untouched step-2 checkpoint resumes exactly: the third step (dropout draws included) equals the full run's.
+    resumed = run_stage(
+        load_recipe(None, _overrides(phantoms, run_from(step2, tmp_path / "ok"), *extra)), STAGE, resume=True
+    )
+    assert _history(resumed.metrics_file)[2:] == _history(full.metrics_file)[2:]
+    a, b = load_file(full.output / "weights.safetensors"), load_file(resumed.output / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _script(tmp_path: Path, body: str) -> Path:

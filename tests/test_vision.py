@@ -32,6 +32,19 @@ def test_preprocessor_background_is_int_of_mean_times_255():
     torch.testing.assert_close(corner, expected.float(), atol=1e-6, rtol=0)
 
 
+def test_a_long_thin_picture_is_shrunk_before_padding_and_small_ones_are_untouched():
+    pre = ImagePreprocessor.for_clip(32, (0.5,) * 3, (0.5,) * 3)
+    assert pre.bounded(Image.new("RGB", (9000, 10))).size == (128, 1)  # longer side 4 x 32, aspect kept
+    for size in ((128, 40), (999, 999)):
+        assert pre.bounded(Image.new("RGB", size)).size == size
+    # What the model sees hardly changes: the same picture padded at full size, then processed (the old way).
+    ramp = np.linspace(0, 255, 1000)[None, :, None] * np.ones((40, 1, 3))
+    picture = Image.fromarray(ramp.astype(np.uint8))
+    full = pre.processor(images=[pad_to_square(picture, pre.background)], return_tensors="np")["pixel_values"]
+    difference = (pre([picture]) - torch.as_tensor(full)).abs()
+    assert pre.bounded(picture).size == (128, 5) and difference.mean() < 0.01 and difference.max() < 0.2
+
+
 def test_features_are_clip_hidden_states_at_each_depth_with_cls_dropped():
     encoder = random_vision(get_variant("nano").vision)
     pixels = torch.randn(2, 3, 112, 112)

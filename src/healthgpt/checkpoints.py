@@ -26,9 +26,11 @@ import dataclasses
 import json
 import logging
 import pickle
+import re
 import shutil
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ from transformers import (
 )
 
 from .config import GENERATION, VARIANTS, HealthGPTConfig, LLMConfig, VisionConfig
+from .errors import CheckpointError
 from .hlora import HLoRAStateError, PluginSelection, infer_plugin_shape
 from .hub import OfficialFiles, WeightsNotFoundError, is_repo_id, resolve_official_files, variant_of_hub_id
 from .io.atomic import atomic_target
@@ -63,6 +66,7 @@ EMBED_KEY = OFFICIAL_PREFIX + "model.embed_tokens.weight"
 HEAD_KEY = OFFICIAL_PREFIX + "lm_head.weight"
 FUSION_MODES = ("generation", "all", "none")
 MANIFEST = "bundle.json"
+_MANIFEST_KEYS = ("format", "version", "dtype", "llm", "vision", "plugins", "plugin_tables", "vqgan")
 BUNDLE_FORMAT = "healthgpt-bundle"
 BUNDLE_VERSION = 1
 EMBEDDED = ("nano",)  # bundles shipped in the package (`healthgpt/assets/<name>/`), loaded by name
@@ -83,10 +87,6 @@ __all__ = [
     "resolve_dtype",
     "save_bundle",
 ]
-
-
-class CheckpointError(ValueError):
-    """A weight file that is unreadable or does not fit the model; the message names the file and what is wrong."""
 
 
 @dataclass
@@ -128,7 +128,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # ----- files -------------------------------------------------------------------------------------------------------
 def load_state_file(path: str | Path) -> dict[str, Tensor]:
     """A memory-mapped tensor dict from a `.safetensors` file or a `torch.save` file (`.bin`/`.pt`, read with
-    `weights_only=True`: only tensors are unpickled, no code runs)."""
+    `weights_only=True`: only tensors are unpickled, no code runs). Tensors with NaN or inf are refused."""
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(f"{path}: weight file not found; check the path (or download it from the Hub)")
@@ -138,17 +138,32 @@ def load_state_file(path: str | Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None:  # torch reports bytes that are no pickle at all the same way
+            raise CheckpointError(f"{path}: not a weight file (unreadable bytes); download or write it again") from e
         raise CheckpointError(
-            f"{path}: holds Python objects other than tensors; refusing to unpickle them (weights_only=True). ({e})"
+            f"{path}: holds Python objects other than tensors ({found.group(1)}); refusing to unpickle them, as that "
+            "could run code. Fix: save its tensors as .safetensors with the tool that wrote it"
         ) from e
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
+    except Exception as e:  # torch.load raises many types (KeyError, RuntimeError, ...) on bytes that are no weights
         raise CheckpointError(
             f"{path}: cannot read the weights ({type(e).__name__}: {e}); the file may be truncated or not a "
             "weight file — download or write it again"
         ) from e
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    check_finite(state, str(path))
     return dict(state)
+
+
+def check_finite(state: Mapping[str, Tensor], source: str) -> None:
+    """Refuse weights holding NaN or inf: the model would answer nothing or noise instead of failing."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(
+                f"{source}: tensor {key} holds NaN or infinite values; the file is damaged or comes from a diverged "
+                "run: use another checkpoint"
+            )
 
 
 def _listing(what: str, items: Sequence[str], first: int = 5) -> str:
@@ -183,7 +198,8 @@ def load_base_llm(
     reproduces the published ids (the SentencePiece `tokenizer.model`, when the folder has one)."""
     _require(path, "config.json", "base LLM")
     tokenizer_path = tokenizer_path or path
-    llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    with _unreadable_as_checkpoint_error(path, "base LLM"):
+        llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     sentencepiece = tokenizer_path / "tokenizer.model"
     prompts = PromptTokenizer(tokenizer, sentencepiece_model=sentencepiece if sentencepiece.is_file() else None)
@@ -194,7 +210,8 @@ def load_vision_tower(path: Path, dtype: torch.dtype) -> tuple[VisionEncoder, Im
     """The CLIP vision tower (from a full CLIP or a CLIPVisionModel folder) and its image preprocessing."""
     _require(path, "config.json", "CLIP vision tower")
     _require(path, "preprocessor_config.json", "CLIP vision tower")
-    tower = CLIPVisionModel.from_pretrained(path, dtype=dtype)
+    with _unreadable_as_checkpoint_error(path, "CLIP vision tower"):
+        tower = CLIPVisionModel.from_pretrained(path, dtype=dtype)
     return VisionEncoder(tower), ImagePreprocessor.from_pretrained(str(path))
 
 
@@ -207,6 +224,17 @@ def load_vqgan(path: str | Path) -> VQGAN:
     if path.is_dir():
         return load_taming_checkpoint(path / "last.ckpt", path / "model.yaml")
     return load_taming_checkpoint(path)
+
+
+@contextmanager
+def _unreadable_as_checkpoint_error(folder: Path, what: str) -> Iterator[None]:
+    """Turn transformers' errors on damaged weight files (safetensors' own error type) into a `CheckpointError`."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{folder}: the {what} weights cannot be read ({e}); the file may be truncated: download or copy it again"
+        ) from e
 
 
 def _require(folder: Path, name: str, what: str) -> None:
@@ -689,8 +717,14 @@ def load_bundle(
     directory = Path(directory)
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{directory}: not a HealthGPT bundle ({e})") from e
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else list(_MANIFEST_KEYS)
+    if missing:
+        raise CheckpointError(
+            f"{directory / MANIFEST}: not a bundle manifest (no {', '.join(missing)}); write the bundle again with "
+            "`healthgpt convert`"
+        )
     if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
         raise CheckpointError(
             f"{directory}: bundle format {manifest.get('format')!r} version {manifest.get('version')!r} is not "

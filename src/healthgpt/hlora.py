@@ -18,11 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from healthgpt.config import PluginConfig
+from healthgpt.errors import HealthGPTError
 
 Selection = str | tuple[str | None, ...] | Tensor | None
 
 
-class HLoRAStateError(ValueError):
+class HLoRAStateError(HealthGPTError):
     """A plugin state dict does not fit the injected plugin (missing, unexpected or mis-shaped keys)."""
 
 

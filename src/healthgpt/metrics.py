@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
+from healthgpt.errors import HealthGPTError
+
 PIL_MODES = ("L", "RGB", "I;16", "I", "F")  # single-band or RGB modes whose values are intensities
 SSIM_MIN_SIDE = 7  # scikit-image's default SSIM window
 # lpips network name -> torchvision weights enum of its backbone (the file torchvision would download)
@@ -23,11 +25,11 @@ LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze":
 ImageLike = Image.Image | np.ndarray
 
 
-class MetricInputError(ValueError):
+class MetricInputError(HealthGPTError):
     """Images that cannot be compared: different sizes or channels, unsupported modes, out-of-range values."""
 
 
-class MetricUnavailable(ValueError):
+class MetricUnavailable(HealthGPTError):
     """A metric whose package or weights are not available locally (LPIPS)."""
 
 

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from healthgpt.errors import HealthGPTError
+
 from .config import HealthGPTConfig
 from .feature_cache import FeatureCache
 from .hlora import HLoRAController, inject_hlora
@@ -20,7 +22,7 @@ from .tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageVocab, add_image_token
 from .vision import VisionEncoder, build_projector, project_images
 
 
-class ImageSlotError(ValueError):
+class ImageSlotError(HealthGPTError):
     """The prompt's image placeholders and the images given do not match."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from healthgpt.errors import HealthGPTError
 from healthgpt.tokens import IMAGE_PLACEHOLDER, START_IMAGE
 
 __all__ = [
@@ -22,7 +23,7 @@ __all__ = [
 ]
 
 
-class PromptError(ValueError):
+class PromptError(HealthGPTError):
     """A question or conversation that cannot be turned into a prompt."""
 
 

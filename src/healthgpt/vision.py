@@ -13,12 +13,11 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
+from healthgpt.errors import ImageInputError
+from healthgpt.io.limits import check_picture
+
 # Modes that PIL converts to RGB without losing meaning; 16-bit/float images need windowing first.
 _CONVERTIBLE_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr"}
-
-
-class ImageInputError(ValueError):
-    """An image the model cannot take as it is; the message says how to fix it."""
 
 
 def pad_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -60,20 +59,32 @@ class ImagePreprocessor:
     def to_rgb(self, image: Image.Image) -> Image.Image:
         if not isinstance(image, Image.Image):
             raise ImageInputError(
-                f"expected a PIL image, got {type(image).__name__}; load files with healthgpt.io.load_image"
+                "image", f"expected a PIL image, got {type(image).__name__}", "load files with healthgpt.io.load_image"
             )
         if image.mode not in _CONVERTIBLE_MODES:
             raise ImageInputError(
-                f"image mode {image.mode!r} (e.g. 16-bit or float pixels) cannot be shown to the model as it is; "
-                "window it to 8-bit first, e.g. healthgpt.io.load_image(path, window='soft_tissue').to_pil()"
+                "image",
+                f"mode {image.mode!r} (e.g. 16-bit or float pixels) cannot be shown to the model as it is",
+                "window it to 8-bit first, e.g. healthgpt.io.load_image(path, window='soft_tissue').to_pil()",
             )
         if image.width == 0 or image.height == 0:
-            raise ImageInputError(f"image has an empty size {image.size}")
+            raise ImageInputError("image", f"has an empty size {image.size}", "pass a picture with pixels")
+        check_picture(getattr(image, "filename", "") or "image", image.width, image.height)
         return image.convert("RGB")
+
+    def bounded(self, image: Image.Image) -> Image.Image:
+        """A non-square picture longer than 4x the model's input is first shrunk (aspect kept) to that length, so its
+        padded square stays small (a 9000 x 10 picture would otherwise become 243 MB of canvas, 1 GB as floats);
+        the processor shrinks the square to the input size anyway. Square and smaller pictures are left as they are."""
+        side, limit = max(image.size), 4 * int(self.processor.crop_size.height)
+        if image.width == image.height or side <= limit:
+            return image
+        size = (max(1, round(image.width * limit / side)), max(1, round(image.height * limit / side)))
+        return image.resize(size, Image.Resampling.BICUBIC)
 
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """[N,3,S,S] float32 pixel values."""
-        squares = [pad_to_square(self.to_rgb(im), self.background) for im in images]
+        squares = [pad_to_square(self.bounded(self.to_rgb(im)), self.background) for im in images]
         return torch.as_tensor(self.processor(images=squares, return_tensors="np")["pixel_values"])
 
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -25,10 +23,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from healthgpt.config import VQConfig
+from healthgpt.errors import CheckpointError, HealthGPTError
+from healthgpt.io.atomic import atomic_target
 
 WEIGHTS_FILE = "vqgan.safetensors"
 ARCH_FILE = "vqgan.json"
@@ -42,12 +43,8 @@ LIGHTNING_CLASS_NAMES = (
 )
 
 
-class VQGANError(ValueError):
+class VQGANError(HealthGPTError):
     """Bad input to the tokenizer: image shape, code count or code range."""
-
-
-class CheckpointError(VQGANError):
-    """A VQGAN checkpoint or its model.yaml cannot be used: unreadable, missing keys, wrong shapes."""
 
 
 def _group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
@@ -469,9 +466,11 @@ class VQGAN(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+        with atomic_target(directory / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp))
         arch = json.dumps(self.arch, indent=2)
-        _atomic_write(directory / ARCH_FILE, lambda tmp: Path(tmp).write_text(arch))
+        with atomic_target(directory / ARCH_FILE) as tmp:
+            tmp.write_text(arch)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> VQGAN:
@@ -480,8 +479,10 @@ class VQGAN(nn.Module):
         try:
             arch = json.loads((directory / ARCH_FILE).read_text())
             state = load_file(directory / WEIGHTS_FILE, device=str(device))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{directory}: not a saved VQGAN ({e}); write one with VQGAN.save") from e
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as e:
+            raise CheckpointError(
+                f"{directory}: not a saved VQGAN, or a truncated one ({e}); write one with VQGAN.save"
+            ) from e
         return _build_loaded(arch, state, str(directory / WEIGHTS_FILE))
 
 
@@ -605,15 +606,3 @@ def _build_loaded(arch: dict[str, Any], state: dict[str, Tensor], source: str) -
         raise CheckpointError(f"{source}: wrong tensor shapes: {'; '.join(wrong[:8])}")
     model.load_state_dict(state, assign=True)
     return model.eval()
-
-
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Write through a temporary file in the same folder, then rename, so no partial file is left."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

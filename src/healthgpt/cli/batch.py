@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..api import HealthGPT
     from ..io import MedicalImage
 
+from .. import jsonout
 from .common import ImageOptions, ModelOptions, SamplingOptions, T, chunks, command
 from .outputs import check_output, write_images
 
@@ -201,7 +202,10 @@ def batch(
 
     Each result is appended and flushed as soon as it is done, so an interrupted run loses nothing written, and a
     re-run skips the ids already there. Rows with bad input get an "error" result; the command then exits with 2."""
+    from ..io.atomic import check_target
+
     jobs = _read_jobs(rows)
+    check_target(results)  # appended to: may exist
     done = _read_done(results, {job.id for job in jobs})
     groups: dict[tuple[str | None, str | None], list[_Job]] = {}
     for job in jobs:
@@ -219,7 +223,7 @@ def batch(
             for group in groups.values():
                 for chunk in chunks(group, batch_size):
                     for job, outcome in _run_chunk(health, chunk, view, guidance_scale, sampling.kwargs()):
-                        out.write(json.dumps({"id": job.id, **outcome}, ensure_ascii=False) + "\n")
+                        out.write(jsonout.dumps({"id": job.id, **outcome}, ensure_ascii=False) + "\n")
                         out.flush()
                         os.fsync(out.fileno())
                         failed += "error" in outcome

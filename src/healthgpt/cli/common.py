@@ -279,11 +279,14 @@ def command(func: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(func)
     def run(**kwargs: Any) -> None:
+        from ..io.atomic import terminate_on_signals
+
         show_traceback = kwargs.pop("debug")
         try:
             for name, group in groups.items():
                 kwargs[name] = group(**{f.name: kwargs.pop(f.name) for f in fields(group)})
-            func(**kwargs)
+            with terminate_on_signals():  # SIGTERM unwinds like Ctrl-C, so temporary outputs are removed
+                func(**kwargs)
         except Exception as exc:
             if show_traceback:
                 raise
@@ -295,12 +298,15 @@ def command(func: Callable[..., None]) -> Callable[..., None]:
 
 
 def fail(exc: Exception) -> None:
-    """Print one `error:` line and exit: 2 for bad input (ValueError and its kin: ImageInputError, PromptError,
-    CheckpointError; a missing file), 1 for anything else."""
-    if isinstance(exc, (ValueError, FileNotFoundError)):
-        code, message = 2, str(exc)
+    """Print one `error:` line and exit with the code `healthgpt.errors.exit_code` gives: 2 for bad input, 1 for a
+    bug."""
+    from ..errors import INPUT_EXIT_CODE, exit_code
+
+    code = exit_code(exc)
+    if code == INPUT_EXIT_CODE:
+        message = " ".join(str(exc).split())  # one line, whatever the message
     else:
-        code, message = 1, f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback"
+        message = f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback"
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 

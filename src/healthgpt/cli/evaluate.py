@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from .. import jsonout
 from .common import ModelOptions, SamplingOptions, command
 
 _BENCHMARKS = "vqa-rad, slake, pathvqa, omnimedvqa, mmmu-med"
@@ -106,4 +107,4 @@ def score_images(
 
         model = load_vqgan(vqgan).eval()
         decode = model.codes_to_pil
-    typer.echo(json.dumps(score_image_pairs(outputs, targets, decode=decode, mode=mode), indent=2))
+    typer.echo(jsonout.dumps(score_image_pairs(outputs, targets, decode=decode, mode=mode), indent=2))

@@ -137,6 +137,9 @@ def generate(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Slices per batched model call with --all-slices.")] = 8,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress on stderr.")] = True,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite/--no-overwrite", help="Replace an existing output file.")
+    ] = False,
     model: ModelOptions,
     sampling: SamplingOptions,
     view: ImageOptions,
@@ -151,7 +154,7 @@ def generate(
     if preset is not None and preset.needs_image and image is None:
         raise ValueError(f"task {preset.name!r} needs a source image")
     source = view.load(image, all_slices=all_slices) if image is not None else None
-    check_output(output, source)
+    check_output(output, source, overwrite=overwrite)
     pictures = [s.to_pil() for s in source.slices()] if source is not None else [None]
     health = model.load()
     images = []

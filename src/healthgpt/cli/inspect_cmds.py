@@ -12,6 +12,7 @@ import typer
 if TYPE_CHECKING:
     from ..io import MedicalImage
 
+from .. import jsonout
 from .common import WEIGHT_SUFFIXES, ModelOptions, command
 
 
@@ -33,6 +34,9 @@ def convert(
 
     --model names the official files (a folder of them, a variant or a Hub id), with --base-model, --vision-tower,
     --plugin-file, --fusion-file and --vqgan where they are elsewhere."""
+    from ..io.atomic import check_target
+
+    check_target(output, directory=True)  # before any weight is read
     model.convert(output, include_base=include_base)
     typer.echo(str(output))
 
@@ -222,7 +226,7 @@ def _as_text(value: dict | list, indent: int = 0) -> Iterator[str]:
             yield label
             yield from _as_text(item, indent + 1)
         else:
-            yield f"{label} {json.dumps(item, ensure_ascii=False) if isinstance(item, list) else item}"
+            yield f"{label} {jsonout.dumps(item, ensure_ascii=False) if isinstance(item, list) else item}"
 
 
 @command
@@ -244,4 +248,4 @@ def info(
     if not path.exists():
         raise FileNotFoundError(f"{path}: does not exist")
     facts = _checkpoint_info(path) if _is_checkpoint(path) else _image_info(path)
-    typer.echo(json.dumps(facts, indent=2, ensure_ascii=False) if as_json else "\n".join(_as_text(facts)))
+    typer.echo(jsonout.dumps(facts, indent=2, ensure_ascii=False) if as_json else "\n".join(_as_text(facts)))

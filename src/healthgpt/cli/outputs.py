@@ -12,17 +12,21 @@ if TYPE_CHECKING:
     from ..io import MedicalImage
 
 
-def check_output(path: Path, source: MedicalImage | None) -> None:
+def check_output(path: Path, source: MedicalImage | None, *, overwrite: bool = False) -> None:
     """Fail before any model work if `path` cannot hold the result: a `.png` holds one slice; `.nii`/`.nii.gz` take
-    the geometry of a source with one, a folder (no suffix) becomes a DICOM series derived from a DICOM source."""
+    the geometry of a source with one, a folder (no suffix) becomes a DICOM series derived from a DICOM source. The
+    folder to write into must exist and be writable, a series folder be new or empty, and an existing file is kept
+    unless `overwrite`."""
     from ..io import ImageInputError
+    from ..io.atomic import check_target
 
     slices = source.num_slices if source is not None else 1
+    nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+    check_target(path, directory=not (nifti or path.suffix), overwrite=overwrite)
     if path.suffix.lower() == ".png":
         if slices > 1:
             raise ImageInputError(path, f"a PNG holds one slice, not {slices}", "write .nii.gz or a DICOM folder")
         return
-    nifti = path.name.lower().endswith((".nii", ".nii.gz"))
     if not nifti and path.suffix:
         raise ImageInputError(
             path, f"has the unsupported output suffix {path.suffix!r}", "write .png, .nii, .nii.gz or a folder name"
@@ -39,5 +43,5 @@ def write_images(images: Sequence[Image.Image], source: MedicalImage | None, pat
     if path.suffix.lower() == ".png":
         save_png(images[0], path)
     else:
-        assert source is not None  # `_check_output` made sure
+        assert source is not None  # `check_output` made sure
         write_volume(list(images), source, path)

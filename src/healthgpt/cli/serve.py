@@ -20,6 +20,13 @@ def serve(
     allow_remote_images: Annotated[
         bool, typer.Option("--allow-remote-images/--no-remote-images", help="Fetch http(s) image URLs.")
     ] = False,
+    remote_image_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Repeatable: with --allow-remote-images, fetch only from these hosts (which may then be on a private "
+            "network); without it, any host whose addresses are all public."
+        ),
+    ] = None,
     cors_origin: Annotated[list[str] | None, typer.Option(help="Browser origin allowed to call the API.")] = None,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass (1: no batching).")] = 32,
     batching: Annotated[
@@ -41,6 +48,7 @@ def serve(
     options = ServerOptions(
         api_key=api_key or os.environ.get("HEALTHGPT_API_KEY"),
         allow_remote_images=allow_remote_images,
+        remote_image_hosts=tuple(remote_image_host or ()),
         cors_origins=tuple(cors_origin or ()),
         max_batch_size=max_batch_size,
         batching=batching,

@@ -47,7 +47,10 @@ def export(
     vqgan: Annotated[Path | None, typer.Option(help="The VQGAN the image codes were made with.")] = None,
 ) -> None:
     """Merge the stage-3 outputs into one bundle that `--model BUNDLE` loads."""
+    from ..io.atomic import check_target
     from ..training.loop import export_model
+
+    check_target(output, directory=True)  # before the stage outputs are read and merged
 
     typer.echo(str(export_model(config, output, overrides=overrides or (), include_base=include_base, vqgan=vqgan)))
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from healthgpt.checkpoints import load_vqgan
 from healthgpt.config import GENERATION
 from healthgpt.data.records import DataIssue, OnError, Origin, Source, load_records
+from healthgpt.errors import HealthGPTError
 from healthgpt.io.atomic import atomic_target
 from healthgpt.vqgan import VQGAN
 
@@ -32,7 +33,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class CodeCacheError(ValueError):
+class CodeCacheError(HealthGPTError):
     """The code cache does not fit (another VQGAN, wrong code count) or lacks an image's codes."""
 
 

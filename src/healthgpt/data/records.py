@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from healthgpt.config import COMPREHENSION, GENERATION
+from healthgpt.errors import HealthGPTError
 from healthgpt.tokens import IMAGE_PLACEHOLDER
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-class DataError(ValueError):
+class DataError(HealthGPTError):
     """A malformed training record (raised with `on_error="raise"`); the message names the file and line."""
 
 

@@ -12,11 +12,13 @@ from typing import Any
 
 from PIL import Image
 
+from healthgpt.errors import HealthGPTError
+
 # lmms-eval generation kwargs -> our SamplingParams fields; `num_beams` > 1 is refused (no beam search here).
 _SAMPLING_KEYS = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k"}
 
 
-class LMMSAdapterError(ValueError):
+class LMMSAdapterError(HealthGPTError):
     """A request the adapter cannot serve, with the reason."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from healthgpt import __version__
+from healthgpt.errors import HealthGPTError
 from healthgpt.evaluation.items import EvalItem, Predictor
 from healthgpt.evaluation.prompts import DEFAULT_PROMPTS, PromptSet, render_prompt
 from healthgpt.evaluation.report import metrics_markdown
@@ -39,7 +40,7 @@ METRICS_MD_FILE = "metrics.md"
 _IDENTITY_KEYS = ("run_info", "prompts", "scoring", "items")
 
 
-class RunMismatchError(ValueError):
+class RunMismatchError(HealthGPTError):
     """A run folder already holds predictions made with other settings or another item set."""
 
 

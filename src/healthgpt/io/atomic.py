@@ -1,31 +1,44 @@
-"""Atomic writes: build beside the target, then `os.replace`, so a failure leaves nothing partial."""
+"""Atomic writes: build beside the target, then `os.replace`, so a failure leaves nothing partial.
+
+Temporary names carry the writer's process id (`.tmp-<pid>-<hex>-<name>`): the next write into the same folder
+removes those of processes that no longer run (a run killed by SIGKILL), never those of a live writer. SIGTERM and
+SIGINT unwind through the `finally` blocks (`terminate_on_signals`), which remove the temporary of a write cut short.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
-from healthgpt.io.errors import ImageInputError
+from healthgpt.errors import ImageInputError
+
+_TMP = ".tmp-"
 
 
 @contextmanager
-def atomic_target(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
+def atomic_target(path: str | Path, *, directory: bool = False, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path` (a created folder if `directory`); move it onto `path` on success.
 
     The temporary name ends with the target's name so suffix-driven writers (nibabel's `.nii.gz`) behave.
-    A folder target must be absent or empty: rename replaces an empty folder, never a filled one.
+    A folder target must be absent or empty: rename replaces an empty folder, never a filled one. With
+    `overwrite=False` an existing file target is refused too.
     """
     path = Path(path)
-    _check_target(path, directory)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
+    check_target(path, directory=directory, overwrite=overwrite)
+    _remove_stale_once(path.parent.resolve())
+    tmp = path.parent / f"{_TMP}{os.getpid()}-{uuid.uuid4().hex}-{path.name}"
     if directory:
         tmp.mkdir()
     try:
         yield tmp
+        match_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         if tmp.is_dir():
@@ -35,9 +48,14 @@ def atomic_target(path: str | Path, *, directory: bool = False) -> Iterator[Path
         raise
 
 
-def _check_target(path: Path, directory: bool) -> None:
-    if not path.parent.is_dir():
-        raise ImageInputError(path, "the folder to write into does not exist", f"create {path.parent} first")
+def check_target(path: Path, *, directory: bool = False, overwrite: bool = True) -> None:
+    """Refuse, before any work, a target that cannot be written: missing or read-only parent folder, a filled folder
+    for a folder target, a folder (or, without `overwrite`, an existing file) for a file target."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise ImageInputError(path, "the folder to write into does not exist", f"create {parent} first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ImageInputError(path, "the folder to write into is not writable", "choose a folder you can write to")
     if directory and path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ImageInputError(
             path,
@@ -46,3 +64,81 @@ def _check_target(path: Path, directory: bool) -> None:
         )
     if not directory and path.is_dir():
         raise ImageInputError(path, "is a folder, not a file name", "give a file path to write")
+    if not directory and not overwrite and path.exists():
+        raise ImageInputError(path, "already exists", "choose another name, or pass --overwrite to replace it")
+
+
+@functools.lru_cache(maxsize=4096)
+def _remove_stale_once(folder: Path) -> None:
+    """`remove_stale` once per folder and process: what killed runs left is there before this process writes, and
+    a folder of many outputs (a code cache) must not be listed once per file written."""
+    remove_stale(folder)
+
+
+def remove_stale(folder: Path) -> None:
+    """Remove the temporary files and folders that processes no longer running left in `folder`."""
+    try:
+        entries = [p for p in folder.iterdir() if p.name.startswith(_TMP)]
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name[len(_TMP) :].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def match_umask(path: Path) -> None:
+    """Give `path` (every file under it, for a folder) the mode the umask asks for: safetensors and `tempfile`
+    create files with mode 0600 whatever the umask."""
+    mode = _file_mode()
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]:
+        os.chmod(file, mode)
+
+
+def _file_mode() -> int:
+    """0o666 without the umask's bits. Linux reports the umask in /proc; elsewhere it is read by setting it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+class Terminated(SystemExit):
+    """SIGTERM, turned into an exception so that `finally` blocks remove temporary outputs."""
+
+
+@contextmanager
+def terminate_on_signals() -> Iterator[None]:
+    """While inside, SIGTERM raises `Terminated` (exit 143) as SIGINT raises KeyboardInterrupt, so an interrupted
+    write removes its temporary; the previous handler is restored on exit. Only the main thread can set handlers."""
+
+    def raise_terminated(signum: int, frame: FrameType | None) -> None:
+        raise Terminated(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

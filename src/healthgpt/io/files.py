@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
+from healthgpt.errors import ImageInputError
 from healthgpt.io.dicom import read_dicom, read_dicom_series, save_dicom_series
-from healthgpt.io.errors import ImageInputError
 from healthgpt.io.image import MedicalImage, Pixels, Plane, SliceIndex, select
 from healthgpt.io.nifti import NIFTI_SUFFIXES, read_nifti, save_nifti
 from healthgpt.io.raster import read_raster
@@ -33,7 +35,12 @@ def load_image(
     """
     path = Path(path)
     parse_window(window, path)  # fail on a bad window before decoding anything
-    return select(_read(path, frame), slice_index, axis).with_window(window)
+    image = select(_read(path, frame), slice_index, axis).with_window(window)
+    if not np.isfinite(image.array).any():  # windowing would show noise or one grey; the model would answer anyway
+        raise ImageInputError(
+            path, "holds no finite pixel value (all NaN or infinite)", "pick another slice or frame, or export it again"
+        )
+    return image
 
 
 def write_volume(

@@ -17,7 +17,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from PIL import Image
 from pydicom import Dataset
 
-from healthgpt.io.errors import ImageInputError
+from healthgpt.errors import ImageInputError
 from healthgpt.io.windowing import DisplayWindow, WindowSpec, default_window, parse_window
 
 # nibabel axis codes of (slice, row, column) for the radiological display of each plane:

@@ -10,9 +10,10 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
+from healthgpt.errors import ImageInputError
 from healthgpt.io.atomic import atomic_target
-from healthgpt.io.errors import ImageInputError
 from healthgpt.io.image import MedicalImage, Pixels, as_slices, spacing_of
+from healthgpt.io.limits import check_allocation
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
@@ -21,7 +22,11 @@ _READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
 def read_nifti(path: Path, frame: int | None) -> MedicalImage:
     """A 3D volume (or volume `frame` of a 4D series, default 0), RAS-canonical, sliced axially by default."""
     try:
-        image = nib.as_closest_canonical(nib.load(path))
+        image = nib.load(path)
+        shape = image.shape[:3]
+        check_allocation(path, shape, "its volume")
+        check_allocation(path, (max(shape),) * 2, "a slice padded to a square")
+        image = nib.as_closest_canonical(image)
         data = _frame(image, frame, path)
         values = np.asarray(data, dtype=np.float32)
     except ImageInputError:

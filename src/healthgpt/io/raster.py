@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from healthgpt.errors import ImageInputError
 from healthgpt.io.atomic import atomic_target
-from healthgpt.io.errors import ImageInputError
 from healthgpt.io.image import MedicalImage
+from healthgpt.io.limits import check_picture
 from healthgpt.io.windowing import Window
 
 _HIGH_DEPTH_GREY = ("I;16", "I;16B", "I;16L", "I", "F")  # kept as values; shown with a percentile window
@@ -19,7 +20,7 @@ _IDENTITY_8BIT = Window(127.5, 255)  # maps 0..255 onto itself
 
 
 def read_raster(path: Path, frame: int | None) -> MedicalImage:
-    """A raster image (page `frame` of a multi-page file); pixel limit: PIL's `Image.MAX_IMAGE_PIXELS`."""
+    """A raster image (page `frame` of a multi-page file); pixel limit (`io.limits`) checked before decoding."""
     try:
         # PIL only warns between one and two times its limit; make that an error too. Not thread-safe,
         # like every use of warnings filters, but PIL offers no per-call limit.
@@ -27,6 +28,7 @@ def read_raster(path: Path, frame: int | None) -> MedicalImage:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 _seek(image, frame, path)
+                check_picture(path, image.width, image.height)  # from the header, before decoding
                 image.load()
                 return _image(image, path)
     except ImageInputError:

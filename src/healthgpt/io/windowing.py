@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from healthgpt.io.errors import ImageInputError
+from healthgpt.errors import ImageInputError
 
 
 @dataclass(frozen=True)

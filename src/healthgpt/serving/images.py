@@ -1,5 +1,5 @@
-"""Images sent to the server: `data:` URIs and uploads (PNG/JPEG/DICOM/NIfTI, recognised by content), optional
-remote URLs, and the limits checked before any pixel is decoded. File-system paths are never read."""
+"""Images sent to the server: `data:` URIs and uploads (PNG/JPEG/DICOM/NIfTI, recognised by content) and the limits
+checked before any pixel is decoded. File-system paths are never read; remote URLs are fetched by `remote`."""
 
 from __future__ import annotations
 
@@ -11,21 +11,17 @@ import tempfile
 import zlib
 from pathlib import Path
 
-import httpx
 import nibabel as nib
 import pydicom
 from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 from PIL import Image, UnidentifiedImageError
 
-from ..io import ImageInputError, load_image
+from ..errors import ImageInputError, ImageRejected
+from ..io import load_image
 
 _NIFTI_MAGIC = (b"n+1\0", b"ni1\0")  # at byte 344 of a NIfTI-1 header
 _FORMATS = "PNG, JPEG, DICOM or NIfTI"
-
-
-class ImageRejected(ValueError):
-    """An image in a request that the server will not read; the message says why and what to send instead."""
 
 
 def is_remote(url: str) -> bool:
@@ -51,22 +47,6 @@ def data_uri_bytes(url: str, name: str) -> bytes:
         raise ImageRejected(f"{name} is not valid base64 ({exc})") from None
 
 
-async def fetch_remote(url: str, client: httpx.AsyncClient, max_bytes: int, name: str) -> bytes:
-    """Download a remote image, refusing more than `max_bytes`."""
-    try:
-        async with client.stream("GET", url) as response:
-            if response.status_code != 200:
-                raise ImageRejected(f"{name}: {url} answered HTTP {response.status_code}")
-            data = bytearray()
-            async for chunk in response.aiter_bytes():
-                data += chunk
-                if len(data) > max_bytes:
-                    raise ImageRejected(f"{name}: {url} is larger than the server's limit of {max_bytes} bytes")
-            return bytes(data)
-    except httpx.HTTPError as exc:
-        raise ImageRejected(f"{name}: could not download {url} ({exc})") from None
-
-
 def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
     """The RGB picture the model sees: rasters as they are, DICOM/NIfTI (middle slice of a volume) in their default
     display window. Pixel counts are checked from the headers first (blocking: run it off the event loop)."""
@@ -75,7 +55,10 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
     suffix = _suffix(data)
     pixels = _pixel_count(data, suffix, name)
     if pixels > max_pixels:
-        raise ImageRejected(f"{name} has {pixels} pixels, more than the server's limit of {max_pixels}")
+        raise ImageRejected(
+            f"{name} would need {pixels} pixels (all its slices, or the square it is padded to), more than the "
+            f"server's limit of {max_pixels}"
+        )
     with tempfile.TemporaryDirectory(prefix="healthgpt-upload-") as folder:
         path = Path(folder) / f"upload{suffix}"
         path.write_bytes(data)
@@ -97,17 +80,20 @@ def _suffix(data: bytes) -> str:
 
 
 def _pixel_count(data: bytes, suffix: str, name: str) -> int:
-    """Pixels (all slices of a volume) from the header alone."""
+    """Pixels that decoding will allocate, from the header alone: all slices of a volume, or the square canvas the
+    picture is padded to, whichever is more."""
     try:
         if suffix == ".dcm":
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-            return int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
-        if suffix:
+            shape = (int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns))
+        elif suffix:
             head = zlib.decompressobj(wbits=31).decompress(data, 348) if suffix == ".nii.gz" else data[:348]
-            shape = nib.Nifti1Header.from_fileobj(io.BytesIO(head)).get_data_shape()
-            return math.prod(int(n) for n in shape[:3])  # a 4D series shows one volume
-        with Image.open(io.BytesIO(data)) as image:
-            return image.width * image.height
+            shape = nib.Nifti1Header.from_fileobj(io.BytesIO(head)).get_data_shape()[:3]  # a 4D series: one volume
+        else:
+            with Image.open(io.BytesIO(data)) as image:
+                shape = (image.height, image.width)
+        sides = shape[1:] if suffix == ".dcm" else shape  # frames of a DICOM are not a side of its picture
+        return max(math.prod(int(n) for n in shape), max(int(n) for n in sides) ** 2)
     except Image.DecompressionBombError:
         raise ImageRejected(f"{name} has too many pixels to decode safely") from None
     except UnidentifiedImageError:

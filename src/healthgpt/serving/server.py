@@ -36,8 +36,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..api import HealthGPT, PromptTooLongError
 from ..config import GENERATION
+from ..errors import ImageInputError, ImageRejected, http_status
 from ..generation import Request
-from ..io import ImageInputError
 from ..model import expand_image_slots
 from ..tasks import TASKS, resolve_instruction
 from ..templates import PromptError
@@ -54,8 +54,10 @@ from .batcher import (
     named_models,
 )
 from .continuous import ContinuousBatcher
-from .images import ImageRejected, data_uri_bytes, decode_image, fetch_remote, is_remote
+from .images import data_uri_bytes, decode_image, is_remote
 from .metrics import ServingMetrics
+from .remote import RemotePolicy, fetch_remote
+from .remote import client as remote_client
 from .schemas import ApiError, ChatCompletionRequest
 from .schemas import Message as ChatMessage
 
@@ -72,6 +74,9 @@ class ServerOptions:
 
     api_key: str | None = None  # required as `Authorization: Bearer <key>` on /v1; default: $HEALTHGPT_API_KEY
     allow_remote_images: bool = False  # fetch http(s) image URLs (data: URIs are always accepted)
+    remote_image_hosts: tuple[str, ...] = ()  # if given, the only hosts fetched from (private addresses allowed)
+    remote_image_timeout: float = 10.0  # seconds for a whole remote fetch, redirects included
+    image_decode_timeout: float = 30.0  # seconds to decode one request image (pixel limits bound the work too)
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none by default
     max_batch_size: int = 32  # rows per forward pass (continuous: KV-cache slots); 1 turns batching off
     batching: str = "continuous"  # "continuous" (rows join and leave at every step) or "static" (whole batches)
@@ -130,7 +135,7 @@ def create_app(models: HealthGPT | Mapping[str, HealthGPT], options: ServerOptio
         for batcher in state.batchers.values():
             batcher.start()
         if options.allow_remote_images:
-            state.http = httpx.AsyncClient(timeout=30.0, follow_redirects=True, max_redirects=3)
+            state.http = remote_client()
         try:
             yield
         finally:
@@ -414,7 +419,7 @@ async def _image_edits(state: _State, http: HttpRequest) -> dict:
         raise ApiError(400, str(exc)) from None
     image = None
     if data is not None:
-        image = await _decode(data, state.options.max_image_pixels, "image")
+        image = await _decode(data, state.options, "image")
 
     def build(hg: HealthGPT) -> tuple[Request, Request | None]:
         built = hg.build_image_request(image, instruction, guided=guidance != 1.0)
@@ -482,17 +487,27 @@ async def _load_image(state: _State, url: str, param: str) -> Image.Image:
                     "remote image URLs are disabled on this server: send the image inline as a data: URI "
                     "(data:image/png;base64,...), or start the server with --allow-remote-images"
                 )
-            data = await fetch_remote(url, state.http, state.options.max_body_bytes, param)
+            policy = RemotePolicy(
+                frozenset(h.lower() for h in state.options.remote_image_hosts),
+                max_bytes=state.options.max_body_bytes,
+                deadline=state.options.remote_image_timeout,
+            )
+            data = await fetch_remote(url, state.http, policy, param)
         else:
             data = data_uri_bytes(url, param)
     except ImageRejected as exc:
         raise ApiError(400, str(exc), param=param, code="invalid_image") from None
-    return await _decode(data, state.options.max_image_pixels, param)
+    return await _decode(data, state.options, param)
 
 
-async def _decode(data: bytes, max_pixels: int, param: str) -> Image.Image:
+async def _decode(data: bytes, options: ServerOptions, param: str) -> Image.Image:
+    """Decode in the thread pool (never in the batch worker), answering 400 past `options.image_decode_timeout`."""
+    decoding = run_in_threadpool(decode_image, data, max_pixels=options.max_image_pixels, name=param)
     try:
-        return await run_in_threadpool(decode_image, data, max_pixels=max_pixels, name=param)
+        return await asyncio.wait_for(decoding, options.image_decode_timeout)
+    except asyncio.TimeoutError:
+        message = f"{param} took longer than {options.image_decode_timeout:g} s to decode; send a smaller image"
+        raise ApiError(400, message, param=param, code="invalid_image") from None
     except ImageRejected as exc:
         raise ApiError(400, str(exc), param=param, code="invalid_image") from None
 
@@ -563,8 +578,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def crashed(_: HttpRequest, exc: Exception) -> JSONResponse:
+        status = http_status(exc)
+        if status < 500:  # bad input that no route turned into an ApiError
+            return JSONResponse(ApiError(status, str(exc)).body(), status_code=status)
         log.exception("request failed")
-        return JSONResponse(ApiError(500, f"internal error: {exc}", type="server_error").body(), status_code=500)
+        return JSONResponse(ApiError(500, "internal error", type="server_error").body(), status_code=500)
 
 
 class _Guard:

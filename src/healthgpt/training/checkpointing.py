@@ -1,9 +1,12 @@
 """Checkpoints that lose nothing, and stage outputs that chain.
 
-Resumable checkpoints (`<stage>/checkpoints/step_XXXXXXXX/`) hold the trainable weights, optimizer, scheduler,
-every process's RNG states (through `Accelerator.save_state`, which also handles DeepSpeed and FSDP) and
-`trainer_state.json` (step, data position, loss history, settings). Each is written into a temporary folder and
-renamed when complete, so a run killed at any moment resumes from the last whole checkpoint.
+Resumable checkpoints (`<stage>/checkpoints/step_XXXXXXXX/`) hold the trainable weights and the optimizer (through
+`Accelerator.save_state`, which also handles DeepSpeed and FSDP), the scheduler as JSON, every process's RNG states as
+safetensors, and `trainer_state.json` (step, data position, loss history, settings and the SHA-256 of every other
+file). Nothing is unpickled on resume except accelerate's optimizer file, and that only after its checksum matched
+and through torch's weights-only loader: a tampered, corrupt, missing or extra file refuses the resume. Each
+checkpoint is written into a temporary folder and renamed when complete, so a run killed at any moment resumes from
+the last whole checkpoint.
 
 A stage output (`<stage>/output/`) holds `weights.safetensors`: every tensor this stage trained or inherited from
 the stages it started from, with the stage that last trained each tensor recorded in the file's metadata, so
@@ -12,21 +15,25 @@ outputs of parallel stages (stage 3 comprehension and generation) merge without 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from healthgpt.io.atomic import atomic_target
+from healthgpt.errors import CheckpointError
+from healthgpt.io.atomic import atomic_target, match_umask
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +41,10 @@ WEIGHTS = "weights.safetensors"
 STAGE_FILE = "stage.json"
 TRAINER_STATE = "trainer_state.json"
 ACCELERATE_WEIGHTS = "model.safetensors"
+SCHEDULER_STATE = "scheduler.json"
+RNG_STATE = "rng_state_{}.safetensors"  # one per process
+_ACCELERATE_RNG = "random_states_{}.pkl"  # accelerate's pickled copy, replaced by RNG_STATE
 _PREFIX = "step_"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or stage output that cannot be used for this run."""
 
 
 def save_stage_output(
@@ -128,7 +134,11 @@ def checkpoints(root: str | os.PathLike[str]) -> list[Path]:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, root: str | os.PathLike[str], state: Mapping[str, Any], keep: int
+    accelerator: Accelerator,
+    root: str | os.PathLike[str],
+    state: Mapping[str, Any],
+    keep: int,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> Path | None:
     """Save everything needed to resume after `state["step"]` optimizer steps; all processes must call it."""
     root = Path(root)
@@ -139,9 +149,14 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    (tmp / _ACCELERATE_RNG.format(accelerator.process_index)).unlink(missing_ok=True)
+    _save_rng_state(tmp / RNG_STATE.format(accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps(dict(state), indent=1) + "\n")
+        (tmp / SCHEDULER_STATE).write_text(json.dumps(scheduler.state_dict(), allow_nan=False) + "\n")
+        match_umask(tmp)
+        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / TRAINER_STATE).write_text(json.dumps({**state, "files": files}, indent=1) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoints(root)[: -max(keep, 1)]:
@@ -162,10 +177,17 @@ def trainable_filter(accelerator: Accelerator) -> None:
     accelerator.register_save_state_pre_hook(hook)
 
 
-def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike[str], model: nn.Module) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG states from `path`; returns its trainer state. The saved
-    weights must be exactly the model's trainable parameters."""
+def load_checkpoint(
+    accelerator: Accelerator,
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG states from `path` after checking every file against the
+    checksums in its trainer state; returns that state. The saved weights must be the model's trainable parameters."""
     path = Path(path)
+    state = _read_json(path / TRAINER_STATE)
+    _verify_files(path, state.get("files") if isinstance(state, dict) else None)
     weights = path / ACCELERATE_WEIGHTS
     if weights.is_file():
         with safe_open(str(weights), framework="pt") as f:
@@ -177,4 +199,76 @@ def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike[str], mode
                 f"(missing {sorted(trainable - saved)[:5]}, extra {sorted(saved - trainable)[:5]})"
             )
     accelerator.load_state(str(path), strict=False)
-    return json.loads((path / TRAINER_STATE).read_text())
+    scheduler.load_state_dict(_read_json(path / SCHEDULER_STATE))
+    _load_rng_state(path / RNG_STATE.format(accelerator.process_index))
+    return state
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path}: unreadable ({type(exc).__name__}); the checkpoint is corrupt: delete its folder to resume from "
+            "the one before"
+        ) from None
+
+
+def _verify_files(folder: Path, files: Any) -> None:
+    """Refuse a checkpoint whose files differ in any way from those its trainer state lists."""
+    fix = f"delete {folder} to resume from the checkpoint before it, or start the stage afresh"
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{folder}: {TRAINER_STATE} lists no file checksums (old or tampered); {fix}")
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+    extra = sorted(present - set(files) - {TRAINER_STATE})
+    if extra:
+        raise CheckpointError(f"{folder / extra[0]}: not part of the checkpoint as written (planted?); {fix}")
+    for name, digest in sorted(files.items()):
+        file = folder / name
+        if not file.is_file() or file.is_symlink():
+            raise CheckpointError(f"{file}: missing from the checkpoint; {fix}")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"{file}: changed since it was written (corrupt or tampered checksum); {fix}")
+
+
+def _save_rng_state(path: Path) -> None:
+    """Python, NumPy, torch CPU and CUDA generator states as safetensors (the Python and NumPy scalars in its
+    metadata), so resuming unpickles nothing."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(words),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+    }
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    meta = {"python": [version, gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
+    save_file(tensors, str(path), metadata={"scalars": json.dumps(meta)})
+
+
+def _load_rng_state(path: Path) -> None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["scalars"])
+        tensors = load_file(str(path))
+        version, gauss = meta["python"]
+        kind, pos, has_gauss, cached = meta["numpy"]
+        random.setstate((version, tuple(tensors["python"].tolist()), gauss))
+        np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(tensors["torch"])
+        cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    except (SafetensorError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path}: unusable RNG state ({type(exc).__name__}); the resume would not be exact: delete the checkpoint"
+        ) from None
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)

@@ -30,6 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from healthgpt import jsonout
 from healthgpt.api import HealthGPT
 from healthgpt.checkpoints import load_base_llm, load_vision_tower, load_vqgan, resolve_dtype
 from healthgpt.config import PluginConfig, get_variant
@@ -256,7 +257,6 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
             f"the DeepSpeed config fixes gradient_accumulation_steps to {accelerator.gradient_accumulation_steps}, "
             f'but this stage needs {accumulation}: set it to "auto"'
         )
-    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
     trainable_filter(accelerator)
 
     settings = {
@@ -270,7 +270,7 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
     start, history = 0, []
     found = checkpoints(ckpt_root) if resume else []
     if found:
-        state = load_checkpoint(accelerator, found[-1], model)
+        state = load_checkpoint(accelerator, found[-1], model, scheduler)
         if state["settings"] != json.loads(json.dumps(settings)):
             raise RecipeError(f"{found[-1]} was written with other settings; resume with the same recipe and world")
         start, history = int(state["step"]), list(state["history"])
@@ -371,6 +371,7 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
                 ckpt_root,
                 {"step": step + 1, "history": history, "settings": settings},
                 engine.keep_checkpoints,
+                scheduler,
             )
     bar.close()
     elapsed = time.perf_counter() - began
@@ -395,7 +396,7 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
             "history": history,
             "tensorboard": str(out / "tensorboard") if tracking else None,
         }
-        (out / METRICS).write_text(json.dumps(metrics, indent=1) + "\n")
+        (out / METRICS).write_text(jsonout.dumps(metrics, indent=1) + "\n")
         write_loss_plot(history, out / LOSS_PLOT, f"HealthGPT {name}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

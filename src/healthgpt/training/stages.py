@@ -20,13 +20,14 @@ import yaml
 from torch import nn
 
 from healthgpt.config import COMPREHENSION, GENERATION
+from healthgpt.errors import HealthGPTError
 
 Schedule = Literal["cosine", "constant"]
 STAGE_NAMES = ("stage1_comprehension", "stage1_generation", "stage2", "stage3_comprehension", "stage3_generation")
 SELECTORS = ("projector:<plugin>", "plugin:<plugin>", "embeddings", "head")
 
 
-class RecipeError(ValueError):
+class RecipeError(HealthGPTError):
     """A recipe file or override that does not describe a valid training run."""
 
 
