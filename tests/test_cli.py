@@ -33,6 +33,7 @@ from healthgpt.cli import app
 
 CT = Path(get_testdata_file("CT_small.dcm"))
 NIFTI = Path(data_path) / "example4d.nii.gz"
+UNEVEN = str(Path(CT).parent / "dicomdirtests" / "77654033" / "CT2")  # pydicom's series with gaps 202.5, 1.3, 1.2
 SCRIPT = shutil.which("healthgpt")
 ENTRY = [SCRIPT] if SCRIPT else [sys.executable, "-m", "healthgpt.cli"]
 ENV = {**os.environ, "PYTHONUTF8": "1", "COLUMNS": "200", "TQDM_DISABLE": "1"}
@@ -160,6 +161,7 @@ BAD_INPUTS = [
     pytest.param(["batch", "twice.jsonl", "out.jsonl"], "id 1 appears twice", id="batch duplicate id"),
     pytest.param(["batch", "one.jsonl", "notes.txt"], "notes.txt:1: not a result line", id="batch foreign output"),
     pytest.param(["info", "gone.nii.gz"], "gone.nii.gz: does not exist", id="info missing file"),
+    pytest.param(["info", UNEVEN], "4 slices are unevenly spaced (gaps of 202.5, 1.25 mm)", id="uneven slice gaps"),
     pytest.param(
         ["ask", "ct.dcm", "word " * 1500],
         "but the model's context is 1024 tokens",
@@ -270,7 +272,7 @@ def test_generate_all_slices_writes_a_volume_back(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_generate_dicom_series_from_a_dicom_source(tmp_path: Path) -> None:
-    out = healthgpt("generate", CT, "-o", "series", "--no-progress", cwd=tmp_path)
+    out = healthgpt("generate", CT, "-o", "series", "--task", "ct2mri", "--no-progress", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     files = sorted((tmp_path / "series").iterdir())
     assert [f.name for f in files] == ["00001.dcm"]
@@ -279,7 +281,10 @@ def test_generate_dicom_series_from_a_dicom_source(tmp_path: Path) -> None:
     assert derived.SeriesInstanceUID != source.SeriesInstanceUID and "DERIVED" in derived.ImageType
     assert (derived.Rows, derived.Columns) == (64, 64)
     assert float(derived.PixelSpacing[0]) == pytest.approx(float(source.PixelSpacing[0]) * source.Rows / 64)
-    assert load_image(tmp_path / "series").modality == "CT"
+    # a CT turned into MRI is an MR series of grey images
+    assert (derived.Modality, derived.SOPClassUID) == ("MR", pydicom.uid.MRImageStorage)
+    assert (derived.PhotometricInterpretation, derived.SamplesPerPixel) == ("MONOCHROME2", 1)
+    assert load_image(tmp_path / "series").modality == "MR"
 
 
 # ----- batch -------------------------------------------------------------------------------------------------------

@@ -228,10 +228,19 @@ class ImageOptions:
     frame: Annotated[
         int | None,
         typer.Option(
-            help="Volume of a 4D NIfTI, frame of a multi-frame DICOM or page of a multi-page image (default: 0).",
+            help="Volume of a 4D NIfTI, frame of a multi-frame DICOM or page of a multi-page image (default: 0; "
+            "a multi-frame DICOM whose frames have positions is a volume: --slice, default the middle one).",
             rich_help_panel=_IMAGE,
         ),
     ] = None
+    uneven_slices: Annotated[
+        Literal["error", "resample"],
+        typer.Option(
+            help="A DICOM stack whose slice gaps differ: refuse it (error), or resample it linearly to an even "
+            "grid at its median gap, with a warning naming the gaps.",
+            rich_help_panel=_IMAGE,
+        ),
+    ] = "error"
 
     def load(self, path: Path, *, all_slices: bool = False) -> MedicalImage:
         """The image at `path` (one slice, or the whole volume if `all_slices`), windowed as asked."""
@@ -241,7 +250,9 @@ class ImageOptions:
             raise ValueError("--all-slices and --slice exclude each other: give one")
         axis = int(self.axis) if self.axis is not None and self.axis.isdigit() else self.axis
         index = "all" if all_slices else self.slice_index
-        return load_image(path, window=self.window, slice_index=index, axis=axis, frame=self.frame)
+        return load_image(
+            path, window=self.window, slice_index=index, axis=axis, frame=self.frame, uneven_slices=self.uneven_slices
+        )
 
     def picture(self, path: Path | None) -> Image.Image | None:
         """The 8-bit RGB picture of one slice of `path` (None without a path)."""

@@ -160,7 +160,7 @@ def generate(
             list(chunk), what, text=text, guidance_scale=guidance_scale, progress=progress, **sampling.kwargs()
         )
         images += [r.image for r in results]
-    write_images(images, source, output)
+    write_images(images, source, output, modality=preset.modality if preset is not None else None)
     typer.echo(str(output))
 
 

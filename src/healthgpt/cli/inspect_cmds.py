@@ -170,7 +170,8 @@ def _image_info(path: Path) -> dict[str, Any]:
     if image.datasets:
         kind = "DICOM series" if path.is_dir() else "DICOM"
     else:
-        kind = "NIfTI" if image.affine is not None else (path.suffix.lstrip(".").upper() or "raster")
+        nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+        kind = "NIfTI" if nifti else (path.suffix.lstrip(".").upper() or "raster")
     spacing: list[float] | None = None
     if image.affine is not None:
         steps = np.linalg.norm(image.affine[:3, :3], axis=0)
