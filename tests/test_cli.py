@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 import typer
 from nibabel.testing import data_path
 from PIL import Image
@@ -150,7 +151,13 @@ BAD_INPUTS = [
         "give --task or --instruction, not both",
         id="task and instruction",
     ),
-    pytest.param(["generate", "-o", "cxr.png", "--task", "report_to_cxr"], "needs text", id="report without text"),
+    pytest.param(["generate", "-o", "cxr.png", "--task", "report_to_cxr"], "report (--text;", id="report without text"),
+    pytest.param(
+        ["ask", "ct.dcm", "Why?", "--device", "cuda"],
+        "--device cuda: torch",
+        id="cuda without a GPU",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU"),
+    ),
     pytest.param(["generate", "-o", "mri.png", "--task", "ct2mri"], "needs a source image", id="task without image"),
     pytest.param(["generate", "ct.dcm", "-o", "out.jpg"], "unsupported output suffix '.jpg'", id="unknown suffix"),
     pytest.param(["generate", "good.png", "-o", "series"], "this output needs a DICOM source", id="dicom from png"),

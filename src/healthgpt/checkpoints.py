@@ -607,7 +607,7 @@ def save_bundle(
             if not (folder / "config.json").is_file():
                 raise CheckpointError(
                     f"the {what} was not loaded from a local folder ({folder}), so the bundle cannot refer to it; "
-                    "save with include_base=True"
+                    "copy the base weights in (--include-base; include_base=True in Python)"
                 )
     first_row = _first_changed_row(model, None if include_base else llm_dir)
     manifest: dict[str, Any] = {
@@ -696,7 +696,8 @@ def load_bundle(
     if recorded is not None and base_model is None and _weight_files(llm_dir) != recorded:
         raise CheckpointError(
             f"{directory}: the base model at {llm_dir} changed since the bundle was written (weight files "
-            f"{_weight_files(llm_dir)}, recorded {recorded}); pass base_model= the original folder"
+            f"{_weight_files(llm_dir)}, recorded {recorded}); give the original folder (--base-model; base_model= "
+            "in Python)"
         )
     torch_dtype = resolve_dtype(dtype or manifest["dtype"])
     model, tokenizer, prompts, pre, config = _assemble(
@@ -728,7 +729,10 @@ def _bundle_part(directory: Path, entry: str | dict, override: str | Path | None
         return directory / entry
     path = Path(entry["path"])
     if not (path / "config.json").is_file():
-        raise WeightsNotFoundError(f"{directory}: the bundle refers to {path}, which is gone; pass {argument}=")
+        flag = "--" + argument.replace("_", "-")
+        raise WeightsNotFoundError(
+            f"{directory}: the bundle refers to {path}, which is gone; give its folder ({flag}; {argument}= in Python)"
+        )
     return path
 
 

@@ -44,6 +44,6 @@ def resolve_instruction(task_or_instruction: str, text: str | None = None) -> tu
         return task_or_instruction, None
     if "{text}" in task.instruction:
         if not text or not text.strip():
-            raise ValueError(f"task {task.name!r} needs text (e.g. the radiology report) passed as `text=`")
+            raise ValueError(f"task {task.name!r} needs text, e.g. the radiology report (--text; text= in Python)")
         return task.instruction.format(text=text.strip()), task
     return task.instruction, task

@@ -118,6 +118,7 @@ class ModelOptions:
                 raise FileNotFoundError(
                     f"{flag} {source}: no such folder, and not a variant name or a Hub id (owner/name)"
                 )
+        _check_device(self.device)
         if self.model == NANO:
             extra = [k for k, v in self.load_kwargs().items() if k != "dtype"]
             if extra:
@@ -162,6 +163,20 @@ class ModelOptions:
         from ..checkpoints import convert_official
 
         convert_official(output, self.model, include_base=include_base, device=self.device, **self.load_kwargs())
+
+
+def _check_device(device: str) -> None:
+    """Refuse a GPU device this torch build or machine lacks, before any model loads."""
+    kind = device.partition(":")[0]
+    if kind not in ("cuda", "mps"):
+        return
+    import torch
+
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "is a CPU-only build" if torch.version.cuda is None else "finds no CUDA GPU on this machine"
+        raise ValueError(f"--device {device}: torch {torch.__version__} {why}; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: this machine or torch build has no MPS (Apple GPU); use --device cpu")
 
 
 @dataclass(frozen=True)

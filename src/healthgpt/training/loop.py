@@ -219,7 +219,10 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
     accumulation = stage.global_batch_size // per_step
     accelerator.gradient_accumulation_steps = accumulation  # also fills DeepSpeed's "auto"
     if not resume and (checkpoints(ckpt_root) or (out / OUTPUT).exists()):
-        raise RecipeError(f"{out} already holds a run of {name}; pass resume=True or choose another output_dir")
+        raise RecipeError(
+            f"{out} already holds a run of {name}; resume it (--resume; resume=True in Python) or choose another "
+            "output_dir"
+        )
 
     hg = healthgpt or build_healthgpt(recipe)
     model = hg.model
