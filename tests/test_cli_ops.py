@@ -80,6 +80,9 @@ def test_score_images_agrees_with_the_metrics(tmp_path: Path) -> None:
     assert scores["n"] == 1
     for key in ("ssim", "psnr", "mse"):
         assert scores[key] == pytest.approx(expected[key], rel=1e-6)
+    Image.fromarray(output).save(tmp_path / "generated.png")  # two files of different names pair too
+    pair = json.loads(run("score-images", tmp_path / "generated.png", tmp_path / "ref" / "a.png", cwd=tmp_path).stdout)
+    assert pair["n"] == 1 and all(pair[k] == pytest.approx(expected[k], rel=1e-6) for k in ("ssim", "psnr", "mse"))
 
 
 @pytest.mark.slow

@@ -92,12 +92,15 @@ def compare(
 
 @command
 def score_images(
-    outputs: Annotated[Path, typer.Argument(help="Generated images (or code files), named like the targets.")],
-    targets: Annotated[Path, typer.Argument(help="Reference images.", exists=True)],
+    outputs: Annotated[
+        Path, typer.Argument(help="Folder of generated images (or code files) named like the targets, or one file.")
+    ],
+    targets: Annotated[Path, typer.Argument(help="Folder of reference images, or one file.", exists=True)],
     mode: Annotated[str, typer.Option(help="Compare as L (grayscale) or RGB.")] = "L",
     vqgan: Annotated[Path | None, typer.Option(help="VQGAN to decode code files with.")] = None,
 ) -> None:
-    """SSIM (x100), PSNR (dB) and MSE (8-bit) of paired images, as the paper's Tables 2, 3 and 11 report them."""
+    """SSIM (x100), PSNR (dB) and MSE (8-bit) of paired images, as the paper's Tables 2, 3 and 11 report them: files
+    of two folders paired by name, or two files."""
     from ..evaluation import score_image_pairs
 
     decode = None
