@@ -216,6 +216,7 @@ def test_ask_prints_the_api_answers(nano: HealthGPT, ct_picture: Image.Image, tm
     out = healthgpt("ask", CT, "Is there a lesion?", *TOKENS, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout == nano.ask(ct_picture, "Is there a lesion?", max_new_tokens=8) + "\n"
+    assert out.stderr == ""  # no "Loading weights" bars, no library warnings
 
 
 @pytest.mark.slow

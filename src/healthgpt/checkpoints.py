@@ -28,7 +28,8 @@ import logging
 import pickle
 import shutil
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,8 @@ def load_base_llm(
     reproduces the published ids (the SentencePiece `tokenizer.model`, when the folder has one)."""
     _require(path, "config.json", "base LLM")
     tokenizer_path = tokenizer_path or path
-    llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    with _no_loading_bars():
+        llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     sentencepiece = tokenizer_path / "tokenizer.model"
     prompts = PromptTokenizer(tokenizer, sentencepiece_model=sentencepiece if sentencepiece.is_file() else None)
@@ -194,8 +196,26 @@ def load_vision_tower(path: Path, dtype: torch.dtype) -> tuple[VisionEncoder, Im
     """The CLIP vision tower (from a full CLIP or a CLIPVisionModel folder) and its image preprocessing."""
     _require(path, "config.json", "CLIP vision tower")
     _require(path, "preprocessor_config.json", "CLIP vision tower")
-    tower = CLIPVisionModel.from_pretrained(path, dtype=dtype)
+    with _no_loading_bars():
+        tower = CLIPVisionModel.from_pretrained(path, dtype=dtype)
     return VisionEncoder(tower), ImagePreprocessor.from_pretrained(str(path))
+
+
+@contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """Hide transformers' per-load "Loading weights" bar (local folders: there is no download to follow).
+
+    transformers offers only a process-wide switch, so it is turned off for the call and back on after."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    if shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def load_vqgan(path: str | Path) -> VQGAN:
