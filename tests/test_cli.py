@@ -270,8 +270,9 @@ def test_generate_all_slices_writes_a_volume_back(tmp_path: Path) -> None:
     volume = np.random.default_rng(0).normal(size=(40, 30, 3)).astype(np.float32)
     nib.save(nib.Nifti1Image(volume, affine), tmp_path / "mr.nii.gz")
     args = ["mr.nii.gz", "-o", "sr.nii.gz", "--task", "super_resolution", "--all-slices", "--batch-size", "2"]
-    out = healthgpt("generate", *args, "--no-progress", cwd=tmp_path)
+    out = healthgpt("generate", *args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    assert "slices: 100%" in out.stderr and "3/3" in out.stderr  # the overall counter over the batches
     source = load_image(tmp_path / "mr.nii.gz", slice_index="all")
     written = load_image(tmp_path / "sr.nii.gz", slice_index="all")
     assert written.num_slices == 3 and written.plane_shape == (64, 64)
