@@ -317,7 +317,10 @@ def test_batch_asks_generates_and_reports_bad_rows(nano: HealthGPT, ct_picture: 
     ]
     (job / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = healthgpt("batch", "job/in.jsonl", "out.jsonl", "--batch-size", "3", *TOKENS, cwd=tmp_path)
-    assert out.returncode == 2 and out.stderr.endswith("error: 3 of 6 rows failed; their lines in out.jsonl say why\n")
+    assert out.returncode == 2
+    assert out.stderr.endswith(
+        "error: 3 of 6 rows failed; their lines in out.jsonl say why (fix them, then re-run with --retry-failed)\n"
+    )
     results = {r["id"]: r for r in _rows(tmp_path / "out.jsonl")}
     assert sorted(results, key=str) == sorted((r["id"] for r in rows), key=str)
     assert [results[1]["answer"], results["text"]["answer"]] == nano.ask(
@@ -333,6 +336,13 @@ def test_batch_asks_generates_and_reports_bad_rows(nano: HealthGPT, ct_picture: 
 
     again = healthgpt("batch", "job/in.jsonl", "out.jsonl", cwd=tmp_path)  # all done: nothing runs, nothing appended
     assert again.returncode == 2 and len(_rows(tmp_path / "out.jsonl")) == len(rows)
+
+    ct_picture.save(job / "notes.png")  # the bad image fixed: only --retry-failed runs its row again
+    retried = healthgpt("batch", "job/in.jsonl", "out.jsonl", "--retry-failed", *TOKENS, cwd=tmp_path)
+    lines = _rows(tmp_path / "out.jsonl")
+    assert retried.returncode == 2 and "2 of 6 rows failed" in retried.stderr
+    assert sorted(str(r["id"]) for r in lines[len(rows) :]) == ["bad", "g-bad", "long"]  # the failed rows, once each
+    assert {r["id"]: r for r in lines}["bad"] == {"id": "bad", "answer": nano.ask(ct_picture, "Why?", max_new_tokens=8)}
 
 
 @pytest.mark.slow
