@@ -16,6 +16,7 @@ from PIL import Image
 
 from healthgpt.config import get_variant
 from healthgpt.data.phantoms import make_dataset
+from healthgpt.evaluation import PROMPT_SETS
 from healthgpt.metrics import image_metrics
 from healthgpt.vqgan import VQGAN
 
@@ -272,7 +273,9 @@ def test_eval_with_the_nano_model_matches_hand_computed_scores(tmp_path: Path) -
         "mmmu-med": "mmmu",
     }
     data = [arg for name, folder in names.items() for arg in ("--data", f"{name}={root / folder}")]
-    run("eval", *data, "--out", tmp_path / "run", "--prompts", "plain", "--no-progress", cwd=tmp_path)
+    run("eval", *data, "--out", tmp_path / "run", "--no-progress", cwd=tmp_path)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["prompts"] == PROMPT_SETS["plain"].to_dict()  # nano's default: the questions as it was trained
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["datasets"]
     predictions = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
 
