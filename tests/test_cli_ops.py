@@ -321,3 +321,37 @@ def test_eval_with_the_nano_model_matches_hand_computed_scores(tmp_path: Path) -
         for p, a in zip([p for p in predictions if p["dataset"] == "vqa-rad"], truth("vqa-rad"), strict=True)
     ]
     assert sum(closed) >= 6  # the trained toy model does see the phantom lesions
+
+
+@pytest.mark.slow
+def test_fine_tuning_the_shipped_nano_model_with_the_readme_commands(tmp_path: Path) -> None:
+    """The README's recipe: start from all of nano's weights, train the comprehension plugin only (no code cache,
+    although the data hold generation records), export the one stage-3 output; only that plugin changed."""
+    from safetensors.torch import load_file
+
+    from healthgpt.checkpoints import embedded_bundle
+
+    make_dataset(tmp_path / "data", 4, seed=3, size=64, test_fraction=0.0)
+    (tmp_path / "recipe.yaml").write_text(
+        "output_dir: runs/mine\nmodel:\n  init: nano\nstages:\n  stage3_comprehension:\n"
+        "    init_from: []\n    global_batch_size: 4\n    max_steps: 2\n"
+    )
+    out = run(
+        "train",
+        "--stage",
+        "stage3_comprehension",
+        "--config",
+        "recipe.yaml",
+        "train.data=data/train.json",
+        cwd=tmp_path,
+    )
+    assert "stage3_comprehension: 2 steps" in out.stdout
+    run("export", "mine", "--config", "recipe.yaml", "--include-base", cwd=tmp_path)
+    nano = embedded_bundle("nano")
+    for plugin, changed in (("comprehension", True), ("generation", False)):
+        before, after = (load_file(f / "plugins" / f"{plugin}.safetensors") for f in (nano, tmp_path / "mine"))
+        assert before.keys() == after.keys()
+        assert any(not torch.equal(before[k], after[k]) for k in before) == changed, plugin
+    image = sorted((tmp_path / "data" / "images").rglob("*.png"))[0]
+    answer = run("ask", image, "Is there a lesion?", "--model", "mine", "--max-new-tokens", "4", cwd=tmp_path)
+    assert answer.stdout.strip() and answer.stderr == ""

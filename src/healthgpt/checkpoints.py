@@ -183,8 +183,8 @@ def load_base_llm(
     """The causal LM (memory-mapped, meta-initialised by transformers), its tokenizer, and the prompt tokenizer that
     reproduces the published ids (the SentencePiece `tokenizer.model`, when the folder has one)."""
     _require(path, "config.json", "base LLM")
-    tokenizer_path = tokenizer_path or path
-    with _no_loading_bars():
+    tokenizer_path = tokenizer_path or _tokenizer_folder(path)
+    with _no_progress_bars():
         llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     sentencepiece = tokenizer_path / "tokenizer.model"
@@ -192,18 +192,33 @@ def load_base_llm(
     return llm, tokenizer, prompts
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def _tokenizer_folder(llm_dir: Path) -> Path:
+    """The base LLM's tokenizer: in its folder, else in a `tokenizer/` beside it (a bundle's layout, e.g. the shipped
+    nano model's `llm/`), so a bundle's base folder can be fine-tuned from."""
+    for folder in (llm_dir, llm_dir.parent / "tokenizer"):
+        if any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            return folder
+    raise WeightsNotFoundError(
+        f"{llm_dir}: no tokenizer ({', '.join(_TOKENIZER_FILES)}) here or in {llm_dir.parent / 'tokenizer'}; "
+        "copy the base model's tokenizer files into the folder"
+    )
+
+
 def load_vision_tower(path: Path, dtype: torch.dtype) -> tuple[VisionEncoder, ImagePreprocessor]:
     """The CLIP vision tower (from a full CLIP or a CLIPVisionModel folder) and its image preprocessing."""
     _require(path, "config.json", "CLIP vision tower")
     _require(path, "preprocessor_config.json", "CLIP vision tower")
-    with _no_loading_bars():
+    with _no_progress_bars():
         tower = CLIPVisionModel.from_pretrained(path, dtype=dtype)
     return VisionEncoder(tower), ImagePreprocessor.from_pretrained(str(path))
 
 
 @contextmanager
-def _no_loading_bars() -> Iterator[None]:
-    """Hide transformers' per-load "Loading weights" bar (local folders: there is no download to follow).
+def _no_progress_bars() -> Iterator[None]:
+    """Hide transformers' "Loading weights" / "Writing model shards" bars (local folders: no download to follow).
 
     transformers offers only a process-wide switch, so it is turned off for the call and back on after."""
     from transformers.utils import logging as hf_logging
@@ -682,8 +697,9 @@ def _save_base(model: HealthGPTModel, preprocessor: ImagePreprocessor, folder: P
         for name, p in model.llm.named_parameters(remove_duplicate=False)
         if id(p) not in plugin_params
     }
-    model.llm.save_pretrained(folder / "llm", state_dict=state)
-    model.vision.tower.save_pretrained(folder / "vision")
+    with _no_progress_bars():
+        model.llm.save_pretrained(folder / "llm", state_dict=state)
+        model.vision.tower.save_pretrained(folder / "vision")
     preprocessor.processor.save_pretrained(folder / "vision")
 
 
