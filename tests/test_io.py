@@ -236,7 +236,8 @@ def test_dicom_series_of_generated_image_keeps_identity(tmp_path):
     source = load_image(CT)
     head = pydicom.dcmread(CT)
     generated = np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)
-    out = save_dicom_series([Image.fromarray(generated)], source, tmp_path / "gen", description="synth CT")
+    picture = Image.fromarray(generated)
+    out = save_dicom_series([picture], source, tmp_path / "gen", description="synth CT", modality="OT")
     (path,) = sorted(out.iterdir())
     ds = pydicom.dcmread(path)
     assert ds.PatientID == head.PatientID and ds.StudyInstanceUID == head.StudyInstanceUID
@@ -248,6 +249,12 @@ def test_dicom_series_of_generated_image_keeps_identity(tmp_path):
     assert (ds.Rows, ds.Columns, ds.BitsAllocated, ds.PhotometricInterpretation) == (256, 256, 8, "RGB")
     np.testing.assert_allclose([float(v) for v in ds.PixelSpacing], [0.661468 * 128 / 256] * 2)
     np.testing.assert_array_equal(ds.pixel_array, generated)
+    # as a CT (the source's modality) the colour picture is stored grey, as its luminance
+    (path,) = sorted(save_dicom_series([picture], source, tmp_path / "ct").iterdir())
+    ct = pydicom.dcmread(path)
+    assert (ct.Modality, ct.PhotometricInterpretation) == ("CT", "MONOCHROME2")
+    assert ct.SOPClassUID == pydicom.uid.CTImageStorage
+    np.testing.assert_array_equal(apply_modality_lut(ct.pixel_array, ct), np.asarray(picture.convert("L")))
 
 
 def test_dicom_16bit_values_round_trip(tmp_path):
