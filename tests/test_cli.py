@@ -190,6 +190,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_files: Path, args: 
 
 
 # ----- info --------------------------------------------------------------------------------------------------------
+def test_uneven_slices_resampled_on_request_with_one_warning(tmp_path: Path) -> None:
+    out = healthgpt("info", UNEVEN, "--uneven-slices", "resample", "--json", cwd=tmp_path)
+    assert out.returncode == 0 and out.stderr.count("\n") == 1
+    assert "gaps of 202.5, 1.25 mm" in out.stderr and "resampled to 165 slices 1.25 mm apart" in out.stderr
+    facts = json.loads(out.stdout)
+    assert facts["slices"] == 165 and facts["spacing_mm"][0] == 1.25  # (105.5 - -99.5) / 1.25 + 1 slices
+
+
 def test_info_on_images(tmp_path: Path) -> None:
     out = healthgpt("info", CT, "--json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr

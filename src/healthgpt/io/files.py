@@ -28,7 +28,7 @@ def load_image(
     """Read PNG/JPEG/TIFF/BMP, DICOM (file or series folder), NIfTI or another nibabel volume into physical units.
 
     Volumes (NIfTI, series folders, multi-frame DICOM) give their middle slice unless `slice_index` is an
-    index or "all"; a stack without geometry (e.g. the frames of a cine or colour multi-frame DICOM) gives its
+    index or "all"; the frames of one file without geometry (a cine or colour multi-frame DICOM) give the
     first. `axis` ("axial", "coronal", "sagittal" or RAS axis 0-2) reslices a volume; by default NIfTI is
     sliced axially and DICOM along its own stack. `frame` picks the volume of a 4D NIfTI (default 0), the
     frame of a multi-frame DICOM or the page of a multi-page image. A DICOM stack with uneven slice gaps is
@@ -39,8 +39,8 @@ def load_image(
     path = Path(path)
     parse_window(window, path)  # fail on a bad window before decoding anything
     image = _read(path, frame, uneven_slices)
-    if slice_index is None and axis is None and image.is_volume and image.affine is None:
-        slice_index = 0  # frames without geometry are a sequence, not a volume with a middle
+    if slice_index is None and axis is None and image.is_volume and image.affine is None and path.is_file():
+        slice_index = 0  # the frames of one file without geometry are a sequence (cine, colour), not a volume
     return select(image, slice_index, axis).with_window(window)
 
 
