@@ -18,7 +18,7 @@ from healthgpt.io.windowing import Window
 _HIGH_DEPTH_GREY = ("I;16", "I;16B", "I;16L", "I", "F")  # kept as values; shown with a percentile window
 _EIGHT_BIT_GREY = ("1", "L", "LA")
 _IDENTITY_8BIT = Window(127.5, 255)  # maps 0..255 onto itself
-_TIFF_MAGIC = (b"II*\0", b"MM\0*")
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
 
 
 def read_raster(path: Path, frame: int | None) -> MedicalImage:
