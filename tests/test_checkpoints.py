@@ -494,3 +494,16 @@ def test_variant_files_resolve_from_the_hub_cache(cases, expected, offline):
     folder = case.files[COMPREHENSION].parent
     with pytest.raises(WeightsNotFoundError, match="microsoft/phi-4"):
         HealthGPT.from_pretrained(folder, cache_dir=offline.parent / "empty")
+
+
+def test_a_base_folder_without_tokenizer_uses_its_bundles_tokenizer(tmp_path: Path) -> None:
+    """A bundle's `llm/` (the shipped nano's) can be a base model: its tokenizer is the bundle's `tokenizer/`."""
+    from healthgpt.checkpoints import embedded_bundle, load_base_llm
+
+    nano = embedded_bundle("nano")
+    _, tokenizer, _ = load_base_llm(nano / "llm", torch.float32)
+    expected = AutoTokenizer.from_pretrained(nano / "tokenizer")
+    assert tokenizer.get_vocab() == expected.get_vocab() and len(tokenizer) == len(expected)
+    shutil.copytree(nano / "llm", tmp_path / "llm")  # alone: no tokenizer anywhere near
+    with pytest.raises(WeightsNotFoundError, match=r"llm: no tokenizer \(tokenizer.json, .*copy the base model"):
+        load_base_llm(tmp_path / "llm", torch.float32)

@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 import typer
 from nibabel.testing import data_path
 from PIL import Image
@@ -33,6 +34,7 @@ from healthgpt.cli import app
 
 CT = Path(get_testdata_file("CT_small.dcm"))
 NIFTI = Path(data_path) / "example4d.nii.gz"
+UNEVEN = str(Path(CT).parent / "dicomdirtests" / "77654033" / "CT2")  # pydicom's series with gaps 202.5, 1.3, 1.2
 SCRIPT = shutil.which("healthgpt")
 ENTRY = [SCRIPT] if SCRIPT else [sys.executable, "-m", "healthgpt.cli"]
 ENV = {**os.environ, "PYTHONUTF8": "1", "COLUMNS": "200", "TQDM_DISABLE": "1"}
@@ -167,7 +169,13 @@ BAD_INPUTS = [
         "give --task or --instruction, not both",
         id="task and instruction",
     ),
-    pytest.param(["generate", "-o", "cxr.png", "--task", "report_to_cxr"], "needs text", id="report without text"),
+    pytest.param(["generate", "-o", "cxr.png", "--task", "report_to_cxr"], "report (--text;", id="report without text"),
+    pytest.param(
+        ["ask", "ct.dcm", "Why?", "--device", "cuda"],
+        "--device cuda: torch",
+        id="cuda without a GPU",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU"),
+    ),
     pytest.param(["generate", "-o", "mri.png", "--task", "ct2mri"], "needs a source image", id="task without image"),
     pytest.param(["generate", "ct.dcm", "-o", "out.jpg"], "unsupported output suffix '.jpg'", id="unknown suffix"),
     pytest.param(["generate", "good.png", "-o", "series"], "this output needs a DICOM source", id="dicom from png"),
@@ -184,6 +192,7 @@ BAD_INPUTS = [
     pytest.param(["batch", "twice.jsonl", "out.jsonl"], "id 1 appears twice", id="batch duplicate id"),
     pytest.param(["batch", "one.jsonl", "notes.txt"], "notes.txt:1: not a result line", id="batch foreign output"),
     pytest.param(["info", "gone.nii.gz"], "gone.nii.gz: does not exist", id="info missing file"),
+    pytest.param(["info", UNEVEN], "4 slices are unevenly spaced (gaps of 202.5, 1.25 mm)", id="uneven slice gaps"),
     pytest.param(
         ["ask", "ct.dcm", "word " * 1500],
         "but the model's context is 1024 tokens",
@@ -255,6 +264,14 @@ def test_a_damaged_bundle_is_one_line_exit_2(pristine_bundle: Path, tmp_path: Pa
 
 
 # ----- info --------------------------------------------------------------------------------------------------------
+def test_uneven_slices_resampled_on_request_with_one_warning(tmp_path: Path) -> None:
+    out = healthgpt("info", UNEVEN, "--uneven-slices", "resample", "--json", cwd=tmp_path)
+    assert out.returncode == 0 and out.stderr.count("\n") == 1
+    assert "gaps of 202.5, 1.25 mm" in out.stderr and "resampled to 165 slices 1.25 mm apart" in out.stderr
+    facts = json.loads(out.stdout)
+    assert facts["slices"] == 165 and facts["spacing_mm"][0] == 1.25  # (105.5 - -99.5) / 1.25 + 1 slices
+
+
 def test_info_on_images(tmp_path: Path) -> None:
     out = healthgpt("info", CT, "--json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -295,6 +312,7 @@ def test_ask_prints_the_api_answers(nano: HealthGPT, ct_picture: Image.Image, tm
     out = healthgpt("ask", CT, "Is there a lesion?", *TOKENS, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout == nano.ask(ct_picture, "Is there a lesion?", max_new_tokens=8) + "\n"
+    assert out.stderr == ""  # no "Loading weights" bars, no library warnings
 
 
 @pytest.mark.slow
@@ -348,8 +366,9 @@ def test_generate_all_slices_writes_a_volume_back(tmp_path: Path) -> None:
     volume = np.random.default_rng(0).normal(size=(40, 30, 3)).astype(np.float32)
     nib.save(nib.Nifti1Image(volume, affine), tmp_path / "mr.nii.gz")
     args = ["mr.nii.gz", "-o", "sr.nii.gz", "--task", "super_resolution", "--all-slices", "--batch-size", "2"]
-    out = healthgpt("generate", *args, "--no-progress", cwd=tmp_path)
+    out = healthgpt("generate", *args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    assert "slices: 100%" in out.stderr and "3/3" in out.stderr  # the overall counter over the batches
     source = load_image(tmp_path / "mr.nii.gz", slice_index="all")
     written = load_image(tmp_path / "sr.nii.gz", slice_index="all")
     assert written.num_slices == 3 and written.plane_shape == (64, 64)
@@ -358,7 +377,7 @@ def test_generate_all_slices_writes_a_volume_back(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_generate_dicom_series_from_a_dicom_source(tmp_path: Path) -> None:
-    out = healthgpt("generate", CT, "-o", "series", "--no-progress", cwd=tmp_path)
+    out = healthgpt("generate", CT, "-o", "series", "--task", "ct2mri", "--no-progress", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     files = sorted((tmp_path / "series").iterdir())
     assert [f.name for f in files] == ["00001.dcm"]
@@ -367,7 +386,10 @@ def test_generate_dicom_series_from_a_dicom_source(tmp_path: Path) -> None:
     assert derived.SeriesInstanceUID != source.SeriesInstanceUID and "DERIVED" in derived.ImageType
     assert (derived.Rows, derived.Columns) == (64, 64)
     assert float(derived.PixelSpacing[0]) == pytest.approx(float(source.PixelSpacing[0]) * source.Rows / 64)
-    assert load_image(tmp_path / "series").modality == "CT"
+    # a CT turned into MRI is an MR series of grey images
+    assert (derived.Modality, derived.SOPClassUID) == ("MR", pydicom.uid.MRImageStorage)
+    assert (derived.PhotometricInterpretation, derived.SamplesPerPixel) == ("MONOCHROME2", 1)
+    assert load_image(tmp_path / "series").modality == "MR"
 
 
 # ----- batch -------------------------------------------------------------------------------------------------------
@@ -391,7 +413,10 @@ def test_batch_asks_generates_and_reports_bad_rows(nano: HealthGPT, ct_picture: 
     ]
     (job / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = healthgpt("batch", "job/in.jsonl", "out.jsonl", "--batch-size", "3", *TOKENS, cwd=tmp_path)
-    assert out.returncode == 2 and out.stderr.endswith("error: 3 of 6 rows failed; their lines in out.jsonl say why\n")
+    assert out.returncode == 2
+    assert out.stderr.endswith(
+        "error: 3 of 6 rows failed; their lines in out.jsonl say why (fix them, then re-run with --retry-failed)\n"
+    )
     results = {r["id"]: r for r in _rows(tmp_path / "out.jsonl")}
     assert sorted(results, key=str) == sorted((r["id"] for r in rows), key=str)
     assert [results[1]["answer"], results["text"]["answer"]] == nano.ask(
@@ -407,6 +432,13 @@ def test_batch_asks_generates_and_reports_bad_rows(nano: HealthGPT, ct_picture: 
 
     again = healthgpt("batch", "job/in.jsonl", "out.jsonl", cwd=tmp_path)  # all done: nothing runs, nothing appended
     assert again.returncode == 2 and len(_rows(tmp_path / "out.jsonl")) == len(rows)
+
+    ct_picture.save(job / "notes.png")  # the bad image fixed: only --retry-failed runs its row again
+    retried = healthgpt("batch", "job/in.jsonl", "out.jsonl", "--retry-failed", *TOKENS, cwd=tmp_path)
+    lines = _rows(tmp_path / "out.jsonl")
+    assert retried.returncode == 2 and "2 of 6 rows failed" in retried.stderr
+    assert sorted(str(r["id"]) for r in lines[len(rows) :]) == ["bad", "g-bad", "long"]  # the failed rows, once each
+    assert {r["id"]: r for r in lines}["bad"] == {"id": "bad", "answer": nano.ask(ct_picture, "Why?", max_new_tokens=8)}
 
 
 @pytest.mark.slow

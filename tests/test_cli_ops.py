@@ -16,6 +16,7 @@ from PIL import Image
 
 from healthgpt.config import get_variant
 from healthgpt.data.phantoms import make_dataset
+from healthgpt.evaluation import PROMPT_SETS
 from healthgpt.metrics import image_metrics
 from healthgpt.vqgan import VQGAN
 
@@ -80,6 +81,9 @@ def test_score_images_agrees_with_the_metrics(tmp_path: Path) -> None:
     assert scores["n"] == 1
     for key in ("ssim", "psnr", "mse"):
         assert scores[key] == pytest.approx(expected[key], rel=1e-6)
+    Image.fromarray(output).save(tmp_path / "generated.png")  # two files of different names pair too
+    pair = json.loads(run("score-images", tmp_path / "generated.png", tmp_path / "ref" / "a.png", cwd=tmp_path).stdout)
+    assert pair["n"] == 1 and all(pair[k] == pytest.approx(expected[k], rel=1e-6) for k in ("ssim", "psnr", "mse"))
 
 
 @pytest.mark.slow
@@ -269,7 +273,9 @@ def test_eval_with_the_nano_model_matches_hand_computed_scores(tmp_path: Path) -
         "mmmu-med": "mmmu",
     }
     data = [arg for name, folder in names.items() for arg in ("--data", f"{name}={root / folder}")]
-    run("eval", *data, "--out", tmp_path / "run", "--prompts", "plain", "--no-progress", cwd=tmp_path)
+    run("eval", *data, "--out", tmp_path / "run", "--no-progress", cwd=tmp_path)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["prompts"] == PROMPT_SETS["plain"].to_dict()  # nano's default: the questions as it was trained
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["datasets"]
     predictions = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
 
@@ -315,3 +321,37 @@ def test_eval_with_the_nano_model_matches_hand_computed_scores(tmp_path: Path) -
         for p, a in zip([p for p in predictions if p["dataset"] == "vqa-rad"], truth("vqa-rad"), strict=True)
     ]
     assert sum(closed) >= 6  # the trained toy model does see the phantom lesions
+
+
+@pytest.mark.slow
+def test_fine_tuning_the_shipped_nano_model_with_the_readme_commands(tmp_path: Path) -> None:
+    """The README's recipe: start from all of nano's weights, train the comprehension plugin only (no code cache,
+    although the data hold generation records), export the one stage-3 output; only that plugin changed."""
+    from safetensors.torch import load_file
+
+    from healthgpt.checkpoints import embedded_bundle
+
+    make_dataset(tmp_path / "data", 4, seed=3, size=64, test_fraction=0.0)
+    (tmp_path / "recipe.yaml").write_text(
+        "output_dir: runs/mine\nmodel:\n  init: nano\nstages:\n  stage3_comprehension:\n"
+        "    init_from: []\n    global_batch_size: 4\n    max_steps: 2\n"
+    )
+    out = run(
+        "train",
+        "--stage",
+        "stage3_comprehension",
+        "--config",
+        "recipe.yaml",
+        "train.data=data/train.json",
+        cwd=tmp_path,
+    )
+    assert "stage3_comprehension: 2 steps" in out.stdout
+    run("export", "mine", "--config", "recipe.yaml", "--include-base", cwd=tmp_path)
+    nano = embedded_bundle("nano")
+    for plugin, changed in (("comprehension", True), ("generation", False)):
+        before, after = (load_file(f / "plugins" / f"{plugin}.safetensors") for f in (nano, tmp_path / "mine"))
+        assert before.keys() == after.keys()
+        assert any(not torch.equal(before[k], after[k]) for k in before) == changed, plugin
+    image = sorted((tmp_path / "data" / "images").rglob("*.png"))[0]
+    answer = run("ask", image, "Is there a lesion?", "--model", "mine", "--max-new-tokens", "4", cwd=tmp_path)
+    assert answer.stdout.strip() and answer.stderr == ""

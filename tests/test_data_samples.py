@@ -253,3 +253,42 @@ def test_loss_is_the_mean_cross_entropy_over_supervised_tokens(hg, folder, cache
     assert mask.sum() == num_supervised(batch["labels"])
     torch.testing.assert_close(loss, nll.mean())
     torch.testing.assert_close(summed, nll.sum() / 7)
+
+
+def test_training_and_evaluation_read_images_as_inference_does(hg, tmp_path, vqgan) -> None:
+    """A DICOM (HU, own window) and a 16-bit PNG (percentile window) become the pictures `load_image` gives."""
+    from pydicom.data import get_testdata_file
+
+    from healthgpt.evaluation.items import EvalItem
+    from healthgpt.io import load_image
+
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    deep = np.random.default_rng(1).integers(0, 4000, (32, 32), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    records = [
+        {"id": "ct", "image": str(ct), "conversations": _turns("<image>\nIs there a lesion?", "No.")},
+        {"id": "deep", "image": "deep.png", "conversations": _turns("<image>\nIs there a lesion?", "Yes.")},
+        {
+            "id": "gen",
+            "image": "deep.png",
+            "target_image": str(ct),
+            "task": GENERATION,
+            "conversations": _turns("<image>\nConvert this image.", "Here it is."),
+        },
+    ]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    tokenize_images(tmp_path / "train.json", vqgan, tmp_path / "codes")
+    cache = ImageCodeCache.open(tmp_path / "codes")
+    specs, report = build_samples(
+        load_records(tmp_path / "train.json"), _builder(hg, cache), tasks=(COMPREHENSION, GENERATION), codes=cache
+    )
+    assert report.samples == 3 and not report.issues
+    dataset = TrainingDataset(specs, hg.preprocessor, hg.model.num_patches, hg.model.image_vocab, cache)
+    pictures = {path: load_image(path).to_pil() for path in (ct, tmp_path / "deep.png")}
+    for index, path in ((0, ct), (1, tmp_path / "deep.png")):
+        assert torch.equal(dataset[index]["pixel_values"], hg.preprocessor([pictures[path]]))
+    with torch.inference_mode():
+        expected = vqgan.encode(vqgan.preprocess([pictures[ct]])).numpy()[0].ravel()
+    assert np.array_equal(cache.load(ct), expected)  # the target's codes come from the same picture
+    item = EvalItem(id="q", dataset="vqa-rad", images=(ct,), question="?", answer="no", kind="closed")
+    assert np.array_equal(np.asarray(item.load_images()[0]), np.asarray(pictures[ct]))

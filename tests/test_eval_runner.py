@@ -1,6 +1,7 @@
 """End to end: fixture sets on disk -> loaders -> run_eval with a lookup predictor -> metrics.json; resume."""
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -288,13 +289,17 @@ def test_compare_runs_side_by_side(items, tmp_path):
     info_b = {**RUN_INFO, "model": "always-yes"}
     run_eval(LookupPredictor(all_yes), items, tmp_path / "b", batch_size=8, run_info=info_b, progress=False)
     md = compare_runs([tmp_path / "a", tmp_path / "b"])
-    table1_a = [line for line in md.splitlines() if line.startswith("| fake-lookup | 50.0")]
-    assert table1_a == ["| fake-lookup | 50.0 | 75.0 | 50.0 | 55.6 | 100.0 | 100.0 | 100.0 | 75.0 | 75.7 |"]
+    table1_a = [line for line in md.splitlines() if line.startswith("| a | 50.0")]  # labelled by folder name
+    assert table1_a == ["| a | 50.0 | 75.0 | 50.0 | 55.6 | 100.0 | 100.0 | 100.0 | 75.0 | 75.7 |"]
     # always "yes": VQA-RAD closed 1/2, all 1/4; SLAKE closed 1/2 ("yes" for Yes; not "Liver"), all 1/3;
     # PathVQA closed 1/1, all 1/2; MMMU 0; OMVQA 0
-    assert "| always-yes | 50.0 | 25.0 | 50.0 | 33.3 | 100.0 | 50.0 | 0.0 | 0.0 | 38.5 |" in md
+    assert "| b | 50.0 | 25.0 | 50.0 | 33.3 | 100.0 | 50.0 | 0.0 | 0.0 | 38.5 |" in md
     # the VQA-RAD table: n, close, open recall / F1 / exact, MCQ, accuracy, all
-    assert "| always-yes | 4 | 50.0 | 0.0 | 0.0 | 0.0 | – | 25.0 | 25.0 |" in md
+    assert "| b | 4 | 50.0 | 0.0 | 0.0 | 0.0 | – | 25.0 | 25.0 |" in md
+    (tmp_path / "c").mkdir()
+    twin = tmp_path / "c" / "a"  # two folders named "a": labelled by path
+    shutil.copytree(tmp_path / "a", twin)
+    assert f"| {twin} | 50.0 | 75.0 |" in compare_runs([tmp_path / "a", twin])
     assert md.count("| short | recall | 14 |") == 2
     with pytest.raises(ValueError):
         compare_runs([tmp_path / "a"], labels=["x", "y"])

@@ -16,6 +16,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from healthgpt.io import (
     PRESETS,
     SYNTHETIC_NOTE,
+    ImageInputError,
     MedicalImage,
     load_image,
     save_dicom_series,
@@ -142,14 +143,13 @@ def test_enhanced_multiframe_rescale_from_functional_groups(tmp_path):
 
 
 def test_series_folder_loads_in_physical_order(tmp_path):
-    positions, numbers = [-60.0, -75.0, -45.0, -90.0, -52.5], [2, 5, 1, 4, 3]  # numbers disagree
+    positions, numbers = [-60.0, -75.0, -45.0, -90.0, -30.0], [2, 5, 1, 4, 3]  # numbers disagree
     hu = write_ct_series(tmp_path / "series", positions, numbers)
     volume = load_image(tmp_path / "series", slice_index="all")
     order = np.argsort(positions)
     np.testing.assert_array_equal(volume.array, np.stack([hu[i] for i in order]))
     assert [float(ds.ImagePositionPatient[2]) for ds in volume.datasets] == sorted(positions)
-    # the affine steps along z by the (uneven) mean spacing from first to last slice, in RAS
-    np.testing.assert_allclose(volume.affine[:3, 0], [0, 0, 45 / 4])
+    np.testing.assert_allclose(volume.affine[:3, 0], [0, 0, 15])  # the affine steps along z by the gap, in RAS
     np.testing.assert_array_equal(load_image(tmp_path / "series").array, hu[order[2]])  # middle by default
 
 
@@ -236,7 +236,8 @@ def test_dicom_series_of_generated_image_keeps_identity(tmp_path):
     source = load_image(CT)
     head = pydicom.dcmread(CT)
     generated = np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)
-    out = save_dicom_series([Image.fromarray(generated)], source, tmp_path / "gen", description="synth CT")
+    picture = Image.fromarray(generated)
+    out = save_dicom_series([picture], source, tmp_path / "gen", description="synth CT", modality="OT")
     (path,) = sorted(out.iterdir())
     ds = pydicom.dcmread(path)
     assert ds.PatientID == head.PatientID and ds.StudyInstanceUID == head.StudyInstanceUID
@@ -248,6 +249,12 @@ def test_dicom_series_of_generated_image_keeps_identity(tmp_path):
     assert (ds.Rows, ds.Columns, ds.BitsAllocated, ds.PhotometricInterpretation) == (256, 256, 8, "RGB")
     np.testing.assert_allclose([float(v) for v in ds.PixelSpacing], [0.661468 * 128 / 256] * 2)
     np.testing.assert_array_equal(ds.pixel_array, generated)
+    # as a CT (the source's modality) the colour picture is stored grey, as its luminance
+    (path,) = sorted(save_dicom_series([picture], source, tmp_path / "ct").iterdir())
+    ct = pydicom.dcmread(path)
+    assert (ct.Modality, ct.PhotometricInterpretation) == ("CT", "MONOCHROME2")
+    assert ct.SOPClassUID == pydicom.uid.CTImageStorage
+    np.testing.assert_array_equal(apply_modality_lut(ct.pixel_array, ct), np.asarray(picture.convert("L")))
 
 
 def test_dicom_16bit_values_round_trip(tmp_path):
@@ -262,9 +269,10 @@ def test_dicom_16bit_values_round_trip(tmp_path):
 
 def test_dicom_8bit_grey_odd_size(tmp_path):
     pixels = np.random.default_rng(2).integers(0, 256, (255, 127), dtype=np.uint8)
-    (path,) = sorted(save_dicom_series(pixels, load_image(CT), tmp_path / "odd").iterdir())
+    (path,) = sorted(save_dicom_series(pixels, load_image(CT), tmp_path / "odd", modality="OT").iterdir())
     ds = pydicom.dcmread(path)
     assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.BitsStored == 8
+    assert (ds.Modality, ds.SOPClassUID) == ("OT", pydicom.uid.SecondaryCaptureImageStorage)
     np.testing.assert_array_equal(ds.pixel_array, pixels)
 
 
@@ -333,3 +341,85 @@ def test_slices_iterates_volume_with_matching_geometry(tmp_path):
     assert [s.datasets[0].InstanceNumber for s in slices] == [1, 2]
     np.testing.assert_allclose(slices[1].affine @ [0, 3, 4, 1], volume.affine @ [1, 3, 4, 1])
     assert isinstance(slices[0], MedicalImage) and not slices[0].is_volume
+
+
+# --- slice spacing, derived series, NIfTI header ----------------------------------------------------------
+
+
+def test_uneven_series_is_refused_naming_the_gaps(tmp_path):
+    write_ct_series(tmp_path / "series", [0.0, 5.0, 6.0, 7.0], [1, 2, 3, 4])
+    with pytest.raises(ImageInputError) as info:
+        load_image(tmp_path / "series")
+    assert str(tmp_path / "series") in str(info.value) and "gaps of 5, 1 mm" in str(info.value)
+    assert "--uneven-slices resample" in str(info.value)
+
+
+def test_uneven_series_resamples_linearly_and_places_slices_right(tmp_path, caplog):
+    positions = [0.0, 4.0, 5.0, 6.0]  # gaps 4, 1, 1: median 1 -> 7 slices at z = 0..6
+    hu = write_ct_series(tmp_path / "series", positions, [1, 2, 3, 4])
+    with caplog.at_level("WARNING", logger="healthgpt.io.dicom"):
+        volume = load_image(tmp_path / "series", slice_index="all", uneven_slices="resample")
+    assert "gaps of 4, 1 mm" in caplog.text and "resampled to 7 slices 1 mm apart" in caplog.text
+    # z = k: between slices at 0 and 4 for k < 4, then the slices themselves
+    expected = [hu[0] + (hu[1] - hu[0]) * k / 4 for k in range(4)] + [hu[1], hu[2], hu[3]]
+    np.testing.assert_allclose(volume.array, np.stack(expected), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(volume.affine[:3, 0], [0, 0, 1])
+    out = write_volume(volume.array, volume, tmp_path / "even.nii.gz")
+    nifti = nib.load(out)
+    for k in range(7):  # every written slice sits at its true height
+        np.testing.assert_allclose((nifti.affine @ [0, 0, k, 1])[2], k, atol=1e-4)
+
+
+def test_pydicom_series_with_uneven_gaps():
+    folder = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "77654033" / "CT2"
+    heights = sorted(float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in folder.iterdir())
+    with pytest.raises(ImageInputError, match="4 slices are unevenly spaced"):
+        load_image(folder, slice_index="all")
+    volume = load_image(folder, slice_index="all", uneven_slices="resample")
+    first, last = volume.affine @ [0, 0, 0, 1], volume.affine @ [volume.num_slices - 1, 0, 0, 1]
+    np.testing.assert_allclose([first[2], last[2]], [heights[0], heights[-1]], atol=1e-3)
+
+
+def test_rtdose_frames_are_placed_by_grid_frame_offsets():
+    ds = pydicom.dcmread(get_testdata_file("rtdose.dcm"))
+    volume = load_image(get_testdata_file("rtdose.dcm"), slice_index="all")
+    for k in (0, 7, 14):  # LPS z = ImagePositionPatient z + offset; RAS keeps z
+        z = float(ds.ImagePositionPatient[2]) + float(ds.GridFrameOffsetVector[k])
+        np.testing.assert_allclose((volume.affine @ [k, 0, 0, 1])[2], z, atol=1e-4)
+
+
+def test_frames_without_geometry_start_at_the_first():
+    path = get_testdata_file("SC_rgb_rle_2frame.dcm")
+    rgb = pydicom.dcmread(path).pixel_array
+    np.testing.assert_allclose(load_image(path).array, rgb[0], atol=1e-3)  # what --frame's help says: 0
+    np.testing.assert_allclose(load_image(path, frame=1).array, rgb[1], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("target", "storage"),
+    [
+        ("MR", pydicom.uid.MRImageStorage),
+        ("CT", pydicom.uid.CTImageStorage),
+        ("US", pydicom.uid.SecondaryCaptureImageStorage),
+    ],
+)
+def test_derived_grey_series_takes_the_target_modality(tmp_path, target, storage):
+    grey_pixels = np.random.default_rng(3).integers(0, 256, (64, 64), dtype=np.uint8)
+    picture = Image.fromarray(grey_pixels).convert("RGB")  # what generation returns: grey drawn as RGB
+    (path,) = sorted(save_dicom_series([picture], load_image(CT), tmp_path / "gen", modality=target).iterdir())
+    ds = pydicom.dcmread(path)
+    assert (ds.Modality, ds.SOPClassUID, ds.PhotometricInterpretation) == (target, storage, "MONOCHROME2")
+    assert ds.SamplesPerPixel == 1 and ds.BitsAllocated == (8 if target == "US" else 16)
+    np.testing.assert_array_equal(apply_modality_lut(ds.pixel_array, ds), grey_pixels)
+    if target != "US":
+        assert ds.RescaleType == "US"  # display values, not Hounsfield units
+        assert load_image(path).modality == target
+
+
+def test_nifti_output_sets_qform_and_sform(tmp_path):
+    source = load_image(CT)
+    out = save_nifti(source.array, tmp_path / "ct.nii.gz", source)
+    header = nib.load(out).header
+    assert int(header["qform_code"]) == int(header["sform_code"]) == 1
+    np.testing.assert_allclose(header.get_qform(), header.get_sform(), atol=1e-4)
+    np.testing.assert_allclose(nib.load(out).affine @ [0, 0, 0, 1], source.affine @ [0, 127, 127, 1], atol=1e-3)

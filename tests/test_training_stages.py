@@ -72,6 +72,9 @@ def test_recipe_file_and_dotted_overrides(tmp_path: Path) -> None:
         load_recipe(path, ["stage2.schedule=linear"])
     with pytest.raises(RecipeError, match="needs `output_dir`"):
         load_recipe(None, [])
+    # the --help example: one data file as a plain string, as a list would give it
+    assert load_recipe(path, ["train.data=my.json"], stage="stage2").stage("stage2").data == ("my.json",)
+    assert load_recipe(path, ["stage2.data=[a.json, b.json]"]).stage("stage2").data == ("a.json", "b.json")
 
 
 def test_selectors_pick_exactly_the_stage_parameters() -> None:

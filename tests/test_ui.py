@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -80,11 +81,23 @@ def test_a_volume_gets_a_slice_slider_and_window_choice(models, volume):
     preview, slider, window = app.on_upload(str(volume))
     assert slider["visible"] and (slider["maximum"], slider["value"]) == (slices - 1, slices // 2)
     assert window["visible"]
-    assert preview.tobytes() == load_image(volume).to_pil().tobytes()  # the middle slice, default window
+    middle = load_image(volume)  # the middle slice, default window, enlarged to a readable size in mm proportions
+    assert_enlarged(preview, middle.to_pil(), middle.pixel_spacing)
     shown = app.on_view(str(volume), 0, "bone")
-    assert shown.tobytes() == load_image(volume, slice_index=0, window="bone").to_pil().tobytes()
-    _, slider, window = app.on_upload(CT)
+    first = load_image(volume, slice_index=0, window="bone")
+    assert_enlarged(shown, first.to_pil(), first.pixel_spacing)
+    preview, slider, window = app.on_upload(CT)
     assert not slider["visible"] and window["visible"]
+    assert preview.size == (384, 384)  # the 128 px CT, square pixels: each pixel shown 3x3
+    np.testing.assert_array_equal(np.asarray(preview)[::3, ::3], np.asarray(load_image(CT).to_pil()))
+
+
+def assert_enlarged(shown: Image.Image, picture: Image.Image, spacing: tuple[float, float]) -> None:
+    """`shown` is `picture` at 384 px on its longer side, in the proportions of its size in mm, with no new values."""
+    height_mm, width_mm = picture.height * spacing[0], picture.width * spacing[1]
+    assert max(shown.size) == 384
+    assert shown.width / shown.height == pytest.approx(width_mm / height_mm, rel=0.02)
+    assert set(np.unique(np.asarray(shown))) <= set(np.unique(np.asarray(picture)))
 
 
 def test_generated_images_download_as_png_and_as_the_inputs_format(models, volume):
@@ -92,7 +105,8 @@ def test_generated_images_download_as_png_and_as_the_inputs_format(models, volum
     [(_, picture, files)] = _process(app, GENERATE, volume, preset="ct2mri", index=1, window="bone")
     source = load_image(volume, slice_index=1, window="bone").to_pil()
     expected = loaded["a"].generate_image(source, "ct2mri", progress=False).image
-    assert np.abs(np.asarray(picture, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
+    assert picture.size == (384, 384)  # the 32 px image shown 12x larger
+    assert np.abs(np.asarray(picture, dtype=int)[::12, ::12] - np.asarray(expected, dtype=int)).max() <= 1
     names = sorted(Path(f).name for f in files["value"])
     assert names == ["generated.nii.gz", "generated.png"]
     for f in files["value"]:
@@ -105,6 +119,35 @@ def test_generated_images_download_as_png_and_as_the_inputs_format(models, volum
     dicom = next(f for f in files["value"] if f.endswith(".dcm"))
     ds = pydicom.dcmread(dicom)
     assert (ds.Rows, ds.Columns) == (32, 32) and ds.PatientID == pydicom.dcmread(CT).PatientID
+
+
+@pytest.mark.parametrize(
+    ("path", "question", "message"),
+    [(None, QUESTION, "upload an image to analyze"), (CT, "  ", "type a question about the image")],
+)
+def test_analysis_needs_an_image_and_a_question(models, path, question, message):
+    _, app = models
+    with pytest.raises(gr.Error, match=message):
+        _process(app, ANALYZE, path, text=question)
+
+
+def test_the_form_starts_empty_and_takes_any_file(models):
+    _, app = models
+    demo = build_ui(app.batchers)
+    blocks = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    assert not blocks["question"].value  # no prefilled question to answer without an image
+    assert blocks["upload"].file_types is None  # .tif, .bmp and DICOM without an extension are not filtered out
+
+
+def test_a_tiff_upload_and_an_extensionless_dicom_preview(models, tmp_path):
+    _, app = models
+    shutil.copy(CT, tmp_path / "IM000001")  # DICOM as scanners name it
+    Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64)).save(tmp_path / "scan.tif")
+    for path in (tmp_path / "IM000001", tmp_path / "scan.tif"):
+        preview, _, window = app.on_upload(str(path))
+        image = load_image(path)
+        assert_enlarged(preview, image.to_pil(), image.pixel_spacing or (1.0, 1.0))
+        assert window["visible"] == (path.suffix == "")  # windows for the DICOM's HU
 
 
 @pytest.mark.parametrize(

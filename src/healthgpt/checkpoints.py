@@ -197,8 +197,8 @@ def load_base_llm(
     """The causal LM (memory-mapped, meta-initialised by transformers), its tokenizer, and the prompt tokenizer that
     reproduces the published ids (the SentencePiece `tokenizer.model`, when the folder has one)."""
     _require(path, "config.json", "base LLM")
-    tokenizer_path = tokenizer_path or path
-    with _unreadable_as_checkpoint_error(path, "base LLM"):
+    tokenizer_path = tokenizer_path or _tokenizer_folder(path)
+    with _unreadable_as_checkpoint_error(path, "base LLM"), _no_progress_bars():
         llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     sentencepiece = tokenizer_path / "tokenizer.model"
@@ -206,13 +206,45 @@ def load_base_llm(
     return llm, tokenizer, prompts
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def _tokenizer_folder(llm_dir: Path) -> Path:
+    """The base LLM's tokenizer: in its folder, else in a `tokenizer/` beside it (a bundle's layout, e.g. the shipped
+    nano model's `llm/`), so a bundle's base folder can be fine-tuned from."""
+    for folder in (llm_dir, llm_dir.parent / "tokenizer"):
+        if any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            return folder
+    raise WeightsNotFoundError(
+        f"{llm_dir}: no tokenizer ({', '.join(_TOKENIZER_FILES)}) here or in {llm_dir.parent / 'tokenizer'}; "
+        "copy the base model's tokenizer files into the folder"
+    )
+
+
 def load_vision_tower(path: Path, dtype: torch.dtype) -> tuple[VisionEncoder, ImagePreprocessor]:
     """The CLIP vision tower (from a full CLIP or a CLIPVisionModel folder) and its image preprocessing."""
     _require(path, "config.json", "CLIP vision tower")
     _require(path, "preprocessor_config.json", "CLIP vision tower")
-    with _unreadable_as_checkpoint_error(path, "CLIP vision tower"):
+    with _unreadable_as_checkpoint_error(path, "CLIP vision tower"), _no_progress_bars():
         tower = CLIPVisionModel.from_pretrained(path, dtype=dtype)
     return VisionEncoder(tower), ImagePreprocessor.from_pretrained(str(path))
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Hide transformers' "Loading weights" / "Writing model shards" bars (local folders: no download to follow).
+
+    transformers offers only a process-wide switch, so it is turned off for the call and back on after."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    if shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def load_vqgan(path: str | Path) -> VQGAN:
@@ -642,7 +674,7 @@ def save_bundle(
             if not (folder / "config.json").is_file():
                 raise CheckpointError(
                     f"the {what} was not loaded from a local folder ({folder}), so the bundle cannot refer to it; "
-                    "save with include_base=True"
+                    "copy the base weights in (--include-base; include_base=True in Python)"
                 )
     first_row = _first_changed_row(model, None if include_base else llm_dir)
     manifest: dict[str, Any] = {
@@ -697,8 +729,9 @@ def _save_base(model: HealthGPTModel, preprocessor: ImagePreprocessor, folder: P
         for name, p in model.llm.named_parameters(remove_duplicate=False)
         if id(p) not in plugin_params
     }
-    model.llm.save_pretrained(folder / "llm", state_dict=state)
-    model.vision.tower.save_pretrained(folder / "vision")
+    with _no_progress_bars():
+        model.llm.save_pretrained(folder / "llm", state_dict=state)
+        model.vision.tower.save_pretrained(folder / "vision")
     preprocessor.processor.save_pretrained(folder / "vision")
 
 
@@ -737,7 +770,8 @@ def load_bundle(
     if recorded is not None and base_model is None and _weight_files(llm_dir) != recorded:
         raise CheckpointError(
             f"{directory}: the base model at {llm_dir} changed since the bundle was written (weight files "
-            f"{_weight_files(llm_dir)}, recorded {recorded}); pass base_model= the original folder"
+            f"{_weight_files(llm_dir)}, recorded {recorded}); give the original folder (--base-model; base_model= "
+            "in Python)"
         )
     torch_dtype = resolve_dtype(dtype or manifest["dtype"])
     model, tokenizer, prompts, pre, config = _assemble(
@@ -769,7 +803,10 @@ def _bundle_part(directory: Path, entry: str | dict, override: str | Path | None
         return directory / entry
     path = Path(entry["path"])
     if not (path / "config.json").is_file():
-        raise WeightsNotFoundError(f"{directory}: the bundle refers to {path}, which is gone; pass {argument}=")
+        flag = "--" + argument.replace("_", "-")
+        raise WeightsNotFoundError(
+            f"{directory}: the bundle refers to {path}, which is gone; give its folder ({flag}; {argument}= in Python)"
+        )
     return path
 
 

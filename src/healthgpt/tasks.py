@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class GenerationTask:
-    """An instruction preset: `instruction` may hold `{text}` for the user's text (the report for report_to_cxr)."""
+    """An instruction preset: `instruction` may hold `{text}` for the user's text (the report for report_to_cxr);
+    `modality` is the DICOM Modality of what it generates (None: the source's)."""
 
     name: str
     instruction: str
     needs_image: bool = True
+    modality: str | None = None
 
 
 # The prompt of the unconditional rows of classifier-free guidance when the condition is the text itself.
@@ -25,10 +27,10 @@ TASKS: dict[str, GenerationTask] = {
     t.name: t
     for t in (
         GenerationTask("reconstruct", "Reconstruct the image."),
-        GenerationTask("ct2mri", "I need a version of this CT representation in MRI."),
-        GenerationTask("mri2ct", "Transform the MRI display into a CT image."),
-        GenerationTask("super_resolution", "Could you improve the quality of this MRI image?"),
-        GenerationTask("report_to_cxr", "{text}", needs_image=False),
+        GenerationTask("ct2mri", "I need a version of this CT representation in MRI.", modality="MR"),
+        GenerationTask("mri2ct", "Transform the MRI display into a CT image.", modality="CT"),
+        GenerationTask("super_resolution", "Could you improve the quality of this MRI image?", modality="MR"),
+        GenerationTask("report_to_cxr", "{text}", needs_image=False, modality="DX"),
     )
 }
 
@@ -42,6 +44,6 @@ def resolve_instruction(task_or_instruction: str, text: str | None = None) -> tu
         return task_or_instruction, None
     if "{text}" in task.instruction:
         if not text or not text.strip():
-            raise ValueError(f"task {task.name!r} needs text (e.g. the radiology report) passed as `text=`")
+            raise ValueError(f"task {task.name!r} needs text, e.g. the radiology report (--text; text= in Python)")
         return task.instruction.format(text=text.strip()), task
     return task.instruction, task

@@ -185,7 +185,8 @@ def batch(
         Path,
         typer.Argument(
             help='Output JSONL, appended to: {"id", "answer"}, {"id", "output", "instruction", "task"} or {"id", '
-            '"error"}. Ids already there are skipped, so re-running resumes an interrupted batch.',
+            '"error"}. Ids already there are skipped, so re-running resumes an interrupted batch; with '
+            "--retry-failed, ids whose last result is an error are run again (the new line supersedes it).",
             dir_okay=False,
             show_default=False,
         ),
@@ -193,6 +194,12 @@ def batch(
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per batched model call.")] = 8,
     guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance for generate rows.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress on stderr.")] = True,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed/--keep-failed", help="Run again the rows whose last result is an error (once fixed)."
+        ),
+    ] = False,
     *,
     model: ModelOptions,
     sampling: SamplingOptions,
@@ -201,12 +208,15 @@ def batch(
     """Run many asks and generations from a JSONL file, resumably.
 
     Each result is appended and flushed as soon as it is done, so an interrupted run loses nothing written, and a
-    re-run skips the ids already there. Rows with bad input get an "error" result; the command then exits with 2."""
+    re-run skips the ids already there (except failed ones with --retry-failed). Rows with bad input get an "error"
+    result; the command then exits with 2."""
     from ..io.atomic import check_target
 
     jobs = _read_jobs(rows)
     check_target(results)  # appended to: may exist
     done = _read_done(results, {job.id for job in jobs})
+    if retry_failed:
+        done = {key: row for key, row in done.items() if "error" not in row}
     groups: dict[tuple[str | None, str | None], list[_Job]] = {}
     for job in jobs:
         if job.id not in done:
@@ -229,4 +239,7 @@ def batch(
                         failed += "error" in outcome
                     bar.update(len(chunk))
     if failed:
-        raise ValueError(f"{failed} of {len(jobs)} rows failed; their lines in {results} say why")
+        raise ValueError(
+            f"{failed} of {len(jobs)} rows failed; their lines in {results} say why (fix them, then re-run with "
+            "--retry-failed)"
+        )

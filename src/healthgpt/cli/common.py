@@ -127,6 +127,7 @@ class ModelOptions:
                 raise FileNotFoundError(
                     f"{flag} {source}: no such folder, and not a variant name or a Hub id (owner/name)"
                 )
+        _check_device(self.device)
         if self.model == NANO:
             extra = [k for k, v in self.load_kwargs().items() if k != "dtype"]
             if extra:
@@ -173,6 +174,20 @@ class ModelOptions:
         from ..checkpoints import convert_official
 
         convert_official(output, self.model, include_base=include_base, device=self.device, **self.load_kwargs())
+
+
+def _check_device(device: str) -> None:
+    """Refuse a GPU device this torch build or machine lacks, before any model loads."""
+    kind = device.partition(":")[0]
+    if kind not in ("cuda", "mps"):
+        return
+    import torch
+
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "is a CPU-only build" if torch.version.cuda is None else "finds no CUDA GPU on this machine"
+        raise ValueError(f"--device {device}: torch {torch.__version__} {why}; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: this machine or torch build has no MPS (Apple GPU); use --device cpu")
 
 
 @dataclass(frozen=True)
@@ -239,10 +254,19 @@ class ImageOptions:
     frame: Annotated[
         int | None,
         typer.Option(
-            help="Volume of a 4D NIfTI, frame of a multi-frame DICOM or page of a multi-page image (default: 0).",
+            help="Volume of a 4D NIfTI, frame of a multi-frame DICOM or page of a multi-page image (default: 0; "
+            "a multi-frame DICOM whose frames have positions is a volume: --slice, default the middle one).",
             rich_help_panel=_IMAGE,
         ),
     ] = None
+    uneven_slices: Annotated[
+        Literal["error", "resample"],
+        typer.Option(
+            help="A DICOM stack whose slice gaps differ: refuse it (error), or resample it linearly to an even "
+            "grid at its median gap, with a warning naming the gaps.",
+            rich_help_panel=_IMAGE,
+        ),
+    ] = "error"
 
     def load(self, path: Path, *, all_slices: bool = False) -> MedicalImage:
         """The image at `path` (one slice, or the whole volume if `all_slices`), windowed as asked."""
@@ -252,7 +276,9 @@ class ImageOptions:
             raise ValueError("--all-slices and --slice exclude each other: give one")
         axis = int(self.axis) if self.axis is not None and self.axis.isdigit() else self.axis
         index = "all" if all_slices else self.slice_index
-        return load_image(path, window=self.window, slice_index=index, axis=axis, frame=self.frame)
+        return load_image(
+            path, window=self.window, slice_index=index, axis=axis, frame=self.frame, uneven_slices=self.uneven_slices
+        )
 
     def picture(self, path: Path | None) -> Image.Image | None:
         """The 8-bit RGB picture of one slice of `path` (None without a path)."""

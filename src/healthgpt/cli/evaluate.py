@@ -45,7 +45,10 @@ def eval(  # noqa: A001  (the command is called `eval`)
     output: Annotated[Path, typer.Option("--out", help="Run folder (re-running it resumes).")],
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per batched model call.")] = 8,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N items of each benchmark.")] = None,
-    prompts: Annotated[str, typer.Option(help="Prompt set: short or plain.")] = "short",
+    prompts: Annotated[
+        str | None,
+        typer.Option(help="Prompt set: short or plain (default: the one for the model's variant, see the README)."),
+    ] = None,
     open_metric: Annotated[str, typer.Option(help="Open-question score in the 'all' column: recall, f1, exact.")] = (
         "recall"
     ),
@@ -56,9 +59,9 @@ def eval(  # noqa: A001  (the command is called `eval`)
 ) -> None:
     """Answer benchmark questions and score them (closed, open and multiple-choice; Table-1 columns), resumably:
     predictions.jsonl, run.json, metrics.json and metrics.md in the run folder."""
-    from ..evaluation import PROMPT_SETS, load_benchmark, metrics_markdown, model_predictor, run_eval
+    from ..evaluation import PROMPT_SETS, load_benchmark, metrics_markdown, model_predictor, prompts_for, run_eval
 
-    if prompts not in PROMPT_SETS:
+    if prompts is not None and prompts not in PROMPT_SETS:
         raise ValueError(f"--prompts {prompts!r}: use one of {', '.join(PROMPT_SETS)}")
     roots = _pairs(data)
     items = []
@@ -67,13 +70,14 @@ def eval(  # noqa: A001  (the command is called `eval`)
     settings = sampling.kwargs()
     run_info = {"model": model.model, "weights": _weight_hashes(model.model), "sampling": settings}
     hg = model.load()
+    chosen = PROMPT_SETS[prompts] if prompts is not None else prompts_for(hg.config.name)
     metrics = run_eval(
         model_predictor(hg.answer, **settings),
         items,
         output,
         batch_size=batch_size,
         run_info=run_info,
-        prompts=PROMPT_SETS[prompts],
+        prompts=chosen,
         open_metric=open_metric,
         progress=progress,
     )
@@ -93,12 +97,15 @@ def compare(
 
 @command
 def score_images(
-    outputs: Annotated[Path, typer.Argument(help="Generated images (or code files), named like the targets.")],
-    targets: Annotated[Path, typer.Argument(help="Reference images.", exists=True)],
+    outputs: Annotated[
+        Path, typer.Argument(help="Folder of generated images (or code files) named like the targets, or one file.")
+    ],
+    targets: Annotated[Path, typer.Argument(help="Folder of reference images, or one file.", exists=True)],
     mode: Annotated[str, typer.Option(help="Compare as L (grayscale) or RGB.")] = "L",
     vqgan: Annotated[Path | None, typer.Option(help="VQGAN to decode code files with.")] = None,
 ) -> None:
-    """SSIM (x100), PSNR (dB) and MSE (8-bit) of paired images, as the paper's Tables 2, 3 and 11 report them."""
+    """SSIM (x100), PSNR (dB) and MSE (8-bit) of paired images, as the paper's Tables 2, 3 and 11 report them: files
+    of two folders paired by name, or two files."""
     from ..evaluation import score_image_pairs
 
     decode = None

@@ -156,14 +156,18 @@ def generate(
     source = view.load(image, all_slices=all_slices) if image is not None else None
     check_output(output, source, overwrite=overwrite)
     pictures = [s.to_pil() for s in source.slices()] if source is not None else [None]
+    from tqdm.auto import tqdm
+
     health = model.load()
     images = []
-    for chunk in chunks(pictures, batch_size):
-        results = health.generate_image(
-            list(chunk), what, text=text, guidance_scale=guidance_scale, progress=progress, **sampling.kwargs()
-        )
-        images += [r.image for r in results]
-    write_images(images, source, output)
+    with tqdm(total=len(pictures), desc="slices", unit="slice", disable=not progress or len(pictures) == 1) as done:
+        for chunk in chunks(pictures, batch_size):
+            results = health.generate_image(
+                list(chunk), what, text=text, guidance_scale=guidance_scale, progress=progress, **sampling.kwargs()
+            )
+            images += [r.image for r in results]
+            done.update(len(chunk))
+    write_images(images, source, output, modality=preset.modality if preset is not None else None)
     typer.echo(str(output))
 
 

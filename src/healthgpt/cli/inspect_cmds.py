@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -164,17 +164,18 @@ def _checkpoint_info(path: Path) -> dict[str, Any]:
     return facts
 
 
-def _image_info(path: Path) -> dict[str, Any]:
+def _image_info(path: Path, uneven_slices: Literal["error", "resample"] = "error") -> dict[str, Any]:
     """Format, modality, shape, spacing, value range (HU for CT) and display window of an image or volume."""
     import numpy as np
 
     from ..io import load_image
 
-    image = load_image(path, slice_index="all")
+    image = load_image(path, slice_index="all", uneven_slices=uneven_slices)
     if image.datasets:
         kind = "DICOM series" if path.is_dir() else "DICOM"
     else:
-        kind = "NIfTI" if image.affine is not None else (path.suffix.lstrip(".").upper() or "raster")
+        nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+        kind = "NIfTI" if nifti else (path.suffix.lstrip(".").upper() or "raster")
     spacing: list[float] | None = None
     if image.affine is not None:
         steps = np.linalg.norm(image.affine[:3, :3], axis=0)
@@ -240,6 +241,10 @@ def info(
         ),
     ],
     as_json: Annotated[bool, typer.Option("--json/--text", help="Print JSON instead of text.")] = False,
+    uneven_slices: Annotated[
+        Literal["error", "resample"],
+        typer.Option(help="A DICOM stack whose slice gaps differ: refuse it, or describe it resampled evenly."),
+    ] = "error",
 ) -> None:
     """Show what an image or a checkpoint holds.
 
@@ -247,5 +252,5 @@ def info(
     plugins with their H-LoRA ranks, tensors, dtypes and sizes."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: does not exist")
-    facts = _checkpoint_info(path) if _is_checkpoint(path) else _image_info(path)
+    facts = _checkpoint_info(path) if _is_checkpoint(path) else _image_info(path, uneven_slices)
     typer.echo(jsonout.dumps(facts, indent=2, ensure_ascii=False) if as_json else "\n".join(_as_text(facts)))

@@ -36,12 +36,15 @@ def check_output(path: Path, source: MedicalImage | None, *, overwrite: bool = F
         raise ImageInputError(path, f"this output needs {needed}", "write .png, or generate from such a source")
 
 
-def write_images(images: Sequence[Image.Image], source: MedicalImage | None, path: Path) -> None:
-    """Write generated slices by `path`'s suffix (atomically): PNG, or a volume with the source's geometry."""
+def write_images(
+    images: Sequence[Image.Image], source: MedicalImage | None, path: Path, modality: str | None = None
+) -> None:
+    """Write generated slices by `path`'s suffix (atomically): PNG, or a volume with the source's geometry (a DICOM
+    series of Modality `modality`, default the source's)."""
     from ..io import save_png, write_volume
 
     if path.suffix.lower() == ".png":
         save_png(images[0], path)
     else:
         assert source is not None  # `check_output` made sure
-        write_volume(list(images), source, path)
+        write_volume(list(images), source, path, modality=modality)

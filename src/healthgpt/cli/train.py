@@ -9,7 +9,7 @@ import typer
 
 from .common import command
 
-_OVERRIDES_HELP = "Dotted overrides of the recipe, e.g. stage3.lr=2e-4 train.max_steps=10 data.train=my.json."
+_OVERRIDES_HELP = "Dotted overrides of the recipe, e.g. stage3.lr=2e-4 train.max_steps=10 train.data=my.json."
 
 
 @command
@@ -46,7 +46,7 @@ def export(
     ] = False,
     vqgan: Annotated[Path | None, typer.Option(help="The VQGAN the image codes were made with.")] = None,
 ) -> None:
-    """Merge the stage-3 outputs into one bundle that `--model BUNDLE` loads."""
+    """Merge the stage-3 outputs (those trained so far) into one bundle that `--model BUNDLE` loads."""
     from ..io.atomic import check_target
     from ..training.loop import export_model
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from healthgpt.checkpoints import load_vqgan
 from healthgpt.config import GENERATION
 from healthgpt.data.records import DataIssue, OnError, Origin, Source, load_records
 from healthgpt.errors import HealthGPTError
+from healthgpt.io import ImageInputError, load_image
 from healthgpt.io.atomic import atomic_target
 from healthgpt.vqgan import VQGAN
 
@@ -154,10 +154,9 @@ def tokenize_images(
         batch, images = [], []
         for path in pending[start : start + batch_size]:
             try:
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
+                images.append(load_image(path).to_pil())  # read as at inference (DICOM windows, 16-bit grey)
                 batch.append(path)
-            except (OSError, ValueError) as e:
+            except ImageInputError as e:
                 issue = DataIssue(targets[path], f"cannot read target image {path}: {e}")
                 if on_error == "raise":
                     raise CodeCacheError(str(issue)) from e

@@ -18,12 +18,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from healthgpt.config import GENERATION
 from healthgpt.data.image_codes import ImageCodeCache
 from healthgpt.data.records import DataError, DataIssue, OnError, Origin, Record, RecordSet
+from healthgpt.io import ImageInputError, load_image
 from healthgpt.templates import ChatTemplate
 from healthgpt.tokens import END_IMAGE, IGNORE_INDEX, IMAGE_TOKEN_INDEX, START_IMAGE, ImageVocab, PromptTokenizer
 from healthgpt.vision import ImagePreprocessor
@@ -248,12 +248,9 @@ class TrainingDataset(Dataset):
         target = torch.from_numpy(np.concatenate(labels)[: spec.length].astype(np.int64))
         pixels = None
         if spec.images:
-            try:
-                loaded = []
-                for path in spec.images:
-                    with Image.open(path) as im:
-                        loaded.append(im.convert("RGB"))
-            except OSError as e:
+            try:  # as at inference: DICOM in HU with its window, 16-bit grey by percentiles
+                loaded = [load_image(path).to_pil() for path in spec.images]
+            except ImageInputError as e:
                 raise DataError(f"{spec.origin}: cannot read image: {e}") from e
             pixels = self.preprocessor(loaded)
         return {"input_ids": input_ids, "labels": target, "pixel_values": pixels, "plugin": spec.plugin}

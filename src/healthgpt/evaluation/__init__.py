@@ -15,7 +15,14 @@ from healthgpt.evaluation.datasets import (
 )
 from healthgpt.evaluation.image_pairs import generation_table, score_image_pairs
 from healthgpt.evaluation.items import EvalItem, Predictor
-from healthgpt.evaluation.prompts import DEFAULT_PROMPTS, PROMPT_SETS, PromptSet, render_prompt
+from healthgpt.evaluation.prompts import (
+    DEFAULT_PROMPTS,
+    PROMPT_SETS,
+    VARIANT_PROMPTS,
+    PromptSet,
+    prompts_for,
+    render_prompt,
+)
 from healthgpt.evaluation.report import compare_runs, metrics_markdown
 from healthgpt.evaluation.runner import (
     RunMismatchError,
@@ -29,6 +36,7 @@ from healthgpt.evaluation.scoring import score_item, summarize, table1
 
 __all__ = [
     "DEFAULT_PROMPTS",
+    "VARIANT_PROMPTS",
     "LOADERS",
     "MMMU_MED_SUBJECTS",
     "PROMPT_SETS",
@@ -47,6 +55,7 @@ __all__ = [
     "load_vqa_rad",
     "metrics_markdown",
     "read_predictions",
+    "prompts_for",
     "render_prompt",
     "run_eval",
     "score_image_pairs",

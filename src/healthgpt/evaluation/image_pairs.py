@@ -60,11 +60,18 @@ def score_image_pairs(
     data_range: float = 255.0,
     lpips: LpipsFn | None = None,
 ) -> dict[str, Any]:
-    """Mean metrics over every target image and the output of the same stem; a missing output raises."""
+    """Mean metrics over every target image and the output of the same stem (or over one output file and one target
+    file); a missing output raises."""
     from healthgpt.metrics import image_metrics  # a sibling module; imported when used
 
-    outputs = _files(Path(output_dir), IMAGE_SUFFIXES + CODE_SUFFIXES)
-    targets = _files(Path(target_dir), IMAGE_SUFFIXES)
+    output_dir, target_dir = Path(output_dir), Path(target_dir)
+    if output_dir.is_file() or target_dir.is_file():
+        if not (output_dir.is_file() and target_dir.is_file()):
+            raise ValueError(f"{output_dir}, {target_dir}: give two folders or two files, not one of each")
+        outputs, targets = {target_dir.stem: output_dir}, {target_dir.stem: target_dir}
+    else:
+        outputs = _files(output_dir, IMAGE_SUFFIXES + CODE_SUFFIXES)
+        targets = _files(target_dir, IMAGE_SUFFIXES)
     if not targets:
         raise FileNotFoundError(f"no target images in {target_dir}")
     missing = sorted(set(targets) - set(outputs))

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from healthgpt.io import load_image
+
 VQA_RAD, SLAKE, PATHVQA, OMNIMEDVQA, MMMU_MED = "vqa-rad", "slake", "pathvqa", "omnimedvqa", "mmmu-med"
 Kind = Literal["closed", "open", "mcq"]
 KINDS: tuple[str, ...] = ("closed", "open", "mcq")
@@ -59,11 +61,14 @@ def option_letters(n: int) -> str:
 
 
 def _open(src: ImageSource) -> Image.Image:
+    """An image as the model sees it at inference; files go through `load_image` (DICOM, NIfTI, 16-bit grey)."""
     if isinstance(src, Image.Image):
         return src
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-        im.load()
-        return im.copy()
+    if isinstance(src, bytes):  # encoded PNG/JPEG bytes of a Hub dataset row
+        with Image.open(io.BytesIO(src)) as im:
+            im.load()
+            return im.copy()
+    return load_image(src).to_pil()
 
 
 # Callable[[list[EvalItem]], list[str]]: a batch of items (with `prompt` set) to one answer per item.

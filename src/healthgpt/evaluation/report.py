@@ -73,12 +73,16 @@ def metrics_markdown(metrics: Mapping[str, Any], run: Mapping[str, Any]) -> str:
 
 
 def compare_runs(run_dirs: Iterable[str | Path], labels: Sequence[str] | None = None) -> str:
-    """Runs side by side: their settings and item sets, Table-1 rows, then one table per dataset."""
+    """Runs side by side: their settings and item sets, Table-1 rows, then one table per dataset. Runs are labelled
+    `labels`, else by folder name (by path as given where two folders share a name): several runs of one model differ
+    by folder, not by model name."""
     runs = []
-    for d in map(Path, run_dirs):
+    dirs = list(map(Path, run_dirs))
+    names = [d.name for d in dirs]
+    for d in dirs:
         metrics = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
         run = json.loads((d / "run.json").read_text(encoding="utf-8"))
-        runs.append((run.get("run_info", {}).get("model", d.name), metrics, run))
+        runs.append((d.name if names.count(d.name) == 1 else str(d), metrics, run))
     if labels is not None:
         if len(labels) != len(runs):
             raise ValueError(f"{len(labels)} labels for {len(runs)} runs")

@@ -1,4 +1,5 @@
-"""NIfTI in (RAS-canonical, then radiological display planes) and out (keeping geometry) via nibabel."""
+"""NIfTI in (and the other volumes nibabel reads: ANALYZE, MGH, MINC, PAR/REC, AFNI; RAS-canonical, then radiological
+display planes) and NIfTI out (keeping geometry, in both qform and sform) via nibabel."""
 
 from __future__ import annotations
 
@@ -9,32 +10,57 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.parrec import PARRECError
+from nibabel.spatialimages import HeaderDataError, ImageDataError
 
 from healthgpt.errors import ImageInputError
 from healthgpt.io.atomic import atomic_target
 from healthgpt.io.image import MedicalImage, Pixels, as_slices, spacing_of
 from healthgpt.io.limits import check_allocation
+from healthgpt.io.messages import one_line, warnings_logged
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-_READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
+# Other volume formats nibabel reads, by (lower-case) name ending; a header's data file sits beside it.
+NIBABEL_SUFFIXES = (".hdr", ".img", ".img.gz", ".mgh", ".mgz", ".mnc", ".par", ".rec", ".head", ".brik", ".brik.gz")
+_READ_ERRORS = (ImageFileError, HeaderDataError, ImageDataError, PARRECError, OSError, EOFError, ValueError, zlib.error)
 
 
 def read_nifti(path: Path, frame: int | None) -> MedicalImage:
     """A 3D volume (or volume `frame` of a 4D series, default 0), RAS-canonical, sliced axially by default."""
+    with warnings_logged(path):
+        return _read(path, frame)
+
+
+def _read(path: Path, frame: int | None) -> MedicalImage:
     try:
-        image = nib.load(path)
-        shape = image.shape[:3]
+        loaded = nib.load(path)
+        if not isinstance(loaded, nib.spatialimages.SpatialImage) or loaded.affine is None:
+            raise ImageInputError(
+                path,
+                f"is a {type(loaded).__name__.removesuffix('Image')} file (data on surfaces or grayordinates), "
+                "not an image volume with a geometry",
+                "pass a NIfTI volume, e.g. one written by wb_command -cifti-separate",
+            )
+        shape = loaded.shape[:3]
         check_allocation(path, shape, "its volume")
         check_allocation(path, (max(shape),) * 2, "a slice padded to a square")
-        image = nib.as_closest_canonical(image)
+        image = nib.as_closest_canonical(loaded)
         data = _frame(image, frame, path)
         values = np.asarray(data, dtype=np.float32)
     except ImageInputError:
         raise
+    except FileNotFoundError as exc:
+        raise ImageInputError(
+            path,
+            f"its data file {Path(exc.filename or '?').name} is missing",
+            "keep the data file beside the header, under the same name",
+        ) from exc
+    except ModuleNotFoundError as exc:
+        raise ImageInputError(path, f"reading it needs the {exc.name} package", f"pip install {exc.name}") from exc
     except _READ_ERRORS as exc:
         raise ImageInputError(
             path,
-            f"is truncated or corrupt: nibabel cannot read it ({exc})",
+            f"is truncated or corrupt: nibabel cannot read it ({one_line(exc)})",
             "copy or export the file again",
         ) from exc
     volume = MedicalImage(array=values, path=path, affine=image.affine, pixel_spacing=spacing_of(image.affine))
@@ -59,10 +85,12 @@ def save_nifti(
     affine = _affine_for(geometry, volume, path)
     if volume.dtype.kind == "f":
         volume = volume.astype(np.float32)
-    image = nib.Nifti1Image(volume, affine)
+    image = nib.as_closest_canonical(nib.Nifti1Image(volume, affine))
+    image.set_sform(image.affine, code="scanner")
+    image.set_qform(image.affine, code="scanner")  # readers that use the qform only (some FSL tools) see it too
     image.header.set_xyzt_units("mm")
     with atomic_target(path) as tmp:
-        nib.save(nib.as_closest_canonical(image), tmp)
+        nib.save(image, tmp)
     return path
 
 

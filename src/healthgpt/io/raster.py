@@ -1,4 +1,5 @@
-"""PNG / JPEG / TIFF / BMP in and PNG out via PIL, with decompression bombs turned into a clear error."""
+"""PNG / JPEG / TIFF / BMP in and PNG out via PIL (tifffile for TIFF layouts PIL lacks, e.g. float or planar
+colour), with decompression bombs turned into a clear error."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from healthgpt.errors import ImageInputError
 from healthgpt.io.atomic import atomic_target
 from healthgpt.io.image import MedicalImage
 from healthgpt.io.limits import check_picture
+from healthgpt.io.messages import one_line
 from healthgpt.io.windowing import Window
 
 _HIGH_DEPTH_GREY = ("I;16", "I;16B", "I;16L", "I", "F")  # kept as values; shown with a percentile window
 _EIGHT_BIT_GREY = ("1", "L", "LA")
 _IDENTITY_8BIT = Window(127.5, 255)  # maps 0..255 onto itself
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
 
 
 def read_raster(path: Path, frame: int | None) -> MedicalImage:
@@ -36,10 +39,13 @@ def read_raster(path: Path, frame: int | None) -> MedicalImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageInputError(
             path,
-            f"is too large to decode safely ({exc})",
+            f"is too large to decode safely ({one_line(exc)})",
             "if the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS before loading",
         ) from exc
     except UnidentifiedImageError as exc:
+        with path.open("rb") as file:
+            if file.read(4) in _TIFF_MAGIC:
+                return _read_tiff(path, frame)
         raise ImageInputError(
             path,
             "is not a recognised image",
@@ -47,7 +53,7 @@ def read_raster(path: Path, frame: int | None) -> MedicalImage:
         ) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageInputError(
-            path, f"is truncated or corrupt: PIL cannot decode it ({exc})", "copy or export the file again"
+            path, f"is truncated or corrupt: PIL cannot decode it ({one_line(exc)})", "copy or export the file again"
         ) from exc
 
 
@@ -66,10 +72,45 @@ def save_png(image: MedicalImage | Image.Image | np.ndarray, path: str | Path) -
 
 
 def _seek(image: Image.Image, frame: int | None, path: Path) -> None:
-    frames = getattr(image, "n_frames", 1)
+    _check_frame(frame, getattr(image, "n_frames", 1), path)
+    image.seek(frame or 0)
+
+
+def _check_frame(frame: int | None, frames: int, path: Path) -> None:
     if frame is not None and not 0 <= frame < frames:
         raise ImageInputError(path, f"frame {frame} is out of range for {frames} frames", f"use 0..{frames - 1}")
-    image.seek(frame or 0)
+
+
+def _read_tiff(path: Path, frame: int | None) -> MedicalImage:
+    """Page `frame` of a TIFF that PIL cannot decode, via tifffile: grey keeps its values, colour maps to 0..255."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            _check_frame(frame, len(tiff.pages), path)
+            page = tiff.pages[frame or 0]
+            pixels = page.asarray()
+            photometric = page.photometric
+    except ImageInputError:
+        raise
+    except (tifffile.TiffFileError, OSError, ValueError) as exc:
+        raise ImageInputError(
+            path,
+            f"is truncated or corrupt: tifffile cannot decode it ({one_line(exc)})",
+            "copy or export the file again",
+        ) from exc
+    if pixels.ndim == 3 and photometric == tifffile.PHOTOMETRIC.RGB and pixels.shape[0] in (3, 4):
+        pixels = np.moveaxis(pixels, 0, -1)  # planar (separate) RGB: channels first on disk
+    if pixels.ndim == 2:
+        return MedicalImage(pixels.astype(np.float32), path)
+    if pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+        raise ImageInputError(path, f"has a TIFF page of shape {pixels.shape}", "save it as grey or RGB pages")
+    rgb = pixels[..., :3].astype(np.float32)
+    if pixels.dtype.kind == "f":
+        top = 1.0 if rgb.max() <= 1 else 255.0  # float colour: 0..1, else taken as 0..255
+    else:
+        top = float(np.iinfo(pixels.dtype).max)
+    return MedicalImage(np.clip(rgb * np.float32(255 / top), 0, 255), path, color=True)
 
 
 def _image(image: Image.Image, path: Path) -> MedicalImage:

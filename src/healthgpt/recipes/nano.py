@@ -29,6 +29,7 @@ from healthgpt.checkpoints import load_vqgan
 from healthgpt.config import COMPREHENSION, GENERATION
 from healthgpt.data.image_codes import tokenize_images
 from healthgpt.data.phantoms import TASKS, make_dataset
+from healthgpt.io import load_image
 from healthgpt.metrics import aggregate, image_metrics
 from healthgpt.pretrain import NanoBudget, pretrain_nano
 from healthgpt.training.loop import METRICS, OUTPUT, TrainResult, build_healthgpt, export_model, run_stage
@@ -156,7 +157,7 @@ def closed_accuracy(model: HealthGPT, records: Sequence[Mapping[str, Any]], fold
         chosen = [r for r in records if r["task"] == COMPREHENSION and r["meta"]["kind"] == kind]
         if not chosen:
             continue
-        images = [Image.open(folder / r["image"]).convert("RGB") for r in chosen]
+        images = [load_image(folder / r["image"]).to_pil() for r in chosen]
         answers = model.ask(images, [_question(r) for r in chosen], max_new_tokens=8)
         truths = [_normalise(r["conversations"][1]["value"]) for r in chosen]
         right = [_normalise(a) == t for a, t in zip(answers, truths, strict=True)]
@@ -167,7 +168,7 @@ def closed_accuracy(model: HealthGPT, records: Sequence[Mapping[str, Any]], fold
 def convert(model: HealthGPT, records: Sequence[Mapping[str, Any]], folder: Path) -> list[Image.Image]:
     """Greedy CT->MRI conversions of `records` (generation records of kind ct2mri) with each record's instruction,
     as grayscale images."""
-    images = [Image.open(folder / r["image"]).convert("RGB") for r in records]
+    images = [load_image(folder / r["image"]).to_pil() for r in records]
     instructions = {_question(r) for r in records}
     out: dict[int, Image.Image] = {}
     for instruction in sorted(instructions):  # one batch per phrasing: a batch shares its instruction
@@ -215,7 +216,7 @@ def evaluate(
     """Held-out closed-question accuracy of both models, and CT->MRI SSIM/PSNR/MSE of both against the true MRI
     render, with the VQGAN's own reconstruction of that MRI as the ceiling; writes the panel PNG."""
     pairs = [r for r in records if r["task"] == GENERATION and r["meta"]["kind"] == "ct2mri"]
-    truths = [Image.open(folder / r["target_image"]).convert("L") for r in pairs]
+    truths = [load_image(folder / r["target_image"]).to_pil().convert("L") for r in pairs]
     made = {name: convert(model, pairs, folder) for name, model in (("trained", trained), ("untrained", untrained))}
     vqgan = trained.vqgan
     with torch.inference_mode():
@@ -224,7 +225,7 @@ def evaluate(
     write_panel(
         panel,
         {
-            "input CT": [Image.open(folder / r["image"]) for r in pairs[:panel_cases]],
+            "input CT": [load_image(folder / r["image"]).to_pil() for r in pairs[:panel_cases]],
             "true MRI": truths[:panel_cases],
             "generated MRI": made["trained"][:panel_cases],
             "untrained model": made["untrained"][:panel_cases],

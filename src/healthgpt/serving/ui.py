@@ -1,6 +1,8 @@
 """The Gradio app: analyze an image (streamed answer) or generate one (the task presets), with any of the loaded
-models. Uploads may be PNG/JPEG/DICOM/NIfTI, with slice and window controls for the last two; generated images
-download as PNG, and as DICOM/NIfTI when the input was one. Models stay loaded: switching never reloads."""
+models. Uploads may be any format `load_image` reads (PNG/JPEG/TIFF/BMP, DICOM with or without an extension,
+NIfTI), with slice and window controls for volumes and medical files; previews and generated images are shown
+enlarged to a readable size in their physical proportions; generated images download as PNG, and as DICOM/NIfTI when
+the input was one. Models stay loaded: switching never reloads."""
 
 from __future__ import annotations
 
@@ -28,12 +30,12 @@ from .batcher import Batcher, Failed, ImageDone, Job, TextDelta, TextDone, named
 ANALYZE, GENERATE = "Analyze image", "Generate image"
 CUSTOM = "custom instruction"
 AUTO_WINDOW = "auto"
-DEFAULT_QUESTION = "Could you explain what this mass in the MRI means for my health? Is it very serious?"
+QUESTION_HINT = "e.g. Is there a lesion in this image?"
 NOTICE = (
     "**Research tool, not a diagnostic device.** HealthGPT's answers and images may be wrong or invented; they must "
     "not be used to diagnose, treat or make any clinical decision. Do not upload images that identify a patient."
 )
-_UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".gz"]
+DISPLAY_SIZE = 384  # longer side (px) images are enlarged to on screen; files keep their own size
 
 
 @functools.lru_cache(maxsize=8)
@@ -56,6 +58,20 @@ def _slice(path: str, index: int | None, window: str | None) -> MedicalImage:
     return image
 
 
+def _shown(picture: Image.Image, spacing: tuple[float, float] | None = None) -> Image.Image:
+    """`picture` as displayed: in its physical proportions (pixel `spacing`, mm) and enlarged, without smoothing, until
+    its longer side is `DISPLAY_SIZE`; larger pictures keep their size."""
+    row_mm, col_mm = spacing or (1.0, 1.0)
+    height, width = picture.height * row_mm, picture.width * col_mm
+    scale = max(DISPLAY_SIZE, picture.width, picture.height) / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return picture if size == picture.size else picture.resize(size, Image.Resampling.NEAREST)
+
+
+def _preview(image: MedicalImage) -> Image.Image:
+    return _shown(image.to_pil(), image.pixel_spacing)
+
+
 class _App:
     """The event handlers, over one batcher per loaded model."""
 
@@ -70,7 +86,7 @@ class _App:
             return None, gr.update(visible=False), gr.update(visible=False)
         try:
             volume = _volume(path)
-            preview = _slice(path, None, None).to_pil()
+            preview = _preview(_slice(path, None, None))
         except ImageInputError as exc:
             raise gr.Error(str(exc)) from None
         slices = volume.num_slices if volume.is_volume else 1
@@ -83,7 +99,7 @@ class _App:
         if not path:
             return None
         try:
-            return _slice(path, None if index is None else int(index), window).to_pil()
+            return _preview(_slice(path, None if index is None else int(index), window))
         except ImageInputError as exc:
             raise gr.Error(str(exc)) from None
 
@@ -113,6 +129,10 @@ class _App:
             )
             sampling = batcher.model.sampling_params({k: v for k, v in chosen.items() if v is not None})
             if task == ANALYZE:
+                if source is None:
+                    raise ValueError("upload an image to analyze")
+                if not question.strip():
+                    raise ValueError("type a question about the image")
                 yield from self._analyze(batcher, source, question, sampling)
             else:
                 yield self._generate(batcher, source, path, preset, question, sampling)
@@ -173,7 +193,7 @@ class _App:
             files.append(next(series.iterdir()).rename(folder / "generated.dcm"))
         elif source is not None and path is not None and path.lower().endswith((".nii", ".nii.gz")):
             files.append(save_nifti(done.image, folder / "generated.nii.gz", source))
-        return gr.update(), done.image, gr.update(value=[str(f) for f in files], visible=True)
+        return gr.update(), _shown(done.image), gr.update(value=[str(f) for f in files], visible=True)
 
     def on_task(self, task: str) -> tuple[Any, ...]:
         """Show the answer box or the image outputs, the presets, and label the text box for the task."""
@@ -202,7 +222,9 @@ def build_ui(batchers: Mapping[str, Batcher], *, timeout: float = 600.0) -> gr.B
             model = gr.Radio(names, value=names[0], label="Choose the model", elem_id="model")
         with gr.Row():
             with gr.Column():
-                upload = gr.File(label="Image: PNG, JPEG, DICOM or NIfTI", file_types=_UPLOAD_TYPES, elem_id="upload")
+                upload = gr.File(  # no type filter: DICOM often has no extension; bad files get a clear error
+                    label="Image: PNG, JPEG, TIFF, BMP, DICOM (any name) or NIfTI", elem_id="upload"
+                )
                 preview = gr.Image(label="What the model sees", type="pil", interactive=False, elem_id="preview")
                 index = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False, elem_id="slice")
                 window = gr.Dropdown(
@@ -216,7 +238,7 @@ def build_ui(batchers: Mapping[str, Batcher], *, timeout: float = 600.0) -> gr.B
                 preset = gr.Dropdown(
                     [*TASKS, CUSTOM], value="reconstruct", label="Generation task", visible=False, elem_id="preset"
                 )
-                question = gr.Textbox(value=DEFAULT_QUESTION, lines=3, label="Question", elem_id="question")
+                question = gr.Textbox(lines=3, label="Question", placeholder=QUESTION_HINT, elem_id="question")
                 with gr.Accordion("Sampling", open=False):
                     max_new_tokens = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens (answers)")
                     temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: greedy)")
@@ -226,7 +248,11 @@ def build_ui(batchers: Mapping[str, Batcher], *, timeout: float = 600.0) -> gr.B
             with gr.Column():
                 answer = gr.Textbox(label="HealthGPT answer", lines=20, elem_id="answer")
                 generated = gr.Image(
-                    label="Generated image", type="pil", format="png", height=320, visible=False, elem_id="generated"
+                    label="Generated image (shown enlarged; the download keeps its size)",
+                    type="pil",
+                    format="png",
+                    visible=False,
+                    elem_id="generated",
                 )
                 files = gr.File(label="Download", file_count="multiple", visible=False, elem_id="files")
 

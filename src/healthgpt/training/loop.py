@@ -40,6 +40,7 @@ from healthgpt.data.records import load_records
 from healthgpt.data.samples import DataReport, SampleBuilder, TrainingDataset, build_samples
 from healthgpt.model import build_model
 from healthgpt.training.checkpointing import (
+    WEIGHTS,
     checkpoints,
     load_checkpoint,
     load_tensors,
@@ -68,8 +69,15 @@ class TrainResult:
 
 
 def build_healthgpt(recipe: Recipe) -> HealthGPT:
-    """The starting model: the variant with random weights, or the base LLM and CLIP tower from `recipe.model`."""
+    """The starting model: a whole trained model (`model.init`), the base LLM and CLIP tower from `recipe.model` with
+    fresh projectors and plugins, or the variant with random weights."""
     spec = recipe.model
+    if spec.init is not None:
+        if spec.base_llm is not None or spec.vision_tower is not None or spec.plugins:
+            raise RecipeError(
+                "model.init starts from a whole model: leave model.base_llm, vision_tower and plugins unset"
+            )
+        return HealthGPT.from_pretrained(spec.init, dtype=spec.dtype)
     config = get_variant(spec.variant)
     if spec.plugins:
         extra = {name: PluginConfig(**values) for name, values in spec.plugins.items()}
@@ -220,7 +228,10 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
     accumulation = stage.global_batch_size // per_step
     accelerator.gradient_accumulation_steps = accumulation  # also fills DeepSpeed's "auto"
     if not resume and (checkpoints(ckpt_root) or (out / OUTPUT).exists()):
-        raise RecipeError(f"{out} already holds a run of {name}; pass resume=True or choose another output_dir")
+        raise RecipeError(
+            f"{out} already holds a run of {name}; resume it (--resume; resume=True in Python) or choose another "
+            "output_dir"
+        )
 
     hg = healthgpt or build_healthgpt(recipe)
     model = hg.model
@@ -421,14 +432,21 @@ def export_model(
     config_file: str | Path | None,
     directory: str | Path,
     *,
-    stages: Sequence[str] = ("stage3_comprehension", "stage3_generation"),
+    stages: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
     include_base: bool = False,
     vqgan: str | Path | None = None,
 ) -> Path:
     """Assemble the trained model from stage outputs (merged as `init_from` merges them) and write it as a bundle
-    that `HealthGPT.from_pretrained` loads; `vqgan` is the tokenizer folder the codes were made with."""
+    that `HealthGPT.from_pretrained` loads; `vqgan` is the tokenizer folder the codes were made with. `stages`
+    defaults to the stage-3 runs that have an output (one is enough when fine-tuning one plugin of `model.init`)."""
     recipe = load_recipe(config_file, overrides)
+    if stages is None:
+        stages = [name for name in ("stage3_comprehension", "stage3_generation") if name in recipe.stages]
+        done = [name for name in stages if (stage_outputs(recipe, [name])[0] / WEIGHTS).is_file()]
+        if not done:
+            raise RecipeError(f"{recipe.output_dir}: no stage-3 output yet; train stage3_comprehension or _generation")
+        stages = done
     hg = build_healthgpt(recipe)
     sources = stage_outputs(recipe, stages)
     tensors, _ = merge_stage_outputs(sources)

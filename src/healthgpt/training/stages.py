@@ -52,6 +52,9 @@ class StageConfig:
     init_from: tuple[str, ...] = ()  # stage names (outputs under the recipe's output_dir) or folders
 
     def __post_init__(self) -> None:
+        for name in ("data", "init_from"):  # one file or stage given as a plain string (`train.data=my.json`)
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, (getattr(self, name),))
         if not self.tasks or set(self.tasks) - {COMPREHENSION, GENERATION}:
             raise RecipeError(f"tasks must be some of {COMPREHENSION!r}, {GENERATION!r}, got {self.tasks}")
         if not self.trainable:
@@ -64,9 +67,11 @@ class StageConfig:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where the weights come from. Without `base_llm` the variant is built with random weights (tests, nano)."""
+    """Where the weights come from: `init`, a whole trained model to fine-tune ("nano" or a bundle folder); else the
+    `base_llm` and `vision_tower` folders with fresh projectors and plugins; else random weights (tests)."""
 
     variant: str = "nano"
+    init: str | None = None  # "nano" or a bundle folder: start from all of its weights
     base_llm: str | None = None  # local folder (or hub id) of the base causal LM
     vision_tower: str | None = None  # local folder (or hub id) of the CLIP vision tower
     seed: int = 0
