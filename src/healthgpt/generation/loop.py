@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import MinNewTokensLengthLogitsProcessor
 
 from ..model import HealthGPTModel, expand_image_slots
 from .decoders import EagerSession, StaticEngine, StaticSession
@@ -67,6 +68,100 @@ def head_logits(model: HealthGPTModel, hidden: torch.Tensor, plugin: str, codes_
     return out
 
 
+@dataclass
+class DecodeRows:
+    """Per-row decoding state: processors (with the span constraint), generator, stop rules, what was generated.
+    One per `stream` run, and one per row of a continuous batch (`slots`), so both decide alike."""
+
+    sampling: SamplingParams
+    constraint: ImageSpanConstraint | None
+    stop_after_span: torch.Tensor  # [B] bool: image-span rows end when their span closes
+    stops: torch.Tensor
+    limits: torch.Tensor  # [B] each row's token budget
+    pad_id: int
+    generator: torch.Generator | None
+    finished: torch.Tensor  # [B] bool
+    generated: torch.Tensor  # [B, t]
+    min_tokens: int = 0  # stop tokens are suppressed before this many tokens
+    ignore_eos: bool = False  # stop tokens do not end a row
+
+    def __post_init__(self) -> None:
+        self.processors = self.sampling.processors(self.constraint)
+        if self.min_tokens:
+            stops = self.stops.tolist()
+            self.processors.insert(0, MinNewTokensLengthLogitsProcessor(0, self.min_tokens, stops, self.stops.device))
+
+    @classmethod
+    def build(
+        cls,
+        model: HealthGPTModel,
+        requests: Sequence[Request],
+        sampling: SamplingParams,
+        stop_ids: Sequence[int],
+        pad_id: int,
+        device: torch.device,
+        **extra: int | bool,
+    ) -> DecodeRows:
+        """State for `requests`; `extra`: `min_tokens`, `ignore_eos`."""
+        stop_after_span = torch.tensor([r.image_span for r in requests], device=device)
+        constraint = None
+        if model.image_vocab is not None and model.image_span_length is not None:
+            allow = torch.tensor([r.allow_images for r in requests], device=device)
+            constraint = ImageSpanConstraint(model.image_vocab, model.image_span_length, stop_after_span, allow)
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        return cls(
+            sampling,
+            constraint,
+            stop_after_span,
+            torch.tensor(list(stop_ids), dtype=torch.long, device=device),
+            torch.tensor([r.max_new_tokens or sampling.max_new_tokens for r in requests], device=device),
+            pad_id,
+            generator,
+            torch.zeros(len(requests), dtype=torch.bool, device=device),
+            torch.empty((len(requests), 0), dtype=torch.long, device=device),
+            **extra,
+        )
+
+    def pick(self, raw: torch.Tensor) -> torch.Tensor:
+        """Each row's next token from its raw logits [B, V] (pad for finished rows)."""
+        scores = self.processors(self.generated, raw)
+        if self.sampling.greedy:
+            token = scores.argmax(dim=-1)
+        else:
+            token = torch.multinomial(scores.softmax(dim=-1), 1, generator=self.generator).squeeze(-1)
+        return token.masked_fill(self.finished, self.pad_id)
+
+    def advance(self, token: torch.Tensor, step: int) -> None:
+        """Record the step's tokens and which rows ended with them."""
+        done_now = torch.isin(token, self.stops) & (not self.ignore_eos)
+        if self.constraint is not None:
+            was_in_span = self.constraint.in_span
+            closed = self.constraint.update(token)
+            done_now = (done_now & ~was_in_span) | (self.stop_after_span & closed)
+        self.finished = self.finished | done_now | (self.limits <= step + 1)
+        self.generated = torch.cat([self.generated, token[:, None]], dim=1)
+
+
+def _prompts(
+    model: HealthGPTModel, every: Sequence[Request], pad_id: int, device: torch.device
+) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(plugins, embeddings [R, T, H], mask [R, T], positions [R, T]) of left-padded prompts with their images."""
+    rows = [expand_image_slots(r.input_ids, model.num_patches) for r in every]
+    if any(not r for r in rows):
+        raise ValueError("empty prompt: every request needs at least one token")
+    ids, mask = left_pad(rows, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    images = [r.pixel_values for r in every if r.pixel_values is not None and len(r.pixel_values)]
+    pixel_values = torch.cat(images).to(device) if images else None
+    plugins = model.check_plugins([r.plugin for r in every], len(every))
+    with model.hlora.use(plugins[0] if len(set(plugins)) == 1 else plugins):  # embedding tables may be per plugin
+        embeds = model.embed(ids, pixel_values, plugins)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
+    return plugins, embeds, mask, positions
+
+
 @torch.inference_mode()
 def stream(
     model: HealthGPTModel,
@@ -97,37 +192,13 @@ def stream(
         raise ValueError(f"{batch} requests but {len(unconditional)} unconditional requests")
     every = [*requests, *(unconditional or [])]
     device = next(model.llm.parameters()).device
-    rows = [expand_image_slots(r.input_ids, model.num_patches) for r in every]
-    if any(not r for r in rows):
-        raise ValueError("empty prompt: every request needs at least one token")
-    ids, mask = left_pad(rows, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    images = [r.pixel_values for r in every if r.pixel_values is not None and len(r.pixel_values)]
-    pixel_values = torch.cat(images).to(device) if images else None
-    plugins = model.check_plugins([r.plugin for r in every], len(every))
-    uniform = len(set(plugins)) == 1
-
-    constraint = None
-    stop_after_span = torch.tensor([r.image_span for r in requests], device=device)
-    span_length = model.image_span_length if model.image_vocab is not None else None
-    if span_length is not None:
-        allow = torch.tensor([r.allow_images for r in requests], device=device)
-        constraint = ImageSpanConstraint(model.image_vocab, span_length, stop_after_span, allow)
-    # Rows that all start inside a span emit only codes for `span_length` steps: the head reads the code rows only.
-    codes_steps = span_length if span_length and uniform and all(r.image_span for r in every) else 0
-    procs = sampling.processors(constraint)
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    limits = torch.tensor([r.max_new_tokens or sampling.max_new_tokens for r in requests], device=device)
-    generated = torch.empty((batch, 0), dtype=torch.long, device=device)
+    plugins, embeds, mask, positions = _prompts(model, every, pad_id, device)
+    selection = plugins[0] if len(set(plugins)) == 1 else plugins
+    rows = DecodeRows.build(model, requests, sampling, stop_ids, pad_id, device)
+    # Rows that all start inside a span emit only codes for a span's length: the head reads the code rows only.
+    all_codes = isinstance(selection, str) and all(r.image_span for r in every) and not return_logits
+    codes_steps = (model.image_span_length or 0) if all_codes and rows.constraint is not None else 0
     check_every = 1 if device.type == "cpu" else 8
-
-    with model.hlora.use(plugins[0] if uniform else plugins):  # embedding tables may be per plugin (fusion layers)
-        embeds = model.embed(ids, pixel_values, plugins)  # [R, T, H], R = B or 2B rows
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [R, T]: left padding does not shift positions
     if engine is not None:
         session: EagerSession | StaticSession = StaticSession(engine, plugins, sampling.max_new_tokens)
     else:
@@ -135,26 +206,14 @@ def stream(
     try:
         hidden = session.prefill(embeds, mask, positions)
         for step in range(sampling.max_new_tokens):
-            codes_only = step < codes_steps and not return_logits
-            raw = head_logits(model, hidden, plugins[0] if uniform else plugins, codes_only)  # [R, V]
+            raw = head_logits(model, hidden, selection, step < codes_steps)  # [R, V]
             if unconditional is not None:
                 raw = raw[batch:] + guidance_scale * (raw[:batch] - raw[batch:])  # [B, V]
-            scores = procs(generated, raw)
-            if sampling.greedy:
-                token = scores.argmax(dim=-1)
-            else:
-                token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-            token = token.masked_fill(finished, pad_id)  # [B]
-            yield Step(tokens=token, active=~finished, logits=raw if return_logits else None)
-            done_now = torch.isin(token, stops)
-            if constraint is not None:
-                was_in_span = constraint.in_span
-                closed = constraint.update(token)
-                done_now = (done_now & ~was_in_span) | (stop_after_span & closed)
-            finished = finished | done_now | (limits <= step + 1)
-            if step + 1 == sampling.max_new_tokens or ((step + 1) % check_every == 0 and bool(finished.all())):
+            token = rows.pick(raw)
+            yield Step(tokens=token, active=~rows.finished, logits=raw if return_logits else None)
+            rows.advance(token, step)
+            if step + 1 == sampling.max_new_tokens or ((step + 1) % check_every == 0 and bool(rows.finished.all())):
                 return
-            generated = torch.cat([generated, token[:, None]], dim=1)
             hidden = session.step(token if unconditional is None else token.repeat(2))  # guided halves see it
     finally:
         session.close()

@@ -14,13 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Cache, DynamicCache, LogitsProcessorList, MinNewTokensLengthLogitsProcessor
+from transformers import Cache, DynamicCache
 from transformers.cache_utils import StaticLayer
 
 from ..model import HealthGPTModel, expand_image_slots
-from .loop import Request, head_logits
+from .loop import DecodeRows, Request, head_logits
 from .sampling import SamplingParams
-from .spans import ImageSpanConstraint
 
 
 class SlotLayer(StaticLayer):
@@ -50,7 +49,7 @@ class Row:
     min_tokens: int = 0
     ignore_eos: bool = False
     tokens: list[int] = field(default_factory=list)
-    finished: str | None = None  # "stop", "length" or "image" once the row has ended
+    finished: bool = False
     id: int = field(default_factory=itertools.count().__next__)
 
     @property
@@ -82,7 +81,7 @@ class SlotBatch:
         self.rows: list[Row] = []
         self._free = list(range(slots))
         self._pending: dict[int, torch.Tensor] = {}  # slot -> logits of a just-admitted row's first token
-        self._state: dict[int, tuple[LogitsProcessorList, ImageSpanConstraint | None, torch.Generator | None]] = {}
+        self._state: dict[int, DecodeRows] = {}  # Row.id -> its decoding state
 
     @property
     def free_slots(self) -> int:
@@ -134,25 +133,18 @@ class SlotBatch:
             if unconditional is not None:
                 row.twin = self._free.pop(0)
                 self._prefill(unconditional, row.twin)
-        self._state[row.id] = self._row_state(row)
+        self._state[row.id] = DecodeRows.build(
+            self.model,
+            [request],
+            sampling,
+            self.stop_ids,
+            self.pad_id,
+            self.device,
+            min_tokens=min_tokens,
+            ignore_eos=ignore_eos,
+        )
         self.rows.append(row)
         return row
-
-    def _row_state(self, row: Row) -> tuple[LogitsProcessorList, ImageSpanConstraint | None, torch.Generator | None]:
-        """The row's own processors (as `stream` builds them for a batch of one), span state and generator."""
-        constraint = None
-        model = self.model
-        if model.image_vocab is not None and model.image_span_length is not None:
-            span = torch.tensor([row.request.image_span], device=self.device)
-            allow = torch.tensor([row.request.allow_images], device=self.device)
-            constraint = ImageSpanConstraint(model.image_vocab, model.image_span_length, span, allow)
-        procs = row.sampling.processors(constraint)
-        if row.min_tokens:
-            procs.insert(0, MinNewTokensLengthLogitsProcessor(0, row.min_tokens, self.stop_ids, device=self.device))
-        generator = None
-        if row.sampling.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(row.sampling.seed)
-        return procs, constraint, generator
 
     # ----- stepping ------------------------------------------------------------------------------------------
     def release(self, row: Row) -> None:
@@ -197,34 +189,15 @@ class SlotBatch:
             if row.twin is not None:
                 twin = self._pending.pop(row.twin) if row.twin in self._pending else logits[row.twin]
                 raw = twin + row.guidance_scale * (own - twin)
-            token = self._sample(row, raw)
-            row.tokens.append(token)
-            produced.append((row, token))
-            self._finish(row, token)
+            state = self._state[row.id]
+            token = state.pick(raw[None].float())
+            state.advance(token, len(row.tokens))
+            row.tokens.append(int(token))
+            row.finished = bool(state.finished[0])
+            produced.append((row, int(token)))
             for slot in (row.slot, row.twin):
                 if slot is not None:
-                    self.last[slot] = token
+                    self.last[slot] = token[0]
             if row.finished:
                 self.release(row)
         return produced
-
-    def _sample(self, row: Row, raw: torch.Tensor) -> int:
-        procs, _, generator = self._state[row.id]
-        done = torch.tensor([row.tokens], dtype=torch.long, device=self.device).reshape(1, -1)
-        scores = procs(done, raw[None].float())
-        if row.sampling.greedy:
-            return int(scores.argmax(dim=-1))
-        return int(torch.multinomial(scores.softmax(dim=-1), 1, generator=generator))
-
-    def _finish(self, row: Row, token: int) -> None:
-        _, constraint, _ = self._state[row.id]
-        in_span = constraint is not None and bool(constraint.in_span[0])
-        if constraint is not None:
-            closed = bool(constraint.update(torch.tensor([token], device=self.device))[0])
-            if closed and row.request.image_span:
-                row.finished = "image"
-                return
-        if token in self.stop_ids and not in_span and not row.ignore_eos:
-            row.finished = "stop"
-        elif len(row.tokens) >= row.budget:
-            row.finished = "length"
