@@ -38,6 +38,7 @@ from healthgpt.data.image_codes import ImageCodeCache
 from healthgpt.data.records import load_records
 from healthgpt.data.samples import DataReport, SampleBuilder, TrainingDataset, build_samples
 from healthgpt.model import build_model
+from healthgpt.quantize import quantize_base
 from healthgpt.training.checkpointing import (
     checkpoints,
     load_checkpoint,
@@ -228,6 +229,10 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
     if sources:
         tensors, inherited = merge_stage_outputs(sources)
         load_tensors(model, tensors, ", ".join(map(str, sources)))
+    if recipe.model.quantize is not None and hg.quantization is None:
+        # QLoRA-style: the frozen base linears are stored quantized; what trains stays in full precision.
+        quantize_base(model, recipe.model.quantize, accelerator.device, training=True)
+        hg.quantization = recipe.model.quantize
     groups = prepare_stage(model, stage)
     for group in groups:
         for p in group["params"]:
@@ -426,7 +431,9 @@ def export_model(
     vqgan: str | Path | None = None,
 ) -> Path:
     """Assemble the trained model from stage outputs (merged as `init_from` merges them) and write it as a bundle
-    that `HealthGPT.from_pretrained` loads; `vqgan` is the tokenizer folder the codes were made with."""
+    that `HealthGPT.from_pretrained` loads; `vqgan` is the tokenizer folder the codes were made with. The base is
+    built in full precision even when the stages trained over a quantized one (`model.quantize`): the trained
+    tensors are full precision, so the bundle loads with or without `quantize`."""
     recipe = load_recipe(config_file, overrides)
     hg = build_healthgpt(recipe)
     sources = stage_outputs(recipe, stages)
