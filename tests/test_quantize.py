@@ -5,19 +5,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from _models import with_random_adapters
+from fastapi.testclient import TestClient
 from PIL import Image
+from pydicom.data import get_testdata_file
 from safetensors.torch import load_file
 
 from healthgpt.api import HealthGPT
+from healthgpt.checkpoints import embedded_bundle
 from healthgpt.config import COMPREHENSION, HealthGPTConfig, get_variant
 from healthgpt.data.phantoms import iter_records, make_dataset
 from healthgpt.generation import SamplingParams, generate
 from healthgpt.hlora import HLoRALinear
+from healthgpt.io import load_image
 from healthgpt.model import expand_image_slots
 from healthgpt.quantize import (
     QuantizationError,
@@ -27,6 +35,8 @@ from healthgpt.quantize import (
     memory_by_part,
     quantized_linear_bytes,
 )
+from healthgpt.serving.server import create_app
+from healthgpt.serving.ui import _models_line
 from healthgpt.training.loop import build_healthgpt, export_model, run_stage
 from healthgpt.training.stages import RecipeError, load_recipe
 
@@ -204,3 +214,42 @@ def test_stage3_over_an_int8_base_learns_saves_only_what_it_trained_and_exports_
 def test_training_over_int4_is_refused_with_the_reason() -> None:
     with pytest.raises(RecipeError, match="int4 kernels have no backward"):
         load_recipe(None, ["output_dir=unused", "model.quantize=int4"])
+
+
+# ----- command line, server, UI ------------------------------------------------------------------------------------
+def healthgpt(*args: object, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUTF8": "1", "COLUMNS": "200", "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", "healthgpt.cli", *map(str, args)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_quantize_answers_quietly_and_refuses_nf4_and_unknown_modes_in_one_line(tmp_path) -> None:
+    question, ct = "Is there a lesion in this CT image?", get_testdata_file("CT_small.dcm")
+    done = healthgpt("ask", ct, question, "--quantize", "int4", "--max-new-tokens", "6", cwd=tmp_path)
+    assert done.returncode == 0 and done.stderr == "", done.stderr  # no torchao/pytree chatter
+    model = HealthGPT.from_pretrained("nano", quantize="int4")
+    assert done.stdout == model.ask(load_image(ct).to_pil(), question, max_new_tokens=6) + "\n"
+    for mode, message in (("nf4", "error: nf4 needs bitsandbytes' 4-bit kernels"), ("int3", "error: --quantize int3")):
+        refused = healthgpt("ask", ct, question, "--quantize", mode, cwd=tmp_path)
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert len(refused.stderr.splitlines()) == 1 and refused.stderr.startswith(message), refused.stderr
+
+
+def test_cli_info_prints_memory_by_part_for_each_mode(tmp_path) -> None:
+    folder = embedded_bundle("nano")
+    facts = json.loads(healthgpt("info", folder, "--json", cwd=tmp_path).stdout)["config"]["memory"]
+    config = HealthGPTConfig.load(folder / "config.json")
+    for mode in (None, "int8", "int4", "nf4"):
+        parts = estimate_memory(config, torch.float32, mode)
+        assert facts[mode or "none"] == parts | {"total": sum(parts.values())}
+    assert facts["int4"]["base"] < facts["int8"]["base"] < facts["none"]["base"]
+    assert facts["int4"]["plugins"] == facts["none"]["plugins"]
+
+
+def test_server_model_card_and_ui_show_the_quantization_and_memory() -> None:
+    model = HealthGPT.random("nano", quantize="int8")
+    with TestClient(create_app({"nano-int8": model})) as client:
+        card = client.get("/v1/models/nano-int8").json()
+    assert card["quantization"] == "int8" and card["memory_bytes"] == memory_by_part(model.model, model.vqgan)
+    line = _models_line({"nano-int8": SimpleNamespace(model=model)})
+    assert line.startswith("- **nano-int8**: base LLM int8, base ") and "plugins" in line and "vqgan" in line
