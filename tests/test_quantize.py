@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from healthgpt.quantize import (
     QuantizationError,
     base_linears,
     estimate_memory,
+    format_memory,
     is_quantized,
     memory_by_part,
     quantized_linear_bytes,
@@ -92,9 +94,12 @@ def nano_full() -> HealthGPT:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_nano_quantized_answers_like_full_precision(nano_full: HealthGPT, mode: str) -> None:
-    quantized = HealthGPT.from_pretrained("nano", quantize=mode)
+def test_nano_quantized_answers_like_full_precision(nano_full: HealthGPT, mode: str, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="healthgpt"):
+        quantized = HealthGPT.from_pretrained("nano", quantize=mode)
     assert quantized.quantization == mode
+    logged = format_memory(memory_by_part(quantized.model, quantized.vqgan))
+    assert f"memory by part: {logged}" in caplog.messages and logged.startswith("base ")
     linears = base_linears(quantized.model)
     assert linears and all(is_quantized(linear.weight) for linear in linears.values())
     # plugins, projectors, embeddings, head and vision stay plain full-precision tensors

@@ -254,7 +254,8 @@ def info(
     """Show what an image or a checkpoint holds.
 
     Images: format, modality, shape, spacing, value range (HU for CT), display window. Checkpoints: config,
-    plugins with their H-LoRA ranks, tensors, dtypes and sizes."""
+    plugins with their H-LoRA ranks, the model's memory by part (base, plugins, vision, VQGAN) unquantized and per
+    --quantize mode (computed from the config's shapes), tensors, dtypes and sizes."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: does not exist")
     facts = _checkpoint_info(path) if _is_checkpoint(path) else _image_info(path)
