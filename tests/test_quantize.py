@@ -35,6 +35,7 @@ from healthgpt.quantize import (
     format_memory,
     is_quantized,
     memory_by_part,
+    quantize_base,
     quantized_linear_bytes,
 )
 from healthgpt.serving.server import create_app
@@ -170,8 +171,12 @@ def test_nf4_without_a_kernel_and_bad_modes_are_clear_errors() -> None:
     with pytest.raises(QuantizationError, match="quantize must be one of int8, int4, nf4"):
         HealthGPT.from_pretrained("nano", quantize="int3")
     model = HealthGPT.random("nano", quantize="int8")
-    with pytest.raises(ValueError, match="choose the dtype when loading"):
+    with pytest.raises(ValueError, match="choose device and dtype when loading"):
         model.to(dtype="bfloat16")
+    with pytest.raises(ValueError, match="choose device and dtype when loading"):
+        model.to("meta")
+    with pytest.raises(QuantizationError, match="is already quantized"):
+        quantize_base(model.model, "int4")
     assert all(isinstance(m, HLoRALinear) for m in model.model.hlora.layers.values())
 
 

@@ -135,8 +135,11 @@ class HealthGPT:
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> HealthGPT:
         """Move the model and VQGAN to `device` and cast the model's floating weights to `dtype`; returns self."""
-        if dtype is not None and self.quantization is not None:
-            raise ValueError("the base LLM is quantized: choose the dtype when loading (dtype=...), not afterwards")
+        if self.quantization is not None and (dtype is not None or torch.device(device or self.device) != self.device):
+            raise ValueError(
+                f"the base LLM is quantized ({self.quantization}), and quantized weights are laid out for their "
+                "device: choose device and dtype when loading (device=..., dtype=...), not afterwards"
+            )
         self.model.to(device=device, dtype=None if dtype is None else checkpoints.resolve_dtype(dtype))
         if self.vqgan is not None:
             self.vqgan.to(device=device)

@@ -83,9 +83,13 @@ def _bitsandbytes() -> Any:
     return bitsandbytes
 
 
+def _wrappers(model: nn.Module) -> dict[str, HLoRALinear]:
+    return {path: m for path, m in model.named_modules() if isinstance(m, HLoRALinear)}
+
+
 def base_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The base LLM's linears that H-LoRA wraps (what quantization replaces), by the wrapper's path."""
-    return {path: m.base_layer for path, m in model.named_modules() if isinstance(m, HLoRALinear)}
+    return {path: m.base_layer for path, m in _wrappers(model).items()}
 
 
 def int4_group_size(in_features: int) -> int | None:
@@ -99,18 +103,21 @@ def quantize_base(
     """Quantize the base linears of `model` in place with `mode`, each moved to `device` first (None: where it is,
     e.g. dispatched by a device map); returns how many were quantized (a linear whose width no int4 group size
     divides stays in full precision, with a log line)."""
-    wrappers = {path: m for path, m in model.named_modules() if isinstance(m, HLoRALinear)}
+    wrappers = _wrappers(model)
     if mode is None or not wrappers:
         return 0
     weights = [w.base_layer.weight for w in wrappers.values()]
     targets = [torch.device(device) if device is not None else w.device for w in weights]
     for target in set(targets):
         check_mode(mode, target, weights[0].dtype, training=training)
+    done_before = [path for path, w in wrappers.items() if is_quantized(w.base_layer.weight)]
+    if done_before:
+        raise QuantizationError(f"{done_before[0]} is already quantized: load the model again without quantize")
+    if mode == "int4" and weights[0].dtype == torch.float32 and "cpu" in {t.type for t in targets}:
+        log.warning("int4 on CPU is much slower with float32 activations than with bfloat16: load with dtype=bfloat16")
     quantize_one = _nf4_quantizer() if mode == "nf4" else _torchao_quantizer(mode)
     done = 0
     for (path, wrapper), target in zip(wrappers.items(), targets, strict=True):
-        if is_quantized(wrapper.base_layer.weight):
-            raise QuantizationError(f"{path} is already quantized: load the model again without quantize")
         wrapper.base_layer.to(target)
         done += quantize_one(path, wrapper, target)
     log.info(
