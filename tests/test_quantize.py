@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _models import with_random_adapters
+from conftest import tiny_config
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -121,6 +122,19 @@ def test_random_small_config_quantized_answers_like_full_precision(mode: str) ->
     share, cosine = agreement(full, quantized, phantom_questions(2) + [(None, "Describe the scan.")])
     least_share, least_cosine = RANDOM_WEIGHTS_BOUNDS[mode]
     assert share >= least_share and cosine >= least_cosine, (share, cosine)
+    assert isinstance(quantized.ask(None, "Is there a lesion?", max_new_tokens=3), str)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_qwen2_base_with_biased_projections_quantizes_and_answers(mode: str) -> None:
+    """XL32's architecture: q/k/v carry biases, which stay full precision beside the quantized weights."""
+    full = HealthGPT.random(tiny_config("qwen2"), seed=1)
+    quantized = HealthGPT.random(tiny_config("qwen2"), seed=1, quantize=mode)
+    linears = base_linears(quantized.model)
+    biased = [lin for lin in linears.values() if lin.bias is not None]
+    assert biased and all(is_quantized(lin.weight) and not is_quantized(lin.bias) for lin in biased)
+    share, cosine = agreement(full, quantized, phantom_questions(2))
+    assert cosine >= 0.99 and (mode == "int4" or share >= 0.95), (share, cosine)
     assert isinstance(quantized.ask(None, "Is there a lesion?", max_new_tokens=3), str)
 
 
