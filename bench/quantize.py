@@ -8,7 +8,7 @@ configs (the real architecture built on the meta device), plus the KV cache at `
 full-precision linear held while quantizing: the peak of loading and answering at batch 1.
 
     python bench/quantize.py [--new-tokens 32] [--repeats 3]
-    python bench/quantize.py --device cuda --variant m3 --dtype bfloat16
+    python bench/quantize.py --device cuda --variant m3
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def decode_rate(model: HealthGPT, new_tokens: int, repeats: int) -> float:
 
 def measured(args: argparse.Namespace) -> None:
     config = get_variant(args.variant) if args.variant else small_config()
-    dtype = resolve_dtype(args.dtype)
     device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     with torch.device(device):
         reference = HealthGPT.random(config, seed=0)
     reference.to(dtype=dtype)
@@ -121,7 +121,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variant", default=None, help="measure these shapes (m3 on a GPU); default: small config")
-    parser.add_argument("--dtype", default="float32", help="weights of the measured model (bfloat16 on CUDA)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="weights of the measured model (default: bfloat16 on CUDA, as int4 there needs, else float32)",
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--context", type=int, default=4096, help="tokens of KV cache in the computed peak")
