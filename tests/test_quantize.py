@@ -249,9 +249,11 @@ def healthgpt(*args: object, cwd) -> subprocess.CompletedProcess:
 
 def test_cli_quantize_answers_quietly_and_refuses_nf4_and_unknown_modes_in_one_line(tmp_path) -> None:
     question, ct = "Is there a lesion in this CT image?", get_testdata_file("CT_small.dcm")
-    done = healthgpt("ask", ct, question, "--quantize", "int4", "--max-new-tokens", "6", cwd=tmp_path)
+    done = healthgpt(
+        "ask", ct, question, "--quantize", "int4", "--dtype", "bfloat16", "--max-new-tokens", "6", cwd=tmp_path
+    )
     assert done.returncode == 0 and done.stderr == "", done.stderr  # no torchao/pytree chatter
-    model = HealthGPT.from_pretrained("nano", quantize="int4")
+    model = HealthGPT.from_pretrained("nano", quantize="int4", dtype="bfloat16")
     assert done.stdout == model.ask(load_image(ct).to_pil(), question, max_new_tokens=6) + "\n"
     for mode, message in (("nf4", "error: nf4 needs bitsandbytes' 4-bit kernels"), ("int3", "error: --quantize int3")):
         refused = healthgpt("ask", ct, question, "--quantize", mode, cwd=tmp_path)

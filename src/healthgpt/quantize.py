@@ -114,7 +114,7 @@ def quantize_base(
     if done_before:
         raise QuantizationError(f"{done_before[0]} is already quantized: load the model again without quantize")
     if mode == "int4" and weights[0].dtype == torch.float32 and "cpu" in {t.type for t in targets}:
-        log.warning("int4 on CPU is much slower with float32 activations than with bfloat16: load with dtype=bfloat16")
+        log.warning("int4 on CPU is much slower with float32 than bfloat16 weights: load with dtype=bfloat16 (--dtype)")
     quantize_one = _nf4_quantizer() if mode == "nf4" else _torchao_quantizer(mode)
     done = 0
     for (path, wrapper), target in zip(wrappers.items(), targets, strict=True):
