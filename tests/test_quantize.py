@@ -78,10 +78,11 @@ def agreement(full: HealthGPT, quantized: HealthGPT, items, max_new_tokens: int 
     cosines = []
     for request, reply in zip(requests, replies, strict=True):
         prompt = expand_image_slots(request.input_ids, full.model.num_patches)
-        ids = torch.tensor([prompt + list(reply)])
+        ids = torch.tensor([prompt + list(reply)], device=full.device)
+        pixels = None if request.pixel_values is None else request.pixel_values.to(full.device)
         with torch.inference_mode():
             rows = [
-                m.model(ids, COMPREHENSION, pixel_values=request.pixel_values).logits[0, len(prompt) - 1 : -1]
+                m.model(ids, COMPREHENSION, pixel_values=pixels).logits[0, len(prompt) - 1 : -1].float().cpu()
                 for m in (full, quantized)
             ]
         agree += int((rows[1].argmax(-1) == torch.tensor(reply)).sum())
@@ -112,6 +113,18 @@ def test_nano_quantized_answers_like_full_precision(nano_full: HealthGPT, mode: 
     assert share >= 0.95 and cosine >= 0.99, (share, cosine)
     image, question = items[0]
     assert quantized.ask(image, question, max_new_tokens=4) == nano_full.ask(image, question, max_new_tokens=4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels (tinygemm int4, bitsandbytes nf4)")
+@pytest.mark.parametrize("mode", (*MODES, "nf4"))
+def test_nano_on_cuda_quantized_answers_like_full_precision(mode: str) -> None:
+    if mode == "nf4":
+        pytest.importorskip("bitsandbytes")
+    full = HealthGPT.from_pretrained("nano", dtype="bfloat16", device="cuda")
+    quantized = HealthGPT.from_pretrained("nano", dtype="bfloat16", device="cuda", quantize=mode)
+    assert all(is_quantized(lin.weight) for lin in base_linears(quantized.model).values())
+    share, cosine = agreement(full, quantized, phantom_questions())
+    assert share >= 0.95 and cosine >= 0.99, (share, cosine)
 
 
 @pytest.mark.parametrize("mode", MODES)
