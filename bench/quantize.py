@@ -2,8 +2,8 @@
 the memory of the large variants computed from their configs.
 
 Measured: one model (the shared small config on CPU; `--variant m3` shapes on `--device cuda`) with random weights,
-quantized three ways; memory by part as stored, decode tokens/s at batch 1 (the time of a 1-token run, i.e. the
-prefill, subtracted), and on CUDA the peak allocated memory. Computed: the bytes of L14 and XL32 by part from their
+quantized three ways; memory by part as stored and greedy decode tokens/s at batch 1 (the short prompt's prefill
+included; runs of the three interleaved, best of `--repeats`). Computed: the bytes of L14 and XL32 by part from their
 configs (the real architecture built on the meta device), plus the KV cache at `--context` tokens and the largest
 full-precision linear held while quantizing: the peak of loading and answering at batch 1.
 
@@ -31,23 +31,16 @@ MODES = (None, "int8", "int4")
 GOALS_GB = {"l14": 10.0, "xl32": 22.0}  # int4: L14 under 10 GB, XL32 on a 24 GB card
 
 
-def decode_rate(model: HealthGPT, new_tokens: int, repeats: int) -> float:
-    """Greedy tokens/s at batch 1 after the prefill: (n - 1) tokens over t(n) - t(1), each the best of `repeats`."""
+def decode_rate(model: HealthGPT, new_tokens: int) -> float:
+    """Greedy tokens/s of one run at batch 1, the short prompt's prefill included (about one decode step for a
+    ~30-token prompt; subtracting a separately timed prefill was too noisy on a shared machine)."""
     request = model.build_request([{"role": "user", "content": QUESTIONS[0]}])
-
-    def seconds(n: int) -> float:
-        params = SamplingParams(max_new_tokens=n)
-        sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        generate(model.model, [request], params, stop_ids=[], pad_id=model.pad_id)
-        sync()
-        return time.perf_counter() - start
-
-    seconds(4)  # warm-up
-    full = min(seconds(new_tokens) for _ in range(repeats))
-    prefill = min(seconds(1) for _ in range(repeats))
-    return (new_tokens - 1) / (full - prefill)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    generate(model.model, [request], SamplingParams(max_new_tokens=new_tokens), stop_ids=[], pad_id=model.pad_id)
+    sync()
+    return new_tokens / (time.perf_counter() - start)
 
 
 def measured(args: argparse.Namespace) -> None:
@@ -57,34 +50,30 @@ def measured(args: argparse.Namespace) -> None:
     with torch.device(device):
         reference = HealthGPT.random(config, seed=0)
     reference.to(dtype=dtype)
+    models = {mode: copy.deepcopy(reference) if mode is not None else reference for mode in MODES}
+    for mode, model in models.items():
+        quantize_base(model.model, mode, device)
+        decode_rate(model, 4)  # warm-up
+    rates = dict.fromkeys(MODES, 0.0)
+    for _ in range(args.repeats):  # interleaved, so a busy moment on a shared machine hits every mode alike
+        for mode, model in models.items():
+            rates[mode] = max(rates[mode], decode_rate(model, args.new_tokens))
     print(
         f"{config.name} shapes, random weights, {dtype}, {device}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, batch 1, {args.new_tokens} new tokens"
+        f"threads {torch.get_num_threads()}, batch 1, {args.new_tokens} new tokens, best of {args.repeats}"
     )
     print(
         f"{'quantize':<8} {'base GB':>8} {'plugins GB':>10} {'vision GB':>9} {'VQGAN GB':>8} {'total GB':>8} "
-        f"{'base x':>7} {'tok/s':>8} {'tok/s x':>8}" + (f" {'peak GB':>8}" if device.type == "cuda" else "")
+        f"{'base x':>7} {'tok/s':>8} {'tok/s x':>8}"
     )
-    first: dict[str, float] = {}
-    for mode in MODES:
-        model = copy.deepcopy(reference) if mode is not None else reference
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        quantize_base(model.model, mode, device)
+    full = memory_by_part(reference.model, reference.vqgan)["base"]
+    for mode, model in models.items():
         parts = memory_by_part(model.model, model.vqgan)
-        rate = decode_rate(model, args.new_tokens, args.repeats)
-        first = first or {"base": parts["base"], "rate": rate}
-        row = (
+        print(
             f"{mode or 'none':<8} {parts['base'] / GB:>8.3f} {parts['plugins'] / GB:>10.3f} "
             f"{parts['vision'] / GB:>9.3f} {parts['vqgan'] / GB:>8.3f} {sum(parts.values()) / GB:>8.3f} "
-            f"{first['base'] / parts['base']:>7.2f} "
-            f"{rate:>8.1f} {rate / first['rate']:>8.2f}"
+            f"{full / parts['base']:>7.2f} {rates[mode]:>8.1f} {rates[mode] / rates[None]:>8.2f}"
         )
-        if device.type == "cuda":
-            row += f" {torch.cuda.max_memory_allocated() / GB:>8.2f}"
-        print(row)
-        if mode is not None:
-            del model
 
 
 def kv_cache_bytes(name: str, context: int, dtype: torch.dtype) -> int:
@@ -129,7 +118,7 @@ def main() -> None:
         help="weights of the measured model (default: bfloat16 on CUDA, as int4 there needs, else float32)",
     )
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--context", type=int, default=4096, help="tokens of KV cache in the computed peak")
     args = parser.parse_args()
     measured(args)
