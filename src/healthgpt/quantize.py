@@ -173,7 +173,7 @@ def _nf4_quantizer() -> Any:
         weight = linear.weight.data.cpu()
         quantized.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4").to(device)
         if linear.bias is not None:
-            quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+            quantized.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=False)
         wrapper.base_layer = quantized
         return True
 
