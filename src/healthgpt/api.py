@@ -18,6 +18,7 @@ from .config import COMPREHENSION, GENERATION, HealthGPTConfig, get_variant
 from .generation import IncrementalDetokenizer, Request, SamplingParams, StaticEngine, generate, stream
 from .model import HealthGPTModel, build_model, expand_image_slots
 from .nano import nano_tokenizer, random_llm, random_vision
+from .quantize import memory_by_part, quantize_base
 from .tasks import UNCONDITIONAL_INSTRUCTION, resolve_instruction
 from .templates import PromptError, get_template, user_content
 from .tokens import START_IMAGE, PromptTokenizer
@@ -64,9 +65,11 @@ class HealthGPT:
         preprocessor: ImagePreprocessor,
         prompt_tokenizer: PromptTokenizer | None = None,
         vqgan: VQGAN | None = None,
+        quantization: str | None = None,
         *,
         enforce_eager: bool | None = None,
     ) -> None:
+        self.quantization = quantization  # how the base LLM's linears are stored: None, "int8", "int4" or "nf4"
         self.enforce_eager = enforce_eager
         self._engine: StaticEngine | None = None
         self.vqgan = vqgan.eval() if vqgan is not None else None
@@ -79,9 +82,15 @@ class HealthGPT:
 
     @classmethod
     def random(
-        cls, variant: str | HealthGPTConfig = "nano", *, seed: int = 0, enforce_eager: bool | None = None
+        cls,
+        variant: str | HealthGPTConfig = "nano",
+        *,
+        seed: int = 0,
+        quantize: str | None = None,
+        enforce_eager: bool | None = None,
     ) -> HealthGPT:
-        """An untrained model of the real architecture with random weights (tests, demos, benchmarks)."""
+        """An untrained model of the real architecture with random weights (tests, demos, benchmarks); `quantize`
+        and `enforce_eager` as in `from_pretrained`."""
         config = get_variant(variant) if isinstance(variant, str) else variant
         tokenizer = nano_tokenizer(config.llm.vocab_rows, config.template)
         stops = tokenizer.convert_tokens_to_ids(list(get_template(config.template).stop_strings))
@@ -96,14 +105,16 @@ class HealthGPT:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 3)
             vqgan = VQGAN.from_config(config.vq) if config.add_image_tokens else None
-        return cls(model, tokenizer, config, pre, vqgan=vqgan, enforce_eager=enforce_eager)
+        quantize_base(model, quantize)
+        return cls(model, tokenizer, config, pre, vqgan=vqgan, quantization=quantize, enforce_eager=enforce_eager)
 
     @classmethod
     def from_pretrained(
         cls, source: str | Path | HealthGPTConfig | None = None, *, enforce_eager: bool | None = None, **kwargs: Any
     ) -> HealthGPT:
         """Load our bundle or the official release (local folders, a variant name or a Hub id such as
-        `lintw/HealthGPT-M3`), strictly; other arguments as `healthgpt.checkpoints.load`."""
+        `lintw/HealthGPT-M3`), strictly; other arguments as `healthgpt.checkpoints.load` (`quantize="int8"|"int4"|
+        "nf4"` stores the base LLM's linears weight-only in that format)."""
         parts = checkpoints.load(source, **kwargs)
         return cls(
             parts.model,
@@ -112,6 +123,7 @@ class HealthGPT:
             parts.preprocessor,
             parts.prompts,
             vqgan=parts.vqgan,
+            quantization=kwargs.get("quantize"),
             enforce_eager=enforce_eager,
         )
 
@@ -132,8 +144,17 @@ class HealthGPT:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def memory(self) -> dict[str, int]:
+        """Bytes of the model by part: base LLM, plugins (H-LoRA, projectors, plugin tables), vision, VQGAN."""
+        return memory_by_part(self.model, self.vqgan)
+
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> HealthGPT:
         """Move the model and VQGAN to `device` and cast the model's floating weights to `dtype`; returns self."""
+        if self.quantization is not None and (dtype is not None or torch.device(device or self.device) != self.device):
+            raise ValueError(
+                f"the base LLM is quantized ({self.quantization}), and quantized weights are laid out for their "
+                "device: choose device and dtype when loading (device=..., dtype=...), not afterwards"
+            )
         self.model.to(device=device, dtype=None if dtype is None else checkpoints.resolve_dtype(dtype))
         self._engine = None  # compiled for the old device and dtype
         if self.vqgan is not None:

@@ -54,6 +54,7 @@ from .hlora import HLoRAStateError, PluginSelection, infer_plugin_shape
 from .hub import OfficialFiles, WeightsNotFoundError, is_repo_id, resolve_official_files, variant_of_hub_id
 from .io.atomic import atomic_target
 from .model import HealthGPTModel, build_model
+from .quantize import base_linears, check_mode, format_memory, is_quantized, memory_by_part, quantize_base
 from .tokens import PromptTokenizer
 from .vision import ImagePreprocessor, VisionEncoder
 from .vqgan import VQGAN, load_taming_checkpoint
@@ -455,8 +456,12 @@ def _assemble(
     return model, tokenizer, prompts, pre, config
 
 
-def _place(model: HealthGPTModel, vqgan: VQGAN | None, device: str | torch.device, device_map: Any) -> None:
-    """Move to `device`; with a `device_map` the LLM is already dispatched and the rest joins its embedding."""
+def _place(
+    model: HealthGPTModel, vqgan: VQGAN | None, device: str | torch.device, device_map: Any, quantize: str | None
+) -> None:
+    """Quantize the base linears (`quantize`), then move to `device`; with a `device_map` the LLM is already
+    dispatched (and quantized where it is) and the rest joins its embedding. Logs the memory by part."""
+    quantize_base(model, quantize, device if device_map is None else None)
     if device_map is not None:
         device = model.llm.get_input_embeddings().weight.device
         model.vision.to(device)
@@ -465,6 +470,7 @@ def _place(model: HealthGPTModel, vqgan: VQGAN | None, device: str | torch.devic
         model.to(device)
     if vqgan is not None:
         vqgan.to(device)
+    log.info("memory by part: %s", format_memory(memory_by_part(model, vqgan)))
 
 
 def load_official(
@@ -477,11 +483,14 @@ def load_official(
     device: str | torch.device = "cpu",
     device_map: str | dict | None = None,
     system_prompt: str | None = None,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load the official layout with one plugin per file in `files`; see the module docstring for `fusion`."""
     if fusion not in FUSION_MODES:
         raise ValueError(f"fusion must be one of {FUSION_MODES}, got {fusion!r}")
     torch_dtype = resolve_dtype(dtype or config.dtype)
+    if device_map is None:  # refuse before loading; with a device map each linear's device is checked
+        check_mode(quantize, device, torch_dtype)
     variant = config
     model, tokenizer, prompts, pre, config = _assemble(
         config, list(files.plugin_files), files.base_model, files.vision_tower, torch_dtype, device_map
@@ -500,7 +509,7 @@ def load_official(
         config = config.replace(vq=dataclasses.replace(config.vq, source=str(vqgan)))
     if system_prompt is not None:
         config = config.replace(system_prompt=system_prompt)
-    _place(model, vq, device, device_map)
+    _place(model, vq, device, device_map, quantize)
     return LoadedModel(model, tokenizer, config, pre, prompts, vq)
 
 
@@ -521,6 +530,7 @@ def load(
     system_prompt: str | None = None,
     cache_dir: str | Path | None = None,
     revision: str | None = None,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load a HealthGPT from our bundle or from the official layout; what `HealthGPT.from_pretrained` calls.
 
@@ -533,6 +543,8 @@ def load(
     or the bundle's. `device_map="auto"` spreads the LLM over the GPUs through accelerate (vision tower, projectors
     and VQGAN go to the embedding's device). `system_prompt` replaces the template's published default.
     `"nano"` (unless a folder of that name exists) is the embedded nano bundle, trained by `healthgpt.recipes.nano`.
+    `quantize` ("int8", "int4", "nf4") stores the base LLM's linears weight-only in that format (see
+    `healthgpt.quantize`); plugins, projectors, tables and head stay in `dtype`.
     """
     if isinstance(source, str) and source.lower() in EMBEDDED and not Path(source).exists():
         source = embedded_bundle(source.lower())
@@ -550,6 +562,7 @@ def load(
             system_prompt=system_prompt,
             base_model=base_model,
             vision_tower=vision_tower,
+            quantize=quantize,
         )
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         folder = Path(source)
@@ -581,6 +594,7 @@ def load(
         device=device,
         device_map=device_map,
         system_prompt=system_prompt,
+        quantize=quantize,
     )
 
 
@@ -669,6 +683,11 @@ def save_bundle(
     rows (`vocab.safetensors`) and the VQGAN."""
     directory = Path(directory)
     llm_dir, vision_dir = Path(config.llm.source), Path(config.vision.source)
+    if include_base and any(is_quantized(linear.weight) for linear in base_linears(model).values()):
+        raise CheckpointError(
+            "the base LLM is quantized, and a bundle stores it in full precision: save without include_base (the "
+            "bundle refers to the base folder), or load the model without quantize first"
+        )
     if not include_base:
         for folder, what in ((llm_dir, "base LLM"), (vision_dir, "CLIP tower")):
             if not (folder / "config.json").is_file():
@@ -744,9 +763,10 @@ def load_bundle(
     system_prompt: str | None = None,
     base_model: str | Path | None = None,
     vision_tower: str | Path | None = None,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load a bundle written by `save_bundle`, strictly; `base_model` / `vision_tower` replace the folders a bundle
-    refers to (when they moved)."""
+    refers to (when they moved); `quantize` as in `load`."""
     directory = Path(directory)
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
@@ -774,6 +794,8 @@ def load_bundle(
             "in Python)"
         )
     torch_dtype = resolve_dtype(dtype or manifest["dtype"])
+    if device_map is None:
+        check_mode(quantize, device, torch_dtype)
     model, tokenizer, prompts, pre, config = _assemble(
         config, manifest["plugins"], llm_dir, vision_dir, torch_dtype, device_map, directory / "tokenizer"
     )
@@ -791,7 +813,7 @@ def load_bundle(
     vq = VQGAN.load(directory / "vqgan") if manifest["vqgan"] else None
     if system_prompt is not None:
         config = config.replace(system_prompt=system_prompt)
-    _place(model, vq, device, device_map)
+    _place(model, vq, device, device_map, quantize)
     return LoadedModel(model, tokenizer, config, pre, prompts, vq)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 COMPREHENSION = "comprehension"
 GENERATION = "generation"
+QUANTIZE_MODES = ("int8", "int4", "nf4")  # weight-only formats of the base LLM's linears (healthgpt.quantize)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_type_hin
 
 import typer
 
+from ..logs import silence_library_logs
 from ..tasks import TASKS
 
 if TYPE_CHECKING:
@@ -104,10 +105,22 @@ class ModelOptions:
             rich_help_panel=_MODEL,
         ),
     ] = None
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="Store the base LLM's linears weight-only as int8 or int4 (torchao; cpu, cuda) or nf4 "
+            "(bitsandbytes; cuda); plugins, projectors and head stay in full precision (default: none).",
+            rich_help_panel=_MODEL,
+        ),
+    ] = None
 
     def __post_init__(self) -> None:
-        """Check what can be checked before anything loads: PLUGIN=PATH specs, and that named files exist."""
-        from ..config import VARIANTS
+        """Check what can be checked before anything loads: PLUGIN=PATH specs, that named files exist, the
+        quantization mode."""
+        from ..config import QUANTIZE_MODES, VARIANTS
+
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"--quantize {self.quantize}: choose one of {', '.join(QUANTIZE_MODES)}")
 
         given = [(f"--plugin-file {name}=", path) for name, path in self.plugin_files().items()]
         given += [("--fusion-file ", self.fusion_file), ("--vqgan ", self.vqgan)]
@@ -129,7 +142,7 @@ class ModelOptions:
                 )
         _check_device(self.device)
         if self.model == NANO:
-            extra = [k for k, v in self.load_kwargs().items() if k != "dtype"]
+            extra = [k for k in self.load_kwargs() if k not in ("dtype", "quantize")]
             if extra:
                 raise ValueError(
                     f"--{extra[0].replace('_', '-')} applies to checkpoints, not to the built-in nano model"
@@ -153,6 +166,7 @@ class ModelOptions:
             variant=self.variant,
             vqgan=self.vqgan,
             dtype=self.dtype,
+            quantize=self.quantize,
         )
         return {k: v for k, v in given.items() if v is not None}
 
@@ -308,6 +322,7 @@ def command(func: Callable[..., None]) -> Callable[..., None]:
         from ..io.atomic import terminate_on_signals
 
         show_traceback = kwargs.pop("debug")
+        silence_library_logs()  # before anything imports transformers (and through it torchao)
         try:
             for name, group in groups.items():
                 kwargs[name] = group(**{f.name: kwargs.pop(f.name) for f in fields(group)})

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 if TYPE_CHECKING:
+    from ..config import HealthGPTConfig
     from ..io import MedicalImage
 
 from .. import jsonout
@@ -128,7 +129,7 @@ def _config_info(path: Path) -> dict[str, Any]:
         keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size", "dtype", "torch_dtype")
         return {k: raw[k] for k in keys if isinstance(raw, dict) and k in raw}
     llm = config.llm
-    return {
+    facts = {
         "variant": config.name,
         "llm": f"{llm.arch} {llm.source}: {llm.num_layers} layers, hidden {llm.hidden_size}, context "
         f"{llm.max_position_embeddings}",
@@ -141,6 +142,19 @@ def _config_info(path: Path) -> dict[str, Any]:
         "template": config.template,
         "dtype": config.dtype,
     }
+    return facts | {"memory": _memory_info(config)}
+
+
+def _memory_info(config: HealthGPTConfig) -> dict[str, dict[str, int]]:
+    """Bytes by part (base, plugins, vision, VQGAN, total) in the config's dtype, unquantized and in each
+    `--quantize` mode, computed from the architecture's shapes."""
+    from ..checkpoints import resolve_dtype
+    from ..config import QUANTIZE_MODES
+    from ..quantize import estimate_memory
+
+    dtype = resolve_dtype(config.dtype)
+    table = {mode or "none": estimate_memory(config, dtype, mode) for mode in (None, *QUANTIZE_MODES)}
+    return {mode: parts | {"total": sum(parts.values())} for mode, parts in table.items()}
 
 
 def _checkpoint_info(path: Path) -> dict[str, Any]:
@@ -249,7 +263,8 @@ def info(
     """Show what an image or a checkpoint holds.
 
     Images: format, modality, shape, spacing, value range (HU for CT), display window. Checkpoints: config,
-    plugins with their H-LoRA ranks, tensors, dtypes and sizes."""
+    plugins with their H-LoRA ranks, the model's memory by part (base, plugins, vision, VQGAN) unquantized and per
+    --quantize mode (computed from the config's shapes), tensors, dtypes and sizes."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: does not exist")
     facts = _checkpoint_info(path) if _is_checkpoint(path) else _image_info(path, uneven_slices)

@@ -555,7 +555,16 @@ async def _next_event(events: asyncio.Queue[Event], deadline: float) -> Event:
 
 
 def _model_card(name: str, state: _State) -> dict:
-    return {"id": name, "object": "model", "created": state.started, "owned_by": "healthgpt"}
+    """The OpenAI model object, plus how the base LLM is stored and the model's bytes by part."""
+    model = state.batchers[name].model
+    return {
+        "id": name,
+        "object": "model",
+        "created": state.started,
+        "owned_by": "healthgpt",
+        "quantization": model.quantization,
+        "memory_bytes": model.memory(),
+    }
 
 
 # ----- errors, keys and limits --------------------------------------------------------------------------------

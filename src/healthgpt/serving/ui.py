@@ -23,6 +23,7 @@ from ..api import HealthGPT
 from ..generation import Request, SamplingParams
 from ..io import PRESETS, ImageInputError, MedicalImage, load_image, save_nifti, save_png
 from ..io.dicom import save_dicom_series
+from ..quantize import format_memory
 from ..tasks import TASKS
 from ..templates import PromptError
 from .batcher import Batcher, Failed, ImageDone, Job, TextDelta, TextDone, named_models
@@ -208,6 +209,14 @@ class _App:
         )
 
 
+def _models_line(batchers: Mapping[str, Batcher]) -> str:
+    """One line per model: its base LLM's storage (full precision or the --quantize format) and its memory."""
+    return "\n".join(
+        f"- **{name}**: base LLM {b.model.quantization or 'full precision'}, {format_memory(b.model.memory())}"
+        for name, b in batchers.items()
+    )
+
+
 def build_ui(batchers: Mapping[str, Batcher], *, timeout: float = 600.0) -> gr.Blocks:
     """The Gradio Blocks over running batchers (`{model name: batcher}`); the caller starts and closes them."""
     if not batchers:
@@ -217,6 +226,7 @@ def build_ui(batchers: Mapping[str, Batcher], *, timeout: float = 600.0) -> gr.B
     with gr.Blocks(title="HealthGPT", analytics_enabled=False) as demo:
         gr.Markdown("# HealthGPT")
         gr.Markdown(NOTICE, elem_id="notice")
+        gr.Markdown(_models_line(batchers), elem_id="models")
         with gr.Row():
             task = gr.Radio([ANALYZE, GENERATE], value=ANALYZE, label="Choose the task", elem_id="task")
             model = gr.Radio(names, value=names[0], label="Choose the model", elem_id="model")

@@ -39,6 +39,7 @@ from healthgpt.data.image_codes import ImageCodeCache
 from healthgpt.data.records import load_records
 from healthgpt.data.samples import DataReport, SampleBuilder, TrainingDataset, build_samples
 from healthgpt.model import build_model
+from healthgpt.quantize import quantize_base
 from healthgpt.training.checkpointing import (
     WEIGHTS,
     checkpoints,
@@ -240,6 +241,10 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
     if sources:
         tensors, inherited = merge_stage_outputs(sources)
         load_tensors(model, tensors, ", ".join(map(str, sources)))
+    if recipe.model.quantize is not None and hg.quantization is None:
+        # QLoRA-style: the frozen base linears are stored quantized; what trains stays in full precision.
+        quantize_base(model, recipe.model.quantize, accelerator.device, training=True)
+        hg.quantization = recipe.model.quantize
     groups = prepare_stage(model, stage)
     for group in groups:
         for p in group["params"]:
@@ -439,7 +444,9 @@ def export_model(
 ) -> Path:
     """Assemble the trained model from stage outputs (merged as `init_from` merges them) and write it as a bundle
     that `HealthGPT.from_pretrained` loads; `vqgan` is the tokenizer folder the codes were made with. `stages`
-    defaults to the stage-3 runs that have an output (one is enough when fine-tuning one plugin of `model.init`)."""
+    defaults to the stage-3 runs that have an output (one is enough when fine-tuning one plugin of `model.init`).
+    The base is built in full precision even when the stages trained over a quantized one (`model.quantize`): the
+    trained tensors are full precision, so the bundle loads with or without `quantize`."""
     recipe = load_recipe(config_file, overrides)
     if stages is None:
         stages = [name for name in ("stage3_comprehension", "stage3_generation") if name in recipe.stages]

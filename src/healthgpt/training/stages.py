@@ -21,6 +21,7 @@ from torch import nn
 
 from healthgpt.config import COMPREHENSION, GENERATION
 from healthgpt.errors import HealthGPTError
+from healthgpt.quantize import TRAINABLE_MODES
 
 Schedule = Literal["cosine", "constant"]
 STAGE_NAMES = ("stage1_comprehension", "stage1_generation", "stage2", "stage3_comprehension", "stage3_generation")
@@ -77,6 +78,14 @@ class ModelSpec:
     seed: int = 0
     dtype: str = "float32"  # storage dtype of the weights; compute precision is `engine.mixed_precision`
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)  # PluginConfig fields to add or replace plugins
+    quantize: str | None = None  # train over a quantized base (QLoRA-style): int8 (any device) or nf4 (CUDA)
+
+    def __post_init__(self) -> None:
+        if self.quantize is not None and self.quantize not in TRAINABLE_MODES:
+            raise RecipeError(
+                f"model.quantize must be one of {', '.join(TRAINABLE_MODES)} or null to train over it, got "
+                f"{self.quantize!r} (torchao's int4 kernels have no backward)"
+            )
 
 
 @dataclass(frozen=True)
