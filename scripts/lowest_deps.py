@@ -9,6 +9,7 @@ torch stays at the local CPU build (2.13.0): every other torch release on the re
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -56,7 +57,8 @@ def main() -> int:
     install = [python, "-m", "pip", "install", "-q", TORCH, *pins, "-e", f"{ROOT}[test]"]
     subprocess.run(install, check=True)
     tests = [python, "-m", "pytest", "-m", "not slow", "-q", "-p", "no:cacheprovider", *pytest_args]
-    return subprocess.run(tests, cwd=ROOT).returncode
+    env = {**os.environ, "PATH": f"{args.venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}  # its `healthgpt` script
+    return subprocess.run(tests, cwd=ROOT, env=env).returncode
 
 
 if __name__ == "__main__":
