@@ -33,12 +33,14 @@ GOALS_GB = {"l14": 10.0, "xl32": 22.0}  # int4: L14 under 10 GB, XL32 on a 24 GB
 
 def decode_rate(model: HealthGPT, new_tokens: int) -> float:
     """Greedy tokens/s of one run at batch 1, the short prompt's prefill included (about one decode step for a
-    ~30-token prompt; subtracting a separately timed prefill was too noisy on a shared machine)."""
+    ~30-token prompt; subtracting a separately timed prefill was too noisy on a shared machine). On the model's
+    default path: the compiled static-cache engine on CUDA, eager on a CPU."""
     request = model.build_request([{"role": "user", "content": QUESTIONS[0]}])
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    generate(model.model, [request], SamplingParams(max_new_tokens=new_tokens), stop_ids=[], pad_id=model.pad_id)
+    params = SamplingParams(max_new_tokens=new_tokens)
+    generate(model.model, [request], params, **{**model.generation_kwargs(), "stop_ids": []})
     sync()
     return new_tokens / (time.perf_counter() - start)
 

@@ -292,3 +292,12 @@ def test_server_model_card_and_ui_show_the_quantization_and_memory() -> None:
     assert card["quantization"] == "int8" and card["memory_bytes"] == memory_by_part(model.model, model.vqgan)
     line = _models_line({"nano-int8": SimpleNamespace(model=model)})
     assert line.startswith("- **nano-int8**: base LLM int8, base ") and "plugins" in line and "vqgan" in line
+
+
+def test_an_int8_model_on_the_compiled_engine_answers_as_it_does_eagerly():
+    """Quantization composes with the compiled static-cache decode step (torchao's tensors trace under compile)."""
+    model = HealthGPT.from_pretrained("nano", quantize="int8", enforce_eager=True)
+    questions = ["Is there a lesion in this image?", "How many lesions are there?"]
+    eager = [model.ask(None, q, max_new_tokens=12) for q in questions]
+    model.enforce_eager = False
+    assert [model.ask(None, q, max_new_tokens=12) for q in questions] == eager
