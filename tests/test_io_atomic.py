@@ -91,8 +91,9 @@ def test_a_really_read_only_folder(tmp_path: Path) -> None:
 def test_a_signal_during_a_write_removes_its_temporary(tmp_path: Path, sent: int, code: int) -> None:
     script = textwrap.dedent(
         f"""
-        import time
+        import signal, time
         from healthgpt.io.atomic import atomic_target, terminate_on_signals
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started in the background
         with terminate_on_signals(), atomic_target({str(tmp_path / "series")!r}, directory=True) as tmp:
             (tmp / "00001.dcm").write_bytes(b"patient id inside")
             print("writing", flush=True)
