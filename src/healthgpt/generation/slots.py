@@ -46,8 +46,6 @@ class Row:
     slot: int
     twin: int | None = None  # the unconditional twin's slot (classifier-free guidance)
     guidance_scale: float = 1.0
-    min_tokens: int = 0
-    ignore_eos: bool = False
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
     id: int = field(default_factory=itertools.count().__next__)
@@ -55,6 +53,12 @@ class Row:
     @property
     def budget(self) -> int:
         return self.request.max_new_tokens or self.sampling.max_new_tokens
+
+
+def positions_needed(model: HealthGPTModel, request: Request, unconditional: Request | None, budget: int) -> int:
+    """Cache positions a request's longest row needs (prompt with image slots, plus the answer budget)."""
+    rows = [r for r in (request, unconditional) if r is not None]
+    return max(len(expand_image_slots(r.input_ids, model.num_patches)) for r in rows) + budget
 
 
 class SlotBatch:
@@ -90,9 +94,6 @@ class SlotBatch:
     def slots_needed(self, unconditional: Request | None) -> int:
         return 1 if unconditional is None else 2
 
-    def prompt_length(self, request: Request) -> int:
-        return len(expand_image_slots(request.input_ids, self.model.num_patches))
-
     # ----- joining -------------------------------------------------------------------------------------------
     def _prefill(self, request: Request, slot: int) -> None:
         """Run one prompt alone and copy its keys and values into `slot`; keep its last logits for the next step."""
@@ -123,11 +124,11 @@ class SlotBatch:
         need = self.slots_needed(unconditional)
         if need > len(self._free):
             raise RuntimeError(f"{need} free slot(s) needed, {len(self._free)} free")
-        row = Row(request, sampling, self._free.pop(0), None, guidance_scale, min_tokens, ignore_eos)
-        longest = max(self.prompt_length(r) for r in (request, unconditional) if r is not None) + row.budget
+        row = Row(request, sampling, self._free[0], None, guidance_scale)
+        longest = positions_needed(self.model, request, unconditional, row.budget)
         if longest > self.max_len:
-            self._free.insert(0, row.slot)
             raise ValueError(f"the prompt and answer need {longest} positions; a slot holds {self.max_len}")
+        self._free.pop(0)
         with torch.inference_mode():
             self._prefill(request, row.slot)
             if unconditional is not None:

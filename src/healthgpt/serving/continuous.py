@@ -10,8 +10,7 @@ import time
 from collections.abc import Sequence
 
 from ..api import HealthGPT
-from ..generation.slots import Row, SlotBatch
-from ..model import expand_image_slots
+from ..generation.slots import Row, SlotBatch, positions_needed
 from .batcher import Batcher, BatcherClosedError, Failed, Job, JobTimeoutError, QueueFullError, _emit
 from .metrics import ServingMetrics
 
@@ -56,8 +55,7 @@ class ContinuousBatcher(Batcher):
 
     def tokens_needed(self, job: Job) -> int:
         """Positions the job's longest row needs: prompt plus answer budget."""
-        prompts = [r for r in (job.request, job.unconditional) if r is not None]
-        return max(len(expand_image_slots(r.input_ids, self.model.model.num_patches)) for r in prompts) + job.budget
+        return positions_needed(self.model.model, job.request, job.unconditional, job.budget)
 
     def submit(self, *jobs: Job) -> None:
         """Queue jobs (all or none): a job longer than a slot is a `ValueError`; a full cache or queue a
