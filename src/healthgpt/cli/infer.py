@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from ..tasks import resolve_instruction
-
-if TYPE_CHECKING:
-    pass
-
 from .common import (
     NANO,
     ImageOptions,

@@ -42,7 +42,8 @@ MODALITIES: tuple[Modality, ...] = ("CT", "MRI")
 IMAGE_KEYS: tuple[ImageKey, ...] = ("ct", "mri", "ct_low_res", "mri_low_res")
 COMPREHENSION_TASKS = ("presence", "side", "count")
 GENERATION_TASKS = ("reconstruct", "ct2mri", "mri2ct", "super_resolution", "report2image")
-TASKS = COMPREHENSION_TASKS + GENERATION_TASKS
+# The phantom data set's question and image kinds (not the generation tasks of healthgpt.tasks).
+PHANTOM_TASKS = COMPREHENSION_TASKS + GENERATION_TASKS
 SPLITS = ("train", "test")
 COUNT_WORDS = ("zero", "one", "two", "three")
 MIN_SIZE, MAX_SIZE = 32, 512
@@ -320,7 +321,7 @@ def iter_records(
     n_cases: int,
     seed: int,
     size: int = 64,
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] = PHANTOM_TASKS,
     split: str = "train",
     p_lesion: float = 0.5,
 ) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
@@ -334,7 +335,7 @@ def make_dataset(
     n_cases: int,
     seed: int,
     size: int = 64,
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] = PHANTOM_TASKS,
     test_fraction: float = 0.2,
     p_lesion: float = 0.5,
 ) -> dict[str, list[dict[str, Any]]]:
@@ -376,7 +377,7 @@ def _split_cases(
 def _case_records(
     case_id: str, case: PhantomCase, rng: np.random.Generator, tasks: Sequence[str]
 ) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
-    _check_kinds(tasks, TASKS)
+    _check_kinds(tasks, PHANTOM_TASKS)
     labels = {
         "case": case_id,
         "size": case.size,
