@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,11 @@ def tiny_config(arch: str):
         add_image_tokens=False,
         plugins={k: v for k, v in base.plugins.items() if k != GENERATION},
     )
+
+
+def turns(question: str, history: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
+    """Chat messages for `question` after earlier `(question, answer)` turns, as an API caller sends them."""
+    messages = []
+    for past_question, answer in history:
+        messages += [{"role": "user", "content": past_question}, {"role": "assistant", "content": answer}]
+    return [*messages, {"role": "user", "content": question}]

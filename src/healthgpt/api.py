@@ -20,8 +20,8 @@ from .model import HealthGPTModel, build_model, expand_image_slots
 from .nano import nano_tokenizer, random_llm, random_vision
 from .quantize import memory_by_part, quantize_base
 from .tasks import UNCONDITIONAL_INSTRUCTION, resolve_instruction
-from .templates import PromptError, get_template, user_content
-from .tokens import START_IMAGE, PromptTokenizer
+from .templates import PromptError, chat_prompt, get_template
+from .tokens import PromptTokenizer
 from .vision import ImagePreprocessor
 from .vqgan import VQGAN
 
@@ -191,10 +191,13 @@ class HealthGPT:
         """Token ids (with image slots) and pixel values for one conversation whose first user turn shows `images`."""
         if not messages or not str(messages[-1].get("content", "")).strip():
             raise PromptError("the question is empty: give a non-empty question or instruction")
-        first = {**messages[0], "content": user_content(messages[0]["content"], len(images))}
-        prompt = self.template.render([first, *messages[1:]], system=system or self.config.system_prompt)
-        if image_generation:
-            prompt += START_IMAGE
+        prompt = chat_prompt(
+            self.template,
+            messages,
+            num_images=len(images),
+            system=system or self.config.system_prompt,
+            image_generation=image_generation,
+        )
         ids = self.prompts.encode_prompt(prompt)
         limit = self.model.llm.config.max_position_embeddings
         length = len(expand_image_slots(ids, self.model.num_patches))
