@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,28 +87,6 @@ def _read_jobs(path: Path) -> list[_Job]:
     if not jobs:
         raise ValueError(f"{path}: no rows")
     return jobs
-
-
-def _read_done(path: Path, ids: set[Any]) -> dict[Any, dict[str, Any]]:
-    """The results already in the output JSONL, by id. A last line cut short by a crash is removed (its row is
-    redone); any other unreadable line, or an id not in the input, is an error."""
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    done: dict[Any, dict[str, Any]] = {}
-    for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{number}: not a result line; give a new output file or repair this one") from None
-        if not isinstance(row, dict) or row.get("id") not in ids:
-            raise ValueError(f"{path}:{number}: this result's id is not in the input; give a new output file")
-        done[row["id"]] = row
-    if len(complete) < len(data):  # only now that the file is known to be ours
-        with path.open("r+b") as file:
-            file.truncate(len(complete))
-    return done
 
 
 def _attempt(call: Callable[[list[T]], list[Any]], items: list[T]) -> list[Any]:
@@ -211,10 +188,11 @@ def batch(
     re-run skips the ids already there (except failed ones with --retry-failed). Rows with bad input get an "error"
     result; the command then exits with 2."""
     from ..io.atomic import check_target
+    from ..io.ledger import appending, read_ledger
 
     jobs = _read_jobs(rows)
     check_target(results)  # appended to: may exist
-    done = _read_done(results, {job.id for job in jobs})
+    done = read_ledger(results, ids={job.id for job in jobs})
     if retry_failed:
         done = {key: row for key, row in done.items() if "error" not in row}
     groups: dict[tuple[str | None, str | None], list[_Job]] = {}
@@ -227,15 +205,13 @@ def batch(
 
         health = model.load()
         with (
-            results.open("a", encoding="utf-8") as out,
+            appending(results, lambda record: jsonout.dumps(record, ensure_ascii=False)) as write,
             tqdm(total=len(jobs), initial=len(done), unit="row", disable=not progress) as bar,
         ):
             for group in groups.values():
                 for chunk in chunks(group, batch_size):
                     for job, outcome in _run_chunk(health, chunk, view, guidance_scale, sampling.kwargs()):
-                        out.write(jsonout.dumps({"id": job.id, **outcome}, ensure_ascii=False) + "\n")
-                        out.flush()
-                        os.fsync(out.fileno())
+                        write([{"id": job.id, **outcome}])
                         failed += "error" in outcome
                     bar.update(len(chunk))
     if failed:

@@ -34,6 +34,7 @@ from skimage.transform import resize
 from tqdm.auto import tqdm
 
 from healthgpt.config import COMPREHENSION, GENERATION
+from healthgpt.io.atomic import write_atomic
 
 Modality = Literal["CT", "MRI"]
 ImageKey = Literal["ct", "mri", "ct_low_res", "mri_low_res"]
@@ -358,9 +359,9 @@ def make_dataset(
                 records[split].append(record)
                 for rel_path, pixels in images.items():
                     if rel_path not in written:
-                        _atomic_write(out / rel_path, _png_bytes(pixels))
+                        write_atomic(out / rel_path, _png_bytes(pixels))
                         written.add(rel_path)
-        _atomic_write(out / f"{split}.json", json.dumps(records[split], indent=1).encode())
+        write_atomic(out / f"{split}.json", json.dumps(records[split], indent=1).encode())
     return records
 
 
@@ -524,9 +525,3 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
