@@ -193,8 +193,8 @@ def test_an_image_edit_returns_the_generated_png(client, nano):
 @pytest.mark.parametrize(
     ("fields", "with_image", "message"),
     [
-        ({"prompt": "A normal chest.", "task": "report_to_cxr"}, True, "send no image"),
-        ({"prompt": "ct2mri"}, False, "upload one as `image`"),
+        ({"prompt": "A normal chest.", "task": "report_to_cxr"}, True, "from the text alone: give no input image"),
+        ({"prompt": "ct2mri"}, False, "transforms an image: give an input image"),
         ({"prompt": "ct2mri", "size": "256x256"}, True, "generates 64x64"),
         ({"prompt": "x", "task": "colorize"}, True, "unknown task"),
     ],

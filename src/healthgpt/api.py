@@ -19,7 +19,7 @@ from .generation import IncrementalDetokenizer, Request, SamplingParams, StaticE
 from .model import HealthGPTModel, build_model, expand_image_slots
 from .nano import nano_tokenizer, random_llm, random_vision
 from .quantize import memory_by_part, quantize_base
-from .tasks import UNCONDITIONAL_INSTRUCTION, resolve_instruction
+from .tasks import UNCONDITIONAL_INSTRUCTION, check_image_input, resolve_instruction
 from .templates import PromptError, chat_prompt, get_template
 from .tokens import PromptTokenizer
 from .vision import ImagePreprocessor
@@ -339,21 +339,23 @@ class HealthGPT:
             if text := detokenizer.flush():
                 yield row, text
 
+    @property
+    def generates_images(self) -> bool:
+        """Whether this model can generate images: a generation plugin, the image-token vocabulary and a VQGAN."""
+        return self.vqgan is not None and self.model.image_vocab is not None and GENERATION in self.model.plugin_names
+
     def build_image_request(
         self, image: Image.Image | None, task_or_instruction: str, *, text: str | None = None, guided: bool = False
     ) -> ImageRequest:
         """The generation request for one image (None: text to image), with its unconditional twin when `guided`
         (classifier-free guidance). Checks that this model can generate images and that the task gets its input."""
-        if self.vqgan is None or self.model.image_vocab is None or GENERATION not in self.model.plugin_names:
+        if not self.generates_images:
             raise ValueError(
                 f"this {self.config.name} model cannot generate images: it needs the generation plugin, "
                 "the image-token vocabulary and a VQGAN"
             )
         instruction, task = resolve_instruction(task_or_instruction, text)
-        if task is not None and task.needs_image and image is None:
-            raise ValueError(f"task {task.name!r} transforms an image: give an input image")
-        if task is not None and not task.needs_image and image is not None:
-            raise ValueError(f"task {task.name!r} makes an image from the text alone: give no input image")
+        check_image_input(task, image is not None)
 
         def request(shown: Image.Image | None, words: str) -> Request:
             return self.build_request(

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..tasks import TASKS, resolve_instruction
+from ..tasks import TASKS, check_image_input, resolve_instruction
 
 if TYPE_CHECKING:
     from ..api import HealthGPT
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 from .. import jsonout
 from .common import ImageOptions, ModelOptions, SamplingOptions, T, chunks, command
-from .outputs import check_output, write_images
+from .outputs import check_output
 
 
 # ----- batch -------------------------------------------------------------------------------------------------------
@@ -55,10 +55,9 @@ def _job(row: Any, where: str, base: Path) -> _Job:
         raise ValueError(f'{where}: unknown task {value!r}; use one of {", ".join(TASKS)}, or "instruction"')
     try:
         _, preset = resolve_instruction(value, row.get("text"))
+        check_image_input(preset, image_path is not None)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
-    if preset is not None and preset.needs_image and image_path is None:
-        raise ValueError(f'{where}: task {preset.name!r} needs an "image"')
     if not (isinstance(output, str) and output):
         raise ValueError(f'{where}: a generate row needs an "output" path (.png, .nii.gz or a folder)')
     return _Job(job_id, image_path, instruction=value, text=row.get("text"), output=output, output_path=base / output)
@@ -105,6 +104,8 @@ def _run_chunk(
 ) -> Iterator[tuple[_Job, dict[str, Any]]]:
     """(row, result) for rows sharing one instruction (or all questions): one batched model call; a row with bad
     input gets {"error": message}."""
+    from ..io import write_images
+
     ready: list[tuple[_Job, MedicalImage | None]] = []
     for job in jobs:
         try:

@@ -35,11 +35,10 @@ from starlette.requests import Request as HttpRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..api import HealthGPT, PromptTooLongError
-from ..config import GENERATION
 from ..errors import ImageInputError, ImageRejected, http_status
 from ..generation import Request
 from ..model import expand_image_slots
-from ..tasks import TASKS, resolve_instruction
+from ..tasks import TASKS, GenerationTask, check_image_input, resolve_instruction
 from ..templates import PromptError
 from .batcher import (
     Batcher,
@@ -386,14 +385,14 @@ async def _image_edits(state: _State, http: HttpRequest) -> dict:
         data = await uploads[0].read() if uploads else None
     batcher = state.batcher(fields.get("model"))
     model = batcher.model
-    if model.vqgan is None or model.model.image_vocab is None or GENERATION not in model.model.plugin_names:
+    if not model.generates_images:
         raise ApiError(400, f"the model {batcher.name} cannot generate images (no generation plugin or VQGAN)")
     deadline = time.monotonic() + state.options.request_timeout
-    instruction, needs_image = _instruction(fields)
-    if data is None and needs_image:
-        raise ApiError(400, "this task transforms an image: upload one as `image`", param="image")
-    if data is not None and needs_image is False:
-        raise ApiError(400, "report_to_cxr makes an image from the report alone: send no image", param="image")
+    instruction, task = _instruction(fields)
+    try:
+        check_image_input(task, data is not None)
+    except ValueError as exc:
+        raise ApiError(400, f"{exc} (the `image` upload)", param="image") from None
     size = model.config.vq.image_size
     if fields.get("size", "auto") not in ("auto", f"{size}x{size}"):
         raise ApiError(400, f"this model generates {size}x{size} images; send size={size}x{size} or auto", param="size")
@@ -443,8 +442,8 @@ async def _image_edits(state: _State, http: HttpRequest) -> dict:
     }
 
 
-def _instruction(fields: Mapping[str, str]) -> tuple[str, bool | None]:
-    """(instruction, whether an input image is needed: None for a free instruction) from `task` and `prompt`."""
+def _instruction(fields: Mapping[str, str]) -> tuple[str, GenerationTask | None]:
+    """(instruction, its task: None for a free instruction) from `task` and `prompt`."""
     prompt = fields.get("prompt", "")
     name = fields.get("task") or (prompt.strip() if prompt.strip() in TASKS else None)
     if name is not None and name not in TASKS:
@@ -452,11 +451,9 @@ def _instruction(fields: Mapping[str, str]) -> tuple[str, bool | None]:
     try:
         if name is None:
             return resolve_instruction(prompt)[0], None
-        instruction, task = resolve_instruction(name, None if prompt.strip() == name else prompt)
+        return resolve_instruction(name, None if prompt.strip() == name else prompt)
     except ValueError as exc:
         raise ApiError(400, str(exc), param="prompt") from None
-    assert task is not None
-    return instruction, task.needs_image
 
 
 def _form_number(fields: Mapping[str, str], key: str, kind: type, default: Any) -> Any:
