@@ -178,6 +178,15 @@ class HealthGPT:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.stop_ids[0]
 
+    @property
+    def context_length(self) -> int:
+        """Positions the base LLM attends over: prompt (image slots expanded) plus answer."""
+        return self.model.llm.config.max_position_embeddings
+
+    def prompt_length(self, request: Request) -> int:
+        """Positions `request`'s prompt takes, each image slot expanded to its patches."""
+        return len(expand_image_slots(request.input_ids, self.model.num_patches))
+
     def build_request(
         self,
         messages: Sequence[Mapping[str, str]],
@@ -199,8 +208,7 @@ class HealthGPT:
             image_generation=image_generation,
         )
         ids = self.prompts.encode_prompt(prompt)
-        limit = self.model.llm.config.max_position_embeddings
-        length = len(expand_image_slots(ids, self.model.num_patches))
+        limit, length = self.context_length, len(expand_image_slots(ids, self.model.num_patches))
         if length + max_new_tokens > limit:
             raise PromptTooLongError(
                 f"the prompt is {length} tokens and the answer may take {max_new_tokens} more, but the model's context "

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 from ..api import HealthGPT
 from ..generation.slots import Row, SlotBatch
-from ..model import expand_image_slots
 from .batcher import Batcher, BatcherClosedError, Failed, Job, JobTimeoutError, QueueFullError, _emit
 from .metrics import ServingMetrics
 
@@ -38,7 +37,7 @@ class ContinuousBatcher(Batcher):
         super().__init__(
             model, max_batch_size=max_batch_size, max_wait=0.0, max_queue=max_queue, name=name, metrics=metrics
         )
-        context = model.model.llm.config.max_position_embeddings
+        context = model.context_length
         self.max_len = min(max_model_len or context, context)
         self.max_prefills_per_step = max_prefills_per_step
         self.batch: SlotBatch | None = None
@@ -57,7 +56,7 @@ class ContinuousBatcher(Batcher):
     def tokens_needed(self, job: Job) -> int:
         """Positions the job's longest row needs: prompt plus answer budget."""
         prompts = [r for r in (job.request, job.unconditional) if r is not None]
-        return max(len(expand_image_slots(r.input_ids, self.model.model.num_patches)) for r in prompts) + job.budget
+        return max(self.model.prompt_length(r) for r in prompts) + job.budget
 
     def submit(self, *jobs: Job) -> None:
         """Queue jobs (all or none): a job longer than a slot is a `ValueError`; a full cache or queue a

@@ -37,7 +37,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..api import HealthGPT, PromptTooLongError
 from ..errors import ImageInputError, ImageRejected, http_status
 from ..generation import Request
-from ..model import expand_image_slots
 from ..tasks import TASKS, GenerationTask, check_image_input, resolve_instruction
 from ..templates import PromptError
 from .batcher import (
@@ -235,8 +234,7 @@ async def _chat(state: _State, body: ChatCompletionRequest) -> JSONResponse | St
         return model.build_request(turns, images, system=system, max_new_tokens=requested or 0)
 
     request = await _prepare(batcher, build)
-    prompt = len(expand_image_slots(request.input_ids, batcher.model.model.num_patches))
-    context = batcher.model.model.llm.config.max_position_embeddings
+    prompt, context = batcher.model.prompt_length(request), batcher.model.context_length
     budget = requested or min(state.options.max_tokens, context - prompt)
     if budget < 1:
         raise ApiError(400, f"the prompt fills the model's context of {context} tokens", code="context_length_exceeded")
@@ -426,7 +424,7 @@ async def _image_edits(state: _State, http: HttpRequest) -> dict:
 
     request, unconditional = await _prepare(batcher, build)
     queues: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in range(n)]
-    jobs = [Job(replace(request), sampling, _async_sink(q), unconditional, guidance, deadline=deadline) for q in queues]
+    jobs = [Job(request, sampling, _async_sink(q), unconditional, guidance, deadline=deadline) for q in queues]
     _submit(batcher, *jobs)
     try:
         done = [await _next_event(q, deadline) for q in queues]
