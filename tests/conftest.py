@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from _models import random_model
 
 from healthgpt.api import HealthGPT
 from healthgpt.config import GENERATION, get_variant
+from healthgpt.pretrain.nano import torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,10 +30,18 @@ def published() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models run many times
+    slower when two OpenMP threads fight other jobs for the two CI cores."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def nano() -> HealthGPT:
-    """The nano variant with random weights; generation plugin B matrices made non-zero so plugins differ."""
-    return HealthGPT.random("nano", seed=0)
+    """The nano variant with random weights; every plugin's B matrices made non-zero so plugins differ."""
+    return random_model("nano", seed=0)
 
 
 def tiny_config(arch: str):

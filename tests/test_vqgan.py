@@ -5,7 +5,6 @@ from __future__ import annotations
 import pickle
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +33,7 @@ TINY = dict(
 LIGHTNING_MODULE = "pytorch_lightning.callbacks.model_checkpoint"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny convolutions run 30x slower when two OpenMP threads fight other jobs for two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(quantizer: str = "gumbel", seed: int = 0) -> VQGAN:
