@@ -81,6 +81,7 @@ __all__ = [
     "check_keys",
     "convert_official",
     "load",
+    "load_base_parts",
     "load_bundle",
     "load_official",
     "load_state_file",
@@ -428,6 +429,21 @@ def load_fusion_state(model: HealthGPTModel, state: Mapping[str, Tensor], source
 
 
 # ----- loading -----------------------------------------------------------------------------------------------------
+def load_base_parts(
+    llm_dir: Path,
+    vision_dir: Path,
+    dtype: torch.dtype,
+    device_map: str | dict | None = None,
+    tokenizer_dir: Path | None = None,
+) -> tuple[VisionEncoder, ImagePreprocessor, PreTrainedModel, PreTrainedTokenizerBase, PromptTokenizer]:
+    """The CLIP tower with its preprocessing and the base LLM with its tokenizers, the parts every HealthGPT is
+    assembled from (a loaded release here, a training run's fresh start in `training.loop.build_healthgpt`)."""
+    # CLIP first: its fp32 -> dtype conversion peaks before the LLM's weights are resident.
+    vision, pre = load_vision_tower(vision_dir, dtype)
+    llm, tokenizer, prompts = load_base_llm(llm_dir, dtype, device_map=device_map, tokenizer_path=tokenizer_dir)
+    return vision, pre, llm, tokenizer, prompts
+
+
 def _assemble(
     config: HealthGPTConfig,
     plugins: Sequence[str],
@@ -441,9 +457,7 @@ def _assemble(
     unknown = sorted(set(plugins) - set(config.plugins))
     if unknown:
         raise ValueError(f"{config.name} has no plugin(s) {unknown}; it has {sorted(config.plugins)}")
-    # CLIP first: its fp32 -> dtype conversion peaks before the LLM's weights are resident.
-    vision, pre = load_vision_tower(vision_dir, dtype)
-    llm, tokenizer, prompts = load_base_llm(llm_dir, dtype, device_map=device_map, tokenizer_path=tokenizer_dir)
+    vision, pre, llm, tokenizer, prompts = load_base_parts(llm_dir, vision_dir, dtype, device_map, tokenizer_dir)
     llm_cfg, vision_cfg = _llm_config(llm, str(llm_dir)), _vision_config(vision, pre, str(vision_dir))
     config = config.replace(
         llm=llm_cfg,

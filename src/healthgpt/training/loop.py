@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from healthgpt import jsonout
 from healthgpt.api import HealthGPT
-from healthgpt.checkpoints import load_base_llm, load_vision_tower, load_vqgan, resolve_dtype
+from healthgpt.checkpoints import load_base_parts, load_vqgan, resolve_dtype
 from healthgpt.config import PluginConfig, get_variant
 from healthgpt.data.collate import collate, num_supervised
 from healthgpt.data.image_codes import ImageCodeCache
@@ -89,8 +89,7 @@ def build_healthgpt(recipe: Recipe) -> HealthGPT:
         if spec.vision_tower is None:
             raise RecipeError("model.base_llm is set but model.vision_tower is not; give both folders")
         dtype = resolve_dtype(spec.dtype)
-        vision, pre = load_vision_tower(Path(spec.vision_tower), dtype)
-        llm, tokenizer, prompts = load_base_llm(Path(spec.base_llm), dtype)
+        vision, pre, llm, tokenizer, prompts = load_base_parts(Path(spec.base_llm), Path(spec.vision_tower), dtype)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)  # fresh projectors and plugins: the same on every process
             core = build_model(config, llm, vision, tokenizer)
