@@ -22,8 +22,9 @@ from healthgpt.data.phantoms import make_dataset
 from healthgpt.data.records import DataError
 from healthgpt.errors import CheckpointError
 from healthgpt.training.checkpointing import checkpoints
-from healthgpt.training.loop import StepBatchSampler, lr_lambda, run_stage
+from healthgpt.training.loop import run_stage
 from healthgpt.training.stages import RecipeError, load_recipe
+from healthgpt.training.steps import StepBatchSampler, lr_lambda
 from healthgpt.vqgan import VQGAN
 
 STAGE = "stage3_generation"

@@ -14,9 +14,8 @@ import importlib.util
 import json
 import logging
 import math
-import resource
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from healthgpt import jsonout
@@ -51,6 +50,7 @@ from healthgpt.training.checkpointing import (
     trainable_filter,
 )
 from healthgpt.training.stages import Recipe, RecipeError, StageConfig, load_recipe, prepare_stage
+from healthgpt.training.steps import StepBatchSampler, lr_lambda, peak_memory, write_loss_plot
 
 log = logging.getLogger(__name__)
 
@@ -114,69 +114,6 @@ def stage_outputs(recipe: Recipe, sources: Sequence[str]) -> list[Path]:
     return [Path(recipe.output_dir) / src / OUTPUT if src in recipe.stages else Path(src) for src in sources]
 
 
-class StepBatchSampler(Sampler[list[int]]):
-    """This process's micro-batches for optimizer steps `start..total-1`: step s takes samples
-    `perm(epoch)[k*G:(k+1)*G]` (G the global batch), split into `world x accumulation` micro-batches."""
-
-    def __init__(
-        self, n: int, global_batch: int, micro: int, rank: int, world: int, seed: int, start: int, total: int
-    ) -> None:
-        self.n, self.global_batch, self.micro, self.rank, self.world = n, global_batch, micro, rank, world
-        self.seed, self.start, self.total = seed, start, total
-        self.accumulation = global_batch // (micro * world)
-        self.steps_per_epoch = n // global_batch
-
-    def __len__(self) -> int:
-        return (self.total - self.start) * self.accumulation
-
-    def __iter__(self) -> Iterator[list[int]]:
-        perm, perm_epoch = None, -1
-        for step in range(self.start, self.total):
-            epoch, k = divmod(step, self.steps_per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = np.random.default_rng([self.seed, epoch]).permutation(self.n), epoch
-            window = perm[k * self.global_batch : (k + 1) * self.global_batch]
-            mine = window[self.rank * self.accumulation * self.micro : (self.rank + 1) * self.accumulation * self.micro]
-            for j in range(self.accumulation):
-                yield mine[j * self.micro : (j + 1) * self.micro].tolist()
-
-
-def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` or constant."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def _peak_memory() -> dict[str, Any]:
-    """Peak CUDA memory allocated, or the process's peak resident set on CPU, in MiB."""
-    if torch.cuda.is_available():
-        return {"kind": "cuda_max_allocated", "mib": torch.cuda.max_memory_allocated() / 2**20}
-    return {"kind": "process_max_rss", "mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB
-
-
-def write_loss_plot(history: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
-    """A PNG of loss per step (matplotlib, no global backend change); False with a note if matplotlib is missing."""
-    if importlib.util.find_spec("matplotlib") is None:
-        log.warning("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
-        return False
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
-    ax.set(xlabel="optimizer step", ylabel="loss", title=title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return True
-
-
 def _dataset(recipe: Recipe, stage: StageConfig, hg: HealthGPT) -> tuple[TrainingDataset, DataReport]:
     data = recipe.data
     if not stage.data:
@@ -194,7 +131,7 @@ def _dataset(recipe: Recipe, stage: StageConfig, hg: HealthGPT) -> tuple[Trainin
         num_patches=hg.model.num_patches,
         image_vocab=hg.model.image_vocab,
         num_image_tokens=codes.num_tokens if codes else hg.config.vq.num_image_tokens,
-        max_length=min(data.max_length, hg.model.llm.config.max_position_embeddings),
+        max_length=min(data.max_length, hg.context_length),
         overlong=data.overlong,
         system=hg.config.system_prompt,
         generation_text=data.generation_text,
@@ -315,7 +252,7 @@ def _stage_metrics(
         "final_loss": history[-1]["loss"] if history else None,
         "elapsed_s_this_run": elapsed,
         "mean_samples_per_s": float(np.mean([h["samples_per_s"] for h in history])) if history else None,
-        "peak_memory": _peak_memory(),
+        "peak_memory": peak_memory(),
         "data": report.to_dict(),
         "history": history,
         "tensorboard": str(tensorboard) if tensorboard is not None else None,
