@@ -12,7 +12,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..api import HealthGPT
-from ..generation import Request
+from ..generation import Request, SamplingParams
 from .batcher import (
     Event,
     Job,
@@ -49,18 +49,7 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> JS
     budget = requested or min(state.options.max_tokens, context - prompt)
     if budget < 1:
         raise ApiError(400, f"the prompt fills the model's context of {context} tokens", code="context_length_exceeded")
-    try:
-        chosen = dict(
-            max_new_tokens=budget,
-            temperature=body.temperature or 0.0,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            repetition_penalty=body.repetition_penalty,
-            seed=body.seed,
-        )
-        sampling = batcher.model.sampling_params({k: v for k, v in chosen.items() if v is not None})
-    except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
+    sampling = _sampling(batcher.model, body, budget)
     if (body.min_tokens or body.ignore_eos) and not isinstance(batcher, ContinuousBatcher):
         raise ApiError(
             400, "min_tokens and ignore_eos need continuous batching (healthgpt serve --batching continuous)"
@@ -85,23 +74,42 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> JS
             pass
     finally:
         job.cancel()
-    return JSONResponse(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": event.text},
-                    "finish_reason": event.finish_reason,
-                    "logprobs": None,
-                }
-            ],
-            "usage": _usage(event),
-        }
+    return JSONResponse(_completion(completion_id, body.model, event))
+
+
+def _sampling(model: HealthGPT, body: ChatCompletionRequest, budget: int) -> SamplingParams:
+    """The request's sampling settings with an answer budget of `budget` tokens; bad values are a 400."""
+    chosen = dict(
+        max_new_tokens=budget,
+        temperature=body.temperature or 0.0,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
+        seed=body.seed,
     )
+    try:
+        return model.sampling_params({k: v for k, v in chosen.items() if v is not None})
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def _completion(completion_id: str, model: str, event: Any) -> dict[str, Any]:
+    """The `chat.completion` body of a finished answer."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": event.text},
+                "finish_reason": event.finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage(event),
+    }
 
 
 def _split_messages(

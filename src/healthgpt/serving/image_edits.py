@@ -31,16 +31,7 @@ from .steps import async_sink, decode_upload, next_event, prepare, submit
 async def edit_images(state: ServerState, http: HttpRequest) -> dict:
     """`POST /v1/images/edits`: `image` (none for report_to_cxr) and `prompt` (a task name, a free instruction, or the
     report with `task=report_to_cxr`) -> `b64_json` PNGs; `task`, sampling and `guidance_scale` extend the schema."""
-    async with http.form(max_files=8, max_fields=64) as form:
-        fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
-        uploads = [value for key, value in form.multi_items() if key in ("image", "image[]")]
-        if "mask" in form:
-            raise ApiError(400, "masks are not supported: the whole image is generated", param="mask")
-        if any(not isinstance(u, UploadFile) for u in uploads):
-            raise ApiError(400, "image must be an uploaded file (multipart), not a text field", param="image")
-        if len(uploads) > 1:
-            raise ApiError(400, f"{len(uploads)} images sent; image generation takes one", param="image")
-        data = await uploads[0].read() if uploads else None
+    fields, data = await _read_form(http)
     batcher = state.batcher(fields.get("model"))
     model = batcher.model
     if not model.generates_images:
@@ -52,12 +43,7 @@ async def edit_images(state: ServerState, http: HttpRequest) -> dict:
     except ValueError as exc:
         raise ApiError(400, f"{exc} (the `image` upload)", param="image") from None
     size = model.config.vq.image_size
-    if fields.get("size", "auto") not in ("auto", f"{size}x{size}"):
-        raise ApiError(400, f"this model generates {size}x{size} images; send size={size}x{size} or auto", param="size")
-    if fields.get("response_format", "b64_json") != "b64_json":
-        raise ApiError(400, "images are returned inline only: use response_format=b64_json", param="response_format")
-    if fields.get("output_format", "png") != "png":
-        raise ApiError(400, "images are returned as PNG only", param="output_format")
+    _check_output_fields(fields, size)
     n = _form_number(fields, "n", int, 1)
     if not 1 <= n <= 4:
         raise ApiError(400, "n must be between 1 and 4", param="n")
@@ -98,6 +84,31 @@ async def edit_images(state: ServerState, http: HttpRequest) -> dict:
         "output_format": "png",
         "size": f"{size}x{size}",
     }
+
+
+async def _read_form(http: HttpRequest) -> tuple[dict[str, str], bytes | None]:
+    """The multipart form's text fields and its one uploaded image (None without one); a mask, a text `image` or
+    several images are refused."""
+    async with http.form(max_files=8, max_fields=64) as form:
+        fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+        uploads = [value for key, value in form.multi_items() if key in ("image", "image[]")]
+        if "mask" in form:
+            raise ApiError(400, "masks are not supported: the whole image is generated", param="mask")
+        if any(not isinstance(u, UploadFile) for u in uploads):
+            raise ApiError(400, "image must be an uploaded file (multipart), not a text field", param="image")
+        if len(uploads) > 1:
+            raise ApiError(400, f"{len(uploads)} images sent; image generation takes one", param="image")
+        return fields, await uploads[0].read() if uploads else None
+
+
+def _check_output_fields(fields: Mapping[str, str], size: int) -> None:
+    """Refuse output settings this server cannot honour: another size, URLs instead of inline data, not PNG."""
+    if fields.get("size", "auto") not in ("auto", f"{size}x{size}"):
+        raise ApiError(400, f"this model generates {size}x{size} images; send size={size}x{size} or auto", param="size")
+    if fields.get("response_format", "b64_json") != "b64_json":
+        raise ApiError(400, "images are returned inline only: use response_format=b64_json", param="response_format")
+    if fields.get("output_format", "png") != "png":
+        raise ApiError(400, "images are returned as PNG only", param="output_format")
 
 
 def _instruction(fields: Mapping[str, str]) -> tuple[str, GenerationTask | None]:
