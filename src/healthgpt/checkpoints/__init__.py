@@ -32,8 +32,9 @@ from ..config import GENERATION, VARIANTS, HealthGPTConfig
 from ..errors import CheckpointError
 from ..fusion import PluginTable, set_plugin_tables
 from ..hub import WeightsNotFoundError, is_repo_id, resolve_official_files, variant_of_hub_id
+from ..state_keys import check_keys
 from .bundle import MANIFEST, load_bundle, save_bundle
-from .files import check_finite, check_keys, load_state_file, resolve_dtype
+from .files import check_finite, load_state_file, resolve_dtype
 from .official import (
     EMBED_KEY,
     FUSION_MODES,

@@ -24,9 +24,10 @@ from ..hub import WeightsNotFoundError
 from ..io.atomic import atomic_target
 from ..model import HealthGPTModel
 from ..quantize import base_linears, check_mode, is_quantized
+from ..state_keys import check_keys
 from ..vision import ImagePreprocessor
 from ..vqgan import VQGAN
-from .files import _dtype_name, check_keys, load_state_file, resolve_dtype
+from .files import _dtype_name, load_state_file, resolve_dtype
 from .official import EMBED_KEY, HEAD_KEY, _tables, load_plugin_state, official_plugin_parameters
 from .parts import LoadedModel, _assemble, _no_progress_bars, _place
 

@@ -1,12 +1,12 @@
 """Reading weight files safely (`.bin` without unpickling code, safetensors memory-mapped), dtype names, and the
-one strict key check every loader uses."""
+the check that no tensor holds NaN or infinity (the strict key check is `healthgpt.state_keys`)."""
 
 from __future__ import annotations
 
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -79,27 +79,3 @@ def check_finite(state: Mapping[str, Tensor], source: str) -> None:
                 f"{source}: tensor {key} holds NaN or infinite values; the file is damaged or comes from a diverged "
                 "run: use another checkpoint"
             )
-
-
-def _listing(what: str, items: Sequence[str], first: int = 5) -> str:
-    more = f", ... ({len(items) - first} more)" if len(items) > first else ""
-    return f"{len(items)} {what}: " + ", ".join(items[:first]) + more
-
-
-def check_keys(state: Mapping[str, Tensor], expected: Mapping[str, torch.Size], source: str, what: str) -> None:
-    """Raise `CheckpointError` unless `state` has exactly the `expected` keys with the expected shapes; the message
-    lists the first missing, unused and mis-shaped keys with their counts."""
-    missing = sorted(expected.keys() - state.keys())
-    unused = sorted(state.keys() - expected.keys())
-    wrong = [
-        f"{k} (file {list(state[k].shape)}, model {list(s)})"
-        for k, s in expected.items()
-        if k in state and state[k].shape != s
-    ]
-    problems = [
-        _listing(name, items)
-        for name, items in (("missing", missing), ("unused", unused), ("with the wrong shape", wrong))
-        if items
-    ]
-    if problems:
-        raise CheckpointError(f"{source}: does not fit {what}: " + "; ".join(problems))

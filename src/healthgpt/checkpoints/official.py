@@ -18,7 +18,8 @@ from ..hlora import HLoRAStateError, infer_plugin_shape
 from ..hub import OfficialFiles
 from ..model import HealthGPTModel
 from ..quantize import check_mode
-from .files import check_keys, load_state_file, resolve_dtype
+from ..state_keys import check_keys
+from .files import load_state_file, resolve_dtype
 from .parts import LoadedModel, _assemble, _place, _warn_if_differs, load_vqgan
 
 log = logging.getLogger(__name__)
