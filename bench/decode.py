@@ -11,6 +11,7 @@ fraction of the bandwidth limit each reaches.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -30,7 +31,7 @@ def requests_for(model: HealthGPT, batch: int, prompt_tokens: int | None) -> lis
         if prompt_tokens and len(request.input_ids) < prompt_tokens:
             filler = " ".join(["lesion"] * prompt_tokens)
             request = model.build_request([{"role": "user", "content": filler + " " + question}])
-            request.input_ids = request.input_ids[-prompt_tokens:]
+            request = dataclasses.replace(request, input_ids=request.input_ids[-prompt_tokens:])
         out.append(request)
     return out
 

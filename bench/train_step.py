@@ -43,7 +43,9 @@ def with_moelora(llm: nn.Module, rank: int, alpha: float, experts: int) -> nn.Mo
 
 def with_hlora(llm: nn.Module, rank: int, alpha: float, experts: int) -> nn.Module:
     controller = inject_hlora(llm, {"comprehension": PluginConfig(rank=rank, alpha=alpha, num_experts=experts)})
-    controller.set_trainable(llm, ["comprehension"])
+    llm.requires_grad_(False)
+    for p in controller.parameters_of("comprehension"):
+        p.requires_grad_(True)
     controller.selection.set("comprehension")
     return llm
 

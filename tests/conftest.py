@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from _models import random_model
 
 from healthgpt.api import HealthGPT
 from healthgpt.config import GENERATION, get_variant
+from healthgpt.pretrain.nano import torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,10 +30,18 @@ def published() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models run many times
+    slower when two OpenMP threads fight other jobs for the two CI cores."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def nano() -> HealthGPT:
-    """The nano variant with random weights; generation plugin B matrices made non-zero so plugins differ."""
-    return HealthGPT.random("nano", seed=0)
+    """The nano variant with random weights; every plugin's B matrices made non-zero so plugins differ."""
+    return random_model("nano", seed=0)
 
 
 def tiny_config(arch: str):
@@ -45,3 +56,11 @@ def tiny_config(arch: str):
         add_image_tokens=False,
         plugins={k: v for k, v in base.plugins.items() if k != GENERATION},
     )
+
+
+def turns(question: str, history: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
+    """Chat messages for `question` after earlier `(question, answer)` turns, as an API caller sends them."""
+    messages = []
+    for past_question, answer in history:
+        messages += [{"role": "user", "content": past_question}, {"role": "assistant", "content": answer}]
+    return [*messages, {"role": "user", "content": question}]

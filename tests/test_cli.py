@@ -176,7 +176,11 @@ BAD_INPUTS = [
         id="cuda without a GPU",
         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU"),
     ),
-    pytest.param(["generate", "-o", "mri.png", "--task", "ct2mri"], "needs a source image", id="task without image"),
+    pytest.param(
+        ["generate", "-o", "mri.png", "--task", "ct2mri"],
+        "transforms an image: give an input image",
+        id="task without image",
+    ),
     pytest.param(["generate", "ct.dcm", "-o", "out.jpg"], "unsupported output suffix '.jpg'", id="unknown suffix"),
     pytest.param(["generate", "good.png", "-o", "series"], "this output needs a DICOM source", id="dicom from png"),
     pytest.param(["generate", "good.png", "-o", "out.nii.gz"], "needs a source with geometry", id="nifti from png"),

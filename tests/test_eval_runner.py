@@ -275,7 +275,7 @@ def test_resume_with_other_settings_or_items_is_refused(items, tmp_path):
 def test_corrupt_middle_line_and_bad_predictor_output_raise(items, tmp_path):
     path = tmp_path / "predictions.jsonl"
     path.write_text('{"id": "a", "prediction": "x"}\nnot json\n{"id": "b", "prediction": "y"}\n')
-    with pytest.raises(ValueError, match=":2 "):
+    with pytest.raises(ValueError, match=":2: not a result line"):
         read_predictions(path)
     with pytest.raises(TypeError, match="one str per item"):
         run_eval(lambda b: ["yes"], items, tmp_path / "bad", batch_size=2, run_info=RUN_INFO, progress=False)

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 from _models import random_model
+from conftest import turns
 from PIL import Image
 
 from healthgpt.generation import SamplingParams, stream
 from healthgpt.tasks import TASKS
+from healthgpt.templates import chat_prompt
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +90,13 @@ def test_guidance_combines_conditional_and_unconditional_logits(model):
     built = model.build_image_request(_image(2), "ct2mri", guided=True)
     cond, uncond = built.request, built.unconditional
     assert uncond.pixel_values is None and built.instruction == TASKS["ct2mri"].instruction
+    # The production prompt path: the instruction after one image slot, ending with the start-of-image token.
+    words, system = turns(TASKS["ct2mri"].instruction), model.config.system_prompt
+    with_image = chat_prompt(model.template, words, num_images=1, system=system, image_generation=True)
+    assert with_image.endswith("<image>\n" + built.instruction + "<|end|>\n<|assistant|>\n<start_index>")
+    assert cond.input_ids == model.prompts.encode_prompt(with_image)
+    without = chat_prompt(model.template, words, num_images=0, system=system, image_generation=True)
+    assert uncond.input_ids == model.prompts.encode_prompt(without) and "<image>" not in without
     kw = dict(stop_ids=model.stop_ids, pad_id=model.pad_id, return_logits=True)
     params = SamplingParams(max_new_tokens=1)
     c = next(stream(model.model, [cond], params, **kw)).logits

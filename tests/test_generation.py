@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -113,7 +115,7 @@ def test_image_span_has_exactly_the_grid_of_codes_then_end(sampling):
 def test_each_row_keeps_its_own_token_budget():
     model = random_model()
     reqs = [_request(model, "Is there a lesion?", 1), _request(model, "Which side?", 2)]
-    reqs[0].max_new_tokens = 3
+    reqs[0] = dataclasses.replace(reqs[0], max_new_tokens=3)
     out = _run(model, reqs, stop_ids=[])
     assert [len(o) for o in out] == [3, 12]
     assert out[1] == _run(model, [reqs[1]], stop_ids=[])[0]

@@ -17,7 +17,6 @@ from healthgpt.hlora import (
     HLoRAPlugin,
     HLoRAStateError,
     PluginSelection,
-    base_state_dict,
     infer_plugin_shape,
     inject_hlora,
 )
@@ -61,6 +60,13 @@ def injected_phi3(seed: int = 0) -> tuple[Phi3ForCausalLM, HLoRAController]:
     for i, name in enumerate(controller.plugin_names):
         randomize(controller, name, seed * 10 + i + 1)
     return model, controller
+
+
+def train_only(model: torch.nn.Module, controller: HLoRAController, plugin: str) -> None:
+    """Freeze the model but one plugin's adapters (what training.stages.prepare_stage does for a HealthGPTModel)."""
+    model.requires_grad_(False)
+    for p in controller.parameters_of(plugin):
+        p.requires_grad_(True)
 
 
 def naive_moe_lora(
@@ -124,8 +130,10 @@ def test_one_expert_matches_peft_lora_outputs_and_gradients() -> None:
     controller = inject_hlora(model, {"comprehension": PluginConfig(rank=8, alpha=16, num_experts=1)})
     for path in controller.layers:  # one expert: softmax is 1 whatever the router holds
         state[f"{path}.lora_route.weight"] = torch.randn(1, 64 if "down" not in path else 128)
-    controller.load_plugin_state_dict("comprehension", state)
-    controller.set_trainable(model, ["comprehension"])
+    with torch.no_grad():  # plugin_state_dict tensors share storage with the parameters
+        for key, tensor in controller.plugin_state_dict("comprehension").items():
+            tensor.copy_(state[key])
+    train_only(model, controller, "comprehension")
 
     ids = torch.randint(3, 128, (2, 7), generator=gen)
     weights = torch.randn(2, 7, 128, generator=gen)
@@ -239,14 +247,15 @@ def test_per_sample_layer_in_half_precision_matches_fp32_reference(dtype: torch.
 
 def test_training_generation_only_keeps_comprehension_and_base_bit_identical() -> None:
     model, controller = injected_phi3()
-    controller.set_trainable(model, ["generation"])
+    train_only(model, controller, "generation")
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in controller.parameters_of("generation")}
 
     ids = torch.randint(3, 128, (4, 6), generator=torch.Generator().manual_seed(6))
     with torch.no_grad(), controller.use("comprehension"):
         comp_before = model(ids).logits
-    base_before = {k: v.clone() for k, v in base_state_dict(model).items()}
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}  # base and comprehension
+    frozen_before = {n: p.detach().clone() for n, p in frozen.items()}
     gen_before = [p.detach().clone() for p in controller.parameters_of("generation")]
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # frozen params must stay put
@@ -259,13 +268,14 @@ def test_training_generation_only_keeps_comprehension_and_base_bit_identical() -
 
     with torch.no_grad(), controller.use("comprehension"):
         assert torch.equal(model(ids).logits, comp_before)
-    base_after = base_state_dict(model)
-    assert all(torch.equal(base_after[k], v) for k, v in base_before.items())
+    assert all(torch.equal(p, frozen_before[n]) for n, p in frozen.items())
     gen_after = controller.parameters_of("generation")
     assert all(not torch.equal(a, b) for a, b in zip(gen_after, gen_before, strict=True))
 
 
-def test_plugin_state_dict_round_trip_and_strict_errors() -> None:
+def test_plugin_state_dict_round_trip() -> None:
+    """Keys and shapes of one plugin's tensors, and a copy into a fresh model reproduces the logits; strict loading
+    of such files (missing, unused, mis-shaped keys) is tested on the production path in test_checkpoints."""
     model, controller = injected_phi3(seed=0)
     state = controller.plugin_state_dict("generation")
     assert len(state) == 3 * len(controller.layers) == 3 * 4 * 2
@@ -275,21 +285,10 @@ def test_plugin_state_dict_round_trip_and_strict_errors() -> None:
 
     other = tiny_phi3()  # same base weights, freshly initialised plugins
     other_ctl = inject_hlora(other, PLUGINS)
-    before = {k: v.clone() for k, v in other_ctl.plugin_state_dict("generation").items()}
     ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(7))
-
-    missing = {k: v for k, v in state.items() if k != "model.layers.1.mlp.down_proj.lora_route.weight"}
-    with pytest.raises(HLoRAStateError, match=r"1 missing key: model\.layers\.1\.mlp\.down_proj\.lora_route"):
-        other_ctl.load_plugin_state_dict("generation", missing)
-    extra = {**state, "model.layers.0.mlp.fc9.lora_A.weight": torch.zeros(16, 64)}
-    with pytest.raises(HLoRAStateError, match=r"1 unexpected key: model\.layers\.0\.mlp\.fc9\.lora_A\."):
-        other_ctl.load_plugin_state_dict("generation", extra)
-    with pytest.raises(HLoRAStateError, match=r"qkv_proj\.lora_A\.weight: expected \[16, 64\], got \[8, 64"):
-        other_ctl.load_plugin_state_dict("generation", controller.plugin_state_dict("comprehension"))
-    assert all(torch.equal(v, before[k]) for k, v in other_ctl.plugin_state_dict("generation").items())
-
-    other_ctl.load_plugin_state_dict("generation", {k: v.double() for k, v in state.items()})
-    assert other_ctl.parameters_of("generation")[0].dtype == torch.float32
+    with torch.no_grad():  # plugin_state_dict tensors share storage with the parameters
+        for key, tensor in other_ctl.plugin_state_dict("generation").items():
+            tensor.copy_(state[key])
     with torch.no_grad(), controller.use("generation"):
         expected = model(ids).logits
     with torch.no_grad(), other_ctl.use("generation"):
@@ -306,15 +305,6 @@ def test_infer_plugin_shape_reads_rank_and_experts() -> None:
     mixed = {**controller.plugin_state_dict("comprehension"), **{"x." + k: v for k, v in official.items()}}
     with pytest.raises(HLoRAStateError, match=r"ranks found \[8, 16\]"):
         infer_plugin_shape(mixed)
-
-
-def test_base_state_dict_has_the_original_hf_layout() -> None:
-    original = tiny_phi3().state_dict()
-    model, _ = injected_phi3()
-    base = base_state_dict(model)
-    assert list(base) == list(original)
-    assert all(torch.equal(base[k], v) for k, v in original.items())
-    Phi3ForCausalLM(model.config).load_state_dict(base, strict=True)
 
 
 def test_selection_is_scoped_nested_and_validated() -> None:

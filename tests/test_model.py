@@ -17,6 +17,7 @@ from healthgpt.errors import ImageInputError
 from healthgpt.model import ImageSlotError, attach_image_vocab, expand_image_slots
 from healthgpt.templates import PromptError
 from healthgpt.tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from healthgpt.training.stages import StageConfig, prepare_stage
 
 
 def _image(seed: int, size=(40, 56)) -> Image.Image:
@@ -106,11 +107,11 @@ def test_training_generation_plugin_leaves_comprehension_bit_identical():
     ids, labels, pixels = _loss_inputs(model, "Reconstruct the image.", "Here it is.")
     with torch.no_grad():
         before = model.model(ids, COMPREHENSION, pixel_values=pixels).logits.clone()
-    hlora = model.model.hlora
-    hlora.set_trainable(model.model, [GENERATION])
-    model.model.projectors[GENERATION].requires_grad_(True)
-    params = [p for p in model.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2)
+    stage = StageConfig(
+        tasks=(GENERATION,), trainable=(f"plugin:{GENERATION}", f"projector:{GENERATION}"), adapter_lr=1e-2, lr=1e-2,
+        global_batch_size=1,
+    )  # fmt: skip
+    opt = torch.optim.AdamW(prepare_stage(model.model, stage))
     for _ in range(3):
         loss = model.model(ids, GENERATION, pixel_values=pixels, labels=labels).loss
         opt.zero_grad()

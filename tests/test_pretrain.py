@@ -4,7 +4,6 @@ and what it saves reloads to identical outputs."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +41,7 @@ from healthgpt.vqgan import VQGAN
 NANO = get_variant("nano")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run much slower when two OpenMP threads fight other jobs for two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def phantoms(n: int, seed: int = 0, size: int = 64) -> list[Image.Image]:

@@ -9,7 +9,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import openai
 import pytest
-import uvicorn
+from _serving import MODEL, free_port, image_question, png_bytes, thread_server
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -32,28 +31,23 @@ from healthgpt.io import load_image
 from healthgpt.serving.server import ServerOptions, create_app
 
 KEY = "test-key"
-MODEL = "healthgpt-nano"
 QUESTIONS = ["What is this?", "Is there a lesion in this CT image?", "Describe the findings.", "How many lesions?"]
 _SERVER = """
 import json, sys
-from healthgpt.api import HealthGPT
+from _models import random_model
 from healthgpt.serving.server import ServerOptions, serve
-serve(HealthGPT.random("nano"), "127.0.0.1", int(sys.argv[1]), ServerOptions(**json.loads(sys.argv[2])),
+serve(random_model("nano", seed=0), "127.0.0.1", int(sys.argv[1]), ServerOptions(**json.loads(sys.argv[2])),
       log_level="warning")
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
 def _server(log: Path, options: dict, env: dict[str, str] | None = None) -> Iterator[str]:
     """Start the server in a subprocess and yield its base URL once /health answers."""
-    port = _free_port()
+    port = free_port()
     environ = {k: v for k, v in os.environ.items() if k != "HEALTHGPT_API_KEY"} | (env or {})
+    tests = str(Path(__file__).parent)  # the server models the `nano` fixture (tests/_models.py)
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests, environ.get("PYTHONPATH")) if p)
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-c", _SERVER, str(port), json.dumps(options)], stdout=out, stderr=out, env=environ
@@ -98,27 +92,12 @@ def _image(seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8))
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _nifti(values: np.ndarray) -> bytes:
     return nib.Nifti1Image(values.astype(np.float32), np.eye(4)).to_bytes()
 
 
 def _data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def _ask(url: str, question: str) -> list[dict]:
-    return [
-        {
-            "role": "user",
-            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
-        }
-    ]
 
 
 def test_models_are_listed(client):
@@ -129,7 +108,7 @@ def test_models_are_listed(client):
 def test_a_chat_completion_with_an_image_answers_as_the_model_does_and_streams_the_same(client, nano):
     image = _image(0)
     expected = nano.ask(image, QUESTIONS[1], max_new_tokens=8)
-    messages = _ask(_data_uri(_png(image)), QUESTIONS[1])
+    messages = image_question(_data_uri(png_bytes(image)), QUESTIONS[1])
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
     choice = reply.choices[0]
     assert choice.message.content == expected and choice.message.role == "assistant"
@@ -162,7 +141,7 @@ def test_a_conversation_with_a_system_prompt_uses_both(client, nano):
     expected = nano.tokenizer.decode([t for t in ids[0] if t not in nano.stop_ids], skip_special_tokens=True).strip()
     messages = [
         {"role": "system", "content": "Answer briefly."},
-        _ask(_data_uri(_png(image)), QUESTIONS[0])[0],
+        image_question(_data_uri(png_bytes(image)), QUESTIONS[0])[0],
         *turns[1:],
     ]
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6)
@@ -175,14 +154,14 @@ def test_a_dicom_upload_is_read_with_its_window(client, nano):
     path = get_testdata_file("CT_small.dcm")
     expected = nano.ask(load_image(path).to_pil(), QUESTIONS[1], max_new_tokens=6)
     url = _data_uri(Path(path).read_bytes(), "application/dicom")
-    reply = client.chat.completions.create(model=MODEL, messages=_ask(url, QUESTIONS[1]), max_tokens=6)
+    reply = client.chat.completions.create(model=MODEL, messages=image_question(url, QUESTIONS[1]), max_tokens=6)
     assert reply.choices[0].message.content == expected
 
 
 def test_an_image_edit_returns_the_generated_png(client, nano):
     image = _image(2)
     expected = nano.generate_image(image, "ct2mri", progress=False)
-    result = client.images.edit(model=MODEL, image=("ct.png", _png(image), "image/png"), prompt="ct2mri")
+    result = client.images.edit(model=MODEL, image=("ct.png", png_bytes(image), "image/png"), prompt="ct2mri")
     assert result.data[0].revised_prompt == expected.instruction
     png = base64.b64decode(result.data[0].b64_json)
     picture = Image.open(io.BytesIO(png))
@@ -193,14 +172,14 @@ def test_an_image_edit_returns_the_generated_png(client, nano):
 @pytest.mark.parametrize(
     ("fields", "with_image", "message"),
     [
-        ({"prompt": "A normal chest.", "task": "report_to_cxr"}, True, "send no image"),
-        ({"prompt": "ct2mri"}, False, "upload one as `image`"),
+        ({"prompt": "A normal chest.", "task": "report_to_cxr"}, True, "from the text alone: give no input image"),
+        ({"prompt": "ct2mri"}, False, "transforms an image: give an input image"),
         ({"prompt": "ct2mri", "size": "256x256"}, True, "generates 64x64"),
         ({"prompt": "x", "task": "colorize"}, True, "unknown task"),
     ],
 )
 def test_image_edits_refuse_what_the_task_cannot_use(server, fields, with_image, message):
-    files = {"image": ("ct.png", _png(_image(0)), "image/png")} if with_image else None
+    files = {"image": ("ct.png", png_bytes(_image(0)), "image/png")} if with_image else None
     response = httpx.post(
         f"{server}/v1/images/edits",
         data={"model": MODEL, **fields},
@@ -214,13 +193,13 @@ def test_image_edits_refuse_what_the_task_cannot_use(server, fields, with_image,
 def test_32_concurrent_requests_are_all_answered_as_the_model_answers_alone(server, nano):
     images = [_image(10 + i) for i in range(4)]
     cases = [(images[i % 4], f"{QUESTIONS[i // 4 % 4]} ({i})") for i in range(32)]
-    uris = {id(im): _data_uri(_png(im)) for im in images}
+    uris = {id(im): _data_uri(png_bytes(im)) for im in images}
 
     async def ask_all() -> list[str]:
         async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=300) as aclient:
             replies = await asyncio.gather(
                 *[
-                    aclient.chat.completions.create(model=MODEL, messages=_ask(uris[id(im)], q), max_tokens=6)
+                    aclient.chat.completions.create(model=MODEL, messages=image_question(uris[id(im)], q), max_tokens=6)
                     for im, q in cases
                 ]
             )
@@ -245,13 +224,13 @@ def _error(client, messages: list[dict]) -> openai.APIStatusError:
         ("file:///etc/passwd", 400, "never reads files from a request"),
         ("/etc/passwd", 400, "never reads files from a request"),
         (_data_uri(os.urandom(800_000)), 413, "accepts at most 1000000"),
-        (_data_uri(_png(Image.new("L", (20000, 1)))), 400, "would need 400000000 pixels"),  # its padded square
+        (_data_uri(png_bytes(Image.new("L", (20000, 1)))), 400, "would need 400000000 pixels"),  # its padded square
         (_data_uri(_nifti(np.full((2, 8, 8), np.nan)), "application/octet-stream"), 400, "no finite pixel value"),
     ],
     ids=["malformed", "bad-base64", "remote", "file-url", "path", "over-size", "20000x1", "all-nan"],
 )
 def test_bad_images_get_a_4xx_with_a_clear_message(client, url, status, message):
-    error = _error(client, _ask(url, QUESTIONS[0]))
+    error = _error(client, image_question(url, QUESTIONS[0]))
     assert error.status_code == status
     assert message in error.body["message"]
     if status == 400:
@@ -260,7 +239,7 @@ def test_bad_images_get_a_4xx_with_a_clear_message(client, url, status, message)
 
 def test_too_many_pixels_are_refused_before_decoding(client):
     big = Image.new("L", (5000, 4000))  # 20 M pixels, a few kB as PNG
-    error = _error(client, _ask(_data_uri(_png(big)), QUESTIONS[0]))
+    error = _error(client, image_question(_data_uri(png_bytes(big)), QUESTIONS[0]))
     assert error.status_code == 400 and "more than the server's limit" in error.body["message"]
 
 
@@ -268,7 +247,11 @@ def test_too_many_pixels_are_refused_before_decoding(client):
     ("messages", "param", "message"),
     [
         ([{"role": "tool", "content": "x"}], "messages[0].role", "Input should be"),
-        ([{"role": "user", "content": "hi"}, *_ask("data:,", "again")], "messages[1].content[0].image_url", "first"),
+        (
+            [{"role": "user", "content": "hi"}, *image_question("data:,", "again")],
+            "messages[1].content[0].image_url",
+            "first",
+        ),
         ([{"role": "user", "content": " "}], "messages", "empty"),
     ],
 )
@@ -299,22 +282,6 @@ def test_cors_is_off_by_default(server):
     assert "access-control-allow-origin" not in httpx.get(f"{server}/v1/models", headers=auth).headers
 
 
-@contextmanager
-def _thread_server(app) -> Iterator[str]:
-    """An app served by uvicorn in a thread of this process (no second model load)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive(), "uvicorn stopped during startup"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 def test_a_full_queue_answers_503_and_a_late_answer_times_out(nano):
     app = create_app(nano, ServerOptions(max_batch_size=1, max_queue=1, request_timeout=3, batching="static"))
     batcher = app.state.healthgpt.batchers[MODEL]
@@ -327,7 +294,7 @@ def test_a_full_queue_answers_503_and_a_late_answer_times_out(nano):
         run(jobs)
 
     batcher.run = held_run
-    with _thread_server(app) as base:
+    with thread_server(app) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
         request = {"model": MODEL, "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 8}
         running = client.chat.completions.create(**request, stream=True)

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
+from _serving import MODEL, image_question, png_bytes, thread_server
 from PIL import Image
 from pydicom.data import get_testdata_file
-from test_serving import MODEL, _ask, _png, _thread_server
 
 from healthgpt.io import load_image, save_nifti
 from healthgpt.serving.images import ImageRejected, data_uri_bytes, decode_image
@@ -39,15 +39,15 @@ def test_dicom_and_nifti_bytes_read_as_their_files(nifti):
 
 def test_a_png_is_shown_as_it_is():
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8))
-    assert decode_image(_png(image), max_pixels=40 * 40).tobytes() == image.tobytes()  # its padded square
+    assert decode_image(png_bytes(image), max_pixels=40 * 40).tobytes() == image.tobytes()  # its padded square
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
         (CT.read_bytes(), "would need 16384 pixels .*, more than the server's limit of 10000"),
-        (_png(Image.new("L", (200, 100))), "would need 40000 pixels"),  # 20000, padded to 200 x 200
-        (_png(Image.new("L", (20000, 1))), "would need 400000000 pixels"),
+        (png_bytes(Image.new("L", (200, 100))), "would need 40000 pixels"),  # 20000, padded to 200 x 200
+        (png_bytes(Image.new("L", (20000, 1))), "would need 400000000 pixels"),
         (b"", "is empty"),
         (b"GIF89a" + bytes(20), "is not a PNG, JPEG, DICOM or NIfTI image"),
         (CT.read_bytes()[:400], "unreadable header"),
@@ -79,7 +79,7 @@ def test_only_data_uris_are_read_from_a_request(url):
 
 def test_remote_images_are_fetched_when_allowed(nano, tmp_path):
     image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (48, 64, 3), dtype=np.uint8))
-    (tmp_path / "ct.png").write_bytes(_png(image))
+    (tmp_path / "ct.png").write_bytes(png_bytes(image))
     (tmp_path / "big.png").write_bytes(bytes(3_000_000))
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -88,17 +88,21 @@ def test_remote_images_are_fetched_when_allowed(nano, tmp_path):
     options = ServerOptions(allow_remote_images=True, remote_image_hosts=("127.0.0.1",), max_body_bytes=2_000_000)
     app = create_app(nano, options)
     try:
-        with _thread_server(app) as base:
+        with thread_server(app) as base:
             client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
-            reply = client.chat.completions.create(model=MODEL, messages=_ask(f"{site}/ct.png", "What?"), max_tokens=4)
+            reply = client.chat.completions.create(
+                model=MODEL, messages=image_question(f"{site}/ct.png", "What?"), max_tokens=4
+            )
             assert reply.choices[0].message.content == nano.ask(image, "What?", max_new_tokens=4)
             for path, message in [("missing.png", "answered HTTP 404"), ("big.png", "larger than the server's limit")]:
                 with pytest.raises(openai.BadRequestError, match=message):
-                    client.chat.completions.create(model=MODEL, messages=_ask(f"{site}/{path}", "What?"), max_tokens=4)
+                    client.chat.completions.create(
+                        model=MODEL, messages=image_question(f"{site}/{path}", "What?"), max_tokens=4
+                    )
             unlisted = f"http://localhost:{files.server_address[1]}/ct.png"  # the same server, by a name not listed
             with pytest.raises(openai.BadRequestError, match="does not fetch images from that host"):
-                client.chat.completions.create(model=MODEL, messages=_ask(unlisted, "What?"), max_tokens=4)
+                client.chat.completions.create(model=MODEL, messages=image_question(unlisted, "What?"), max_tokens=4)
             with pytest.raises(openai.BadRequestError, match="never reads files"):
-                client.chat.completions.create(model=MODEL, messages=_ask("file:///etc/hostname", "What?"))
+                client.chat.completions.create(model=MODEL, messages=image_question("file:///etc/hostname", "What?"))
     finally:
         files.shutdown()

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import turns
 
-from healthgpt.templates import PromptError, build_prompt, get_template, user_content
+from healthgpt.templates import PromptError, chat_prompt, get_template, user_content
 
 FIXTURE = Path(os.environ.get("HEALTHGPT_FIXTURES", "/work/shared/fixtures")) / "published-m3-comprehension"
 Q = "What abnormality is seen in this CT image of the chest?"
@@ -27,18 +28,18 @@ QWEN = (
 
 @pytest.mark.parametrize(("name", "expected"), [("phi3_instruct", PHI3), ("phi4_instruct", PHI4), ("qwen_2", QWEN)])
 def test_published_prompt_strings(name: str, expected: str) -> None:
-    assert build_prompt(name, Q) == expected.format(q=Q)
-    assert build_prompt(get_template(name), Q) == expected.format(q=Q)
-    assert build_prompt(name, Q, num_images=0) == expected.format(q=Q).replace("<image>\n", "")
-    assert build_prompt(name, Q, image_generation=True) == expected.format(q=Q) + "<start_index>"
+    assert chat_prompt(name, turns(Q)) == expected.format(q=Q)
+    assert chat_prompt(get_template(name), turns(Q)) == expected.format(q=Q)
+    assert chat_prompt(name, turns(Q), num_images=0) == expected.format(q=Q).replace("<image>\n", "")
+    assert chat_prompt(name, turns(Q), image_generation=True) == expected.format(q=Q) + "<start_index>"
 
 
 @pytest.mark.skipif(not FIXTURE.is_dir(), reason="published fixture not available")
 def test_prompt_equals_published_fixture() -> None:
     image = json.loads((FIXTURE / "case_a_m3_com" / "outputs.json").read_text())
     text_only = json.loads((FIXTURE / "case_a_m3_com" / "text_only" / "outputs.json").read_text())
-    assert build_prompt("phi3_instruct", image["question"]) == image["prompt"]
-    assert build_prompt("phi3_instruct", text_only["question"], num_images=0) == text_only["prompt"]
+    assert chat_prompt("phi3_instruct", turns(image["question"])) == image["prompt"]
+    assert chat_prompt("phi3_instruct", turns(text_only["question"]), num_images=0) == text_only["prompt"]
 
 
 def test_system_override() -> None:
@@ -46,22 +47,22 @@ def test_system_override() -> None:
     expected = PHI4.format(q=Q).replace(
         "You are a medieval knight and must provide explanations to modern people.", medical
     )
-    assert build_prompt("phi4_instruct", Q, system=medical) == expected
-    assert build_prompt("qwen_2", Q, num_images=0, system="") == (
+    assert chat_prompt("phi4_instruct", turns(Q), system=medical) == expected
+    assert chat_prompt("qwen_2", turns(Q), num_images=0, system="") == (
         f"<|im_start|>system\n<|im_end|>\n<|im_start|>user\n{Q}<|im_end|>\n<|im_start|>assistant\n"
     )
 
 
 def test_multi_turn_images_in_first_turn_answers_closed_by_separator() -> None:
     history = [("Which modality is this?", "It is a CT scan.")]
-    assert build_prompt("phi3_instruct", "Where is the lesion?", history=history, num_images=2) == (
+    assert chat_prompt("phi3_instruct", turns("Where is the lesion?", history), num_images=2) == (
         "<|system|>\nYou are a helpful AI assistant.<|end|>"
         "\n<|user|>\n<image>\n<image>\nWhich modality is this?<|end|>"
         "\n<|assistant|>\nIt is a CT scan.<|end|>"
         "\n<|user|>\nWhere is the lesion?<|end|>"
         "\n<|assistant|>\n"
     )
-    assert build_prompt("qwen_2", "Where is the lesion?", history=history) == (
+    assert chat_prompt("qwen_2", turns("Where is the lesion?", history)) == (
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n<image>\nWhich modality is this?<|im_end|>\n"
         "<|im_start|>assistant\nIt is a CT scan.<|im_end|>\n"
@@ -91,11 +92,11 @@ def test_stop_strings_contain_the_separator_token() -> None:
 
 def test_errors() -> None:
     with pytest.raises(PromptError, match="empty"):
-        build_prompt("phi3_instruct", "  \n ")
+        chat_prompt("phi3_instruct", turns("  \n "))
     with pytest.raises(PromptError, match="images are passed separately"):
-        build_prompt("phi3_instruct", "<image>\nWhat is this?")
+        chat_prompt("phi3_instruct", turns("<image>\nWhat is this?"))
     with pytest.raises(PromptError, match="images are passed separately"):
-        build_prompt("phi3_instruct", "And now?", history=[("Q", "see <image>")])
+        chat_prompt("phi3_instruct", turns("And now?", [("Q", "see <image>")]))
     with pytest.raises(PromptError, match="num_images"):
         user_content("Q", -1)
     with pytest.raises(ValueError, match="phi3_instruct, phi4_instruct, qwen_2"):

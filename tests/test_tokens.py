@@ -13,11 +13,12 @@ import pytest
 import sentencepiece as spm
 import torch
 from _tokenizers import PHI3_ADDED_TOKENS, build_bpe_chat_tokenizer, build_sentencepiece_phi3_tokenizer
+from conftest import turns
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from healthgpt.templates import build_prompt
+from healthgpt.templates import chat_prompt
 from healthgpt.tokens import (
     IMAGE_TOKEN_INDEX,
     ImageVocab,
@@ -73,9 +74,9 @@ def test_prompt_ids_match_published_variants(phi3_fixture_tokenizer, add_bos: bo
     question = _case("outputs.json")["question"]
     prompt_tokenizer = PromptTokenizer(phi3_fixture_tokenizer, add_bos=add_bos)
     prompts = {
-        "case_a": build_prompt("phi3_instruct", question),
-        "case_a_text_only": build_prompt("phi3_instruct", question, num_images=0),
-        "case_b": build_prompt("phi3_instruct", "Reconstruct the image.", image_generation=True),
+        "case_a": chat_prompt("phi3_instruct", turns(question)),
+        "case_a_text_only": chat_prompt("phi3_instruct", turns(question), num_images=0),
+        "case_b": chat_prompt("phi3_instruct", turns("Reconstruct the image."), image_generation=True),
     }
     for case, prompt in prompts.items():
         assert prompt_tokenizer.encode_prompt(prompt) == expected[case], case
@@ -205,16 +206,17 @@ def test_sentencepiece_prompt_ids_by_hand(sp_folder: Path) -> None:
         assert PromptTokenizer(tok, add_bos=bos).encode_prompt(prompt) == expected
 
     check(
-        build_prompt("phi3_instruct", QUESTION), [*head, IMAGE_TOKEN_INDEX, on.encode("\n" + QUESTION), end, assistant]
+        chat_prompt("phi3_instruct", turns(QUESTION)),
+        [*head, IMAGE_TOKEN_INDEX, on.encode("\n" + QUESTION), end, assistant],
     )
     check(
-        build_prompt("phi3_instruct", QUESTION),
+        chat_prompt("phi3_instruct", turns(QUESTION)),
         [1, *head, IMAGE_TOKEN_INDEX, on.encode("\n" + QUESTION), end, assistant],
         bos=True,
     )
-    check(build_prompt("phi3_instruct", QUESTION, num_images=0), [*head, QUESTION, end, assistant])
+    check(chat_prompt("phi3_instruct", turns(QUESTION), num_images=0), [*head, QUESTION, end, assistant])
     check(
-        build_prompt("phi3_instruct", QUESTION, num_images=2, image_generation=True),
+        chat_prompt("phi3_instruct", turns(QUESTION), num_images=2, image_generation=True),
         [
             *head,
             IMAGE_TOKEN_INDEX,
@@ -228,7 +230,7 @@ def test_sentencepiece_prompt_ids_by_hand(sp_folder: Path) -> None:
     )
     history = [("What modality is this?", " It is a CT scan. ")]
     check(
-        build_prompt("phi3_instruct", "Where is the mass?", history=history),
+        chat_prompt("phi3_instruct", turns("Where is the mass?", history)),
         [
             *head,
             IMAGE_TOKEN_INDEX,
@@ -305,7 +307,7 @@ def test_bpe_prompt_ids_by_hand(bpe_folders: dict[str, Path], style: str) -> Non
             "\n",
             vocab.start_id,
         ]
-    prompt = build_prompt(template, QUESTION, image_generation=True)
+    prompt = chat_prompt(template, turns(QUESTION), image_generation=True)
     assert PromptTokenizer(tok).encode_prompt(prompt) == _join(parts, encode)
     if style == "phi4":
         assert PromptTokenizer(tok, add_bos=True).encode_prompt(prompt) == [sp["<|endoftext|>"], *_join(parts, encode)]

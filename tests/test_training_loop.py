@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,19 +22,15 @@ from healthgpt.data.phantoms import make_dataset
 from healthgpt.data.records import DataError
 from healthgpt.errors import CheckpointError
 from healthgpt.training.checkpointing import checkpoints
-from healthgpt.training.loop import StepBatchSampler, lr_lambda, run_stage
+from healthgpt.training.loop import run_stage
 from healthgpt.training.stages import RecipeError, load_recipe
+from healthgpt.training.steps import StepBatchSampler, lr_lambda
 from healthgpt.vqgan import VQGAN
 
 STAGE = "stage3_generation"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pickle
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +33,7 @@ TINY = dict(
 LIGHTNING_MODULE = "pytorch_lightning.callbacks.model_checkpoint"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny convolutions run 30x slower when two OpenMP threads fight other jobs for two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(quantizer: str = "gumbel", seed: int = 0) -> VQGAN:
@@ -342,7 +335,7 @@ def test_missing_decoder_key_is_named(tmp_path: Path, monkeypatch: MonkeyPatch) 
     state = tiny().state_dict()
     del state["decoder.conv_out.weight"]
     ckpt = lightning_ckpt(tmp_path / "last.ckpt", state, monkeypatch)
-    with pytest.raises(CheckpointError, match=r"missing keys \['decoder.conv_out.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"1 missing: decoder\.conv_out\.weight$"):
         load_taming_checkpoint(ckpt, taming_yaml(tmp_path / "other.yaml"))
 
 
@@ -351,7 +344,7 @@ def test_wrong_shape_names_key_and_both_shapes(tmp_path: Path, monkeypatch: Monk
     state["quantize.embed.weight"] = torch.zeros(255, 16)
     ckpt = lightning_ckpt(tmp_path / "last.ckpt", state, monkeypatch)
     taming_yaml(tmp_path / "model.yaml")
-    expected = r"quantize.embed.weight: checkpoint \(255, 16\) vs model \(256, 16\)"
+    expected = r"quantize\.embed\.weight \(file \[255, 16\], model \[256, 16\]\)"
     with pytest.raises(CheckpointError, match=expected):
         load_taming_checkpoint(ckpt)
 
@@ -360,7 +353,7 @@ def test_unexpected_non_loss_key_is_refused(tmp_path: Path, monkeypatch: MonkeyP
     state = {**tiny().state_dict(), "colorize": torch.zeros(3, 4, 1, 1)}
     ckpt = lightning_ckpt(tmp_path / "last.ckpt", state, monkeypatch)
     taming_yaml(tmp_path / "model.yaml")
-    with pytest.raises(CheckpointError, match=r"unexpected keys \['colorize'\]"):
+    with pytest.raises(CheckpointError, match=r"1 unused: colorize$"):
         load_taming_checkpoint(ckpt)
 
 

@@ -19,9 +19,9 @@ from .generation import IncrementalDetokenizer, Request, SamplingParams, StaticE
 from .model import HealthGPTModel, build_model, expand_image_slots
 from .nano import nano_tokenizer, random_llm, random_vision
 from .quantize import memory_by_part, quantize_base
-from .tasks import UNCONDITIONAL_INSTRUCTION, resolve_instruction
-from .templates import PromptError, get_template, user_content
-from .tokens import START_IMAGE, PromptTokenizer
+from .tasks import UNCONDITIONAL_INSTRUCTION, check_image_input, resolve_instruction
+from .templates import PromptError, chat_prompt, get_template
+from .tokens import PromptTokenizer
 from .vision import ImagePreprocessor
 from .vqgan import VQGAN
 
@@ -178,6 +178,15 @@ class HealthGPT:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.stop_ids[0]
 
+    @property
+    def context_length(self) -> int:
+        """Positions the base LLM attends over: prompt (image slots expanded) plus answer."""
+        return self.model.llm.config.max_position_embeddings
+
+    def prompt_length(self, request: Request) -> int:
+        """Positions `request`'s prompt takes, each image slot expanded to its patches."""
+        return len(expand_image_slots(request.input_ids, self.model.num_patches))
+
     def build_request(
         self,
         messages: Sequence[Mapping[str, str]],
@@ -191,13 +200,15 @@ class HealthGPT:
         """Token ids (with image slots) and pixel values for one conversation whose first user turn shows `images`."""
         if not messages or not str(messages[-1].get("content", "")).strip():
             raise PromptError("the question is empty: give a non-empty question or instruction")
-        first = {**messages[0], "content": user_content(messages[0]["content"], len(images))}
-        prompt = self.template.render([first, *messages[1:]], system=system or self.config.system_prompt)
-        if image_generation:
-            prompt += START_IMAGE
+        prompt = chat_prompt(
+            self.template,
+            messages,
+            num_images=len(images),
+            system=system or self.config.system_prompt,
+            image_generation=image_generation,
+        )
         ids = self.prompts.encode_prompt(prompt)
-        limit = self.model.llm.config.max_position_embeddings
-        length = len(expand_image_slots(ids, self.model.num_patches))
+        limit, length = self.context_length, len(expand_image_slots(ids, self.model.num_patches))
         if length + max_new_tokens > limit:
             raise PromptTooLongError(
                 f"the prompt is {length} tokens and the answer may take {max_new_tokens} more, but the model's context "
@@ -336,21 +347,23 @@ class HealthGPT:
             if text := detokenizer.flush():
                 yield row, text
 
+    @property
+    def generates_images(self) -> bool:
+        """Whether this model can generate images: a generation plugin, the image-token vocabulary and a VQGAN."""
+        return self.vqgan is not None and self.model.image_vocab is not None and GENERATION in self.model.plugin_names
+
     def build_image_request(
         self, image: Image.Image | None, task_or_instruction: str, *, text: str | None = None, guided: bool = False
     ) -> ImageRequest:
         """The generation request for one image (None: text to image), with its unconditional twin when `guided`
         (classifier-free guidance). Checks that this model can generate images and that the task gets its input."""
-        if self.vqgan is None or self.model.image_vocab is None or GENERATION not in self.model.plugin_names:
+        if not self.generates_images:
             raise ValueError(
                 f"this {self.config.name} model cannot generate images: it needs the generation plugin, "
                 "the image-token vocabulary and a VQGAN"
             )
         instruction, task = resolve_instruction(task_or_instruction, text)
-        if task is not None and task.needs_image and image is None:
-            raise ValueError(f"task {task.name!r} transforms an image: give an input image")
-        if task is not None and not task.needs_image and image is not None:
-            raise ValueError(f"task {task.name!r} makes an image from the text alone: give no input image")
+        check_image_input(task, image is not None)
 
         def request(shown: Image.Image | None, words: str) -> Request:
             return self.build_request(

@@ -230,13 +230,6 @@ class HLoRAController:
         self._check(plugin)
         return [p for layer in self.layers.values() for p in layer.plugins[plugin].parameters()]
 
-    def set_trainable(self, model: nn.Module, plugins: Iterable[str]) -> None:
-        """Freeze every parameter of `model` except those of the named plugins."""
-        trainable = [p for name in plugins for p in self.parameters_of(name)]
-        model.requires_grad_(False)
-        for p in trainable:
-            p.requires_grad_(True)
-
     def plugin_state_dict(self, plugin: str) -> dict[str, Tensor]:
         """One plugin's tensors keyed `{path of the original Linear}.lora_{A|B|route}.weight` (§2.4 without
         the `base_model.model.` prefix)."""
@@ -246,35 +239,6 @@ class HLoRAController:
             for path, layer in self.layers.items()
             for key, value in layer.plugins[plugin].state_dict().items()
         }
-
-    def load_plugin_state_dict(self, plugin: str, state: Mapping[str, Tensor]) -> None:
-        """Strictly load one plugin: every key present and used, shapes equal; values are cast to the plugin
-        dtype. Nothing is copied unless everything fits."""
-        own = self.plugin_state_dict(plugin)
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        mismatched = [
-            f"{k}: expected {list(own[k].shape)}, got {list(state[k].shape)}"
-            for k in own
-            if k in state and state[k].shape != own[k].shape
-        ]
-        if missing or unexpected or mismatched:
-            problems = [
-                _listing(f"missing key{'s' * (len(missing) != 1)}", missing),
-                _listing(f"unexpected key{'s' * (len(unexpected) != 1)}", unexpected),
-                _listing(f"shape mismatch{'es' * (len(mismatched) != 1)}", mismatched),
-            ]
-            raise HLoRAStateError(f"H-LoRA plugin {plugin!r}: " + "; ".join(p for p in problems if p))
-        with torch.no_grad():
-            for key, tensor in own.items():
-                tensor.copy_(state[key])  # state_dict tensors share storage with the parameters
-
-
-def _listing(what: str, items: list[str], first: int = 5) -> str:
-    if not items:
-        return ""
-    more = f", ... ({len(items) - first} more)" if len(items) > first else ""
-    return f"{len(items)} {what}: " + ", ".join(items[:first]) + more
 
 
 def _matches(path: str, names: Iterable[str]) -> bool:
@@ -294,7 +258,7 @@ def inject_hlora(
 
     Default targets: the last path components of all `nn.Linear`s minus `exclude`. Each target must match at
     least one module, and only `nn.Linear`s. Plugin dtype defaults to each base layer's. The selection starts
-    as None (base model); parameter `requires_grad` is left as is (see `HLoRAController.set_trainable`).
+    as None (base model); parameter `requires_grad` is left as is (training.stages.prepare_stage freezes).
     """
     modules = dict(model.named_modules())
     if any(isinstance(m, HLoRALinear) for m in modules.values()):
@@ -328,19 +292,6 @@ def inject_hlora(
     for name, cfg in plugins.items():
         controller.add_plugin(name, cfg, init)
     return controller
-
-
-def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's state dict without adapters and with `.base_layer` removed: the original HF key layout."""
-    wrappers = [f"{p}." if p else "" for p, m in model.named_modules() if isinstance(m, HLoRALinear)]
-    out: dict[str, Tensor] = {}
-    for key, value in model.state_dict().items():
-        prefix = next((w for w in wrappers if key.startswith(w)), None)
-        if prefix is None:
-            out[key] = value
-        elif key.startswith(prefix + "base_layer."):
-            out[prefix + key[len(prefix) + len("base_layer.") :]] = value
-    return out
 
 
 def infer_plugin_shape(state: Mapping[str, Tensor]) -> tuple[int, int]:

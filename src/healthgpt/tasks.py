@@ -47,3 +47,12 @@ def resolve_instruction(task_or_instruction: str, text: str | None = None) -> tu
             raise ValueError(f"task {task.name!r} needs text, e.g. the radiology report (--text; text= in Python)")
         return task.instruction.format(text=text.strip()), task
     return task.instruction, task
+
+
+def check_image_input(task: GenerationTask | None, has_image: bool) -> None:
+    """Refuse a task the wrong input: no image for a task that transforms one, an image for text-to-image (a free
+    instruction takes either). The one home of this check for the API, the CLI, the server and the app."""
+    if task is not None and task.needs_image and not has_image:
+        raise ValueError(f"task {task.name!r} transforms an image: give an input image")
+    if task is not None and not task.needs_image and has_image:
+        raise ValueError(f"task {task.name!r} makes an image from the text alone: give no input image")

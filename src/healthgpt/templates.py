@@ -17,7 +17,7 @@ __all__ = [
     "ChatTemplate",
     "PromptError",
     "TEMPLATES",
-    "build_prompt",
+    "chat_prompt",
     "get_template",
     "user_content",
 ]
@@ -137,26 +137,25 @@ def user_content(question: str, num_images: int) -> str:
     return f"{IMAGE_PLACEHOLDER}\n" * num_images + question
 
 
-def build_prompt(
+def chat_prompt(
     template: str | ChatTemplate,
-    question: str,
+    messages: Sequence[Mapping[str, str]],
     *,
     num_images: int = 1,
     system: str | None = None,
-    history: Sequence[tuple[str, str]] = (),
     image_generation: bool = False,
 ) -> str:
-    """The full prompt for `question` after earlier `(question, answer)` turns.
+    """The full prompt for a user/assistant conversation whose first user turn shows `num_images` images.
 
-    The images go into the first user turn (LLaVA multi-turn convention). `image_generation` appends
+    The images go into the first user turn (LLaVA multi-turn convention); a later turn carrying its own `<image>`
+    is refused here, before tokenization. `image_generation` appends
     `<start_index>` after the assistant tag so the first generated token is an image code (REFERENCE §3.4).
     """
     chat = get_template(template) if isinstance(template, str) else template
-    messages: list[dict[str, str]] = []
-    for i, (past_question, answer) in enumerate(history):
-        messages.append({"role": "user", "content": user_content(past_question, num_images if i == 0 else 0)})
-        _check_text(answer, f"answer of history turn {i}")
-        messages.append({"role": "assistant", "content": answer})
-    messages.append({"role": "user", "content": user_content(question, 0 if history else num_images)})
-    prompt = chat.render(messages, system=system)
+    if not messages:
+        raise PromptError("a conversation needs at least one user message")
+    first = {**messages[0], "content": user_content(messages[0]["content"], num_images)}
+    for i, message in enumerate(messages[1:], start=1):
+        _check_text(str(message.get("content", "")), f"message {i} ({message.get('role')})")
+    prompt = chat.render([first, *messages[1:]], system=system)
     return prompt + START_IMAGE if image_generation else prompt

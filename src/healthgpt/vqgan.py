@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from healthgpt.config import VQConfig
 from healthgpt.errors import CheckpointError, HealthGPTError
 from healthgpt.io.atomic import atomic_target
+from healthgpt.state_keys import check_keys
 
 WEIGHTS_FILE = "vqgan.safetensors"
 ARCH_FILE = "vqgan.json"
@@ -588,21 +589,7 @@ def _build_loaded(arch: dict[str, Any], state: dict[str, Tensor], source: str) -
             model = VQGAN(**arch)
     except TypeError as e:
         raise CheckpointError(f"{source}: architecture {arch} does not fit VQGAN ({e})") from e
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: state dict does not match the {arch['quantizer']} VQGAN architecture; "
-            f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
-            f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
-        )
-    wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {s}"
-        for k, s in expected.items()
-        if tuple(state[k].shape) != s
-    ]
-    if wrong:
-        raise CheckpointError(f"{source}: wrong tensor shapes: {'; '.join(wrong[:8])}")
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_keys(state, expected, source, f"the {arch['quantizer']} VQGAN architecture")
     model.load_state_dict(state, assign=True)
     return model.eval()

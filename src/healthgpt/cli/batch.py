@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..tasks import TASKS, resolve_instruction
+from ..tasks import TASKS, check_image_input, resolve_instruction
 
 if TYPE_CHECKING:
     from ..api import HealthGPT
@@ -19,7 +18,7 @@ if TYPE_CHECKING:
 
 from .. import jsonout
 from .common import ImageOptions, ModelOptions, SamplingOptions, T, chunks, command
-from .outputs import check_output, write_images
+from .outputs import check_output
 
 
 # ----- batch -------------------------------------------------------------------------------------------------------
@@ -56,10 +55,9 @@ def _job(row: Any, where: str, base: Path) -> _Job:
         raise ValueError(f'{where}: unknown task {value!r}; use one of {", ".join(TASKS)}, or "instruction"')
     try:
         _, preset = resolve_instruction(value, row.get("text"))
+        check_image_input(preset, image_path is not None)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
-    if preset is not None and preset.needs_image and image_path is None:
-        raise ValueError(f'{where}: task {preset.name!r} needs an "image"')
     if not (isinstance(output, str) and output):
         raise ValueError(f'{where}: a generate row needs an "output" path (.png, .nii.gz or a folder)')
     return _Job(job_id, image_path, instruction=value, text=row.get("text"), output=output, output_path=base / output)
@@ -90,28 +88,6 @@ def _read_jobs(path: Path) -> list[_Job]:
     return jobs
 
 
-def _read_done(path: Path, ids: set[Any]) -> dict[Any, dict[str, Any]]:
-    """The results already in the output JSONL, by id. A last line cut short by a crash is removed (its row is
-    redone); any other unreadable line, or an id not in the input, is an error."""
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    done: dict[Any, dict[str, Any]] = {}
-    for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{number}: not a result line; give a new output file or repair this one") from None
-        if not isinstance(row, dict) or row.get("id") not in ids:
-            raise ValueError(f"{path}:{number}: this result's id is not in the input; give a new output file")
-        done[row["id"]] = row
-    if len(complete) < len(data):  # only now that the file is known to be ours
-        with path.open("r+b") as file:
-            file.truncate(len(complete))
-    return done
-
-
 def _attempt(call: Callable[[list[T]], list[Any]], items: list[T]) -> list[Any]:
     """`call(items)` as one batch; if the batch is refused as bad input, item by item, so that only the bad items
     fail (their result is the exception)."""
@@ -128,6 +104,8 @@ def _run_chunk(
 ) -> Iterator[tuple[_Job, dict[str, Any]]]:
     """(row, result) for rows sharing one instruction (or all questions): one batched model call; a row with bad
     input gets {"error": message}."""
+    from ..io import write_images
+
     ready: list[tuple[_Job, MedicalImage | None]] = []
     for job in jobs:
         try:
@@ -211,10 +189,11 @@ def batch(
     re-run skips the ids already there (except failed ones with --retry-failed). Rows with bad input get an "error"
     result; the command then exits with 2."""
     from ..io.atomic import check_target
+    from ..io.ledger import appending, read_ledger
 
     jobs = _read_jobs(rows)
     check_target(results)  # appended to: may exist
-    done = _read_done(results, {job.id for job in jobs})
+    done = read_ledger(results, ids={job.id for job in jobs})
     if retry_failed:
         done = {key: row for key, row in done.items() if "error" not in row}
     groups: dict[tuple[str | None, str | None], list[_Job]] = {}
@@ -227,15 +206,13 @@ def batch(
 
         health = model.load()
         with (
-            results.open("a", encoding="utf-8") as out,
+            appending(results, lambda record: jsonout.dumps(record, ensure_ascii=False)) as write,
             tqdm(total=len(jobs), initial=len(done), unit="row", disable=not progress) as bar,
         ):
             for group in groups.values():
                 for chunk in chunks(group, batch_size):
                     for job, outcome in _run_chunk(health, chunk, view, guidance_scale, sampling.kwargs()):
-                        out.write(jsonout.dumps({"id": job.id, **outcome}, ensure_ascii=False) + "\n")
-                        out.flush()
-                        os.fsync(out.fileno())
+                        write([{"id": job.id, **outcome}])
                         failed += "error" in outcome
                     bar.update(len(chunk))
     if failed:

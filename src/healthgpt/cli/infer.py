@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
-from ..tasks import resolve_instruction
-
-if TYPE_CHECKING:
-    pass
-
+from ..tasks import check_image_input, resolve_instruction
 from .common import (
     NANO,
     ImageOptions,
@@ -25,7 +21,7 @@ from .common import (
     echo_stream,
     require_questions,
 )
-from .outputs import check_output, write_images
+from .outputs import check_output
 
 
 # ----- ask, chat ---------------------------------------------------------------------------------------------------
@@ -151,12 +147,13 @@ def generate(
         raise ValueError("give --task or --instruction, not both")
     what = instruction if instruction is not None else task or "reconstruct"
     _, preset = resolve_instruction(what, text)
-    if preset is not None and preset.needs_image and image is None:
-        raise ValueError(f"task {preset.name!r} needs a source image")
+    check_image_input(preset, image is not None)
     source = view.load(image, all_slices=all_slices) if image is not None else None
     check_output(output, source, overwrite=overwrite)
     pictures = [s.to_pil() for s in source.slices()] if source is not None else [None]
     from tqdm.auto import tqdm
+
+    from ..io import write_images
 
     health = model.load()
     images = []

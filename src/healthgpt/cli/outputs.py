@@ -1,14 +1,11 @@
-"""Where generated images may be written (checked before any model loads) and the atomic writers by suffix."""
+"""Where generated images may be written, checked before any model loads (`healthgpt.io.write_images` writes them)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from ..io import MedicalImage
 
 
@@ -34,17 +31,3 @@ def check_output(path: Path, source: MedicalImage | None, *, overwrite: bool = F
     if source is None or (nifti and source.affine is None) or (not nifti and not source.datasets):
         needed = "a source with geometry (DICOM or NIfTI)" if nifti else "a DICOM source"
         raise ImageInputError(path, f"this output needs {needed}", "write .png, or generate from such a source")
-
-
-def write_images(
-    images: Sequence[Image.Image], source: MedicalImage | None, path: Path, modality: str | None = None
-) -> None:
-    """Write generated slices by `path`'s suffix (atomically): PNG, or a volume with the source's geometry (a DICOM
-    series of Modality `modality`, default the source's)."""
-    from ..io import save_png, write_volume
-
-    if path.suffix.lower() == ".png":
-        save_png(images[0], path)
-    else:
-        assert source is not None  # `check_output` made sure
-        write_volume(list(images), source, path, modality=modality)

@@ -34,6 +34,7 @@ from skimage.transform import resize
 from tqdm.auto import tqdm
 
 from healthgpt.config import COMPREHENSION, GENERATION
+from healthgpt.io.atomic import write_atomic
 
 Modality = Literal["CT", "MRI"]
 ImageKey = Literal["ct", "mri", "ct_low_res", "mri_low_res"]
@@ -42,7 +43,8 @@ MODALITIES: tuple[Modality, ...] = ("CT", "MRI")
 IMAGE_KEYS: tuple[ImageKey, ...] = ("ct", "mri", "ct_low_res", "mri_low_res")
 COMPREHENSION_TASKS = ("presence", "side", "count")
 GENERATION_TASKS = ("reconstruct", "ct2mri", "mri2ct", "super_resolution", "report2image")
-TASKS = COMPREHENSION_TASKS + GENERATION_TASKS
+# The phantom data set's question and image kinds (not the generation tasks of healthgpt.tasks).
+PHANTOM_TASKS = COMPREHENSION_TASKS + GENERATION_TASKS
 SPLITS = ("train", "test")
 COUNT_WORDS = ("zero", "one", "two", "three")
 MIN_SIZE, MAX_SIZE = 32, 512
@@ -320,7 +322,7 @@ def iter_records(
     n_cases: int,
     seed: int,
     size: int = 64,
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] = PHANTOM_TASKS,
     split: str = "train",
     p_lesion: float = 0.5,
 ) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
@@ -334,7 +336,7 @@ def make_dataset(
     n_cases: int,
     seed: int,
     size: int = 64,
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] = PHANTOM_TASKS,
     test_fraction: float = 0.2,
     p_lesion: float = 0.5,
 ) -> dict[str, list[dict[str, Any]]]:
@@ -357,9 +359,9 @@ def make_dataset(
                 records[split].append(record)
                 for rel_path, pixels in images.items():
                     if rel_path not in written:
-                        _atomic_write(out / rel_path, _png_bytes(pixels))
+                        write_atomic(out / rel_path, _png_bytes(pixels))
                         written.add(rel_path)
-        _atomic_write(out / f"{split}.json", json.dumps(records[split], indent=1).encode())
+        write_atomic(out / f"{split}.json", json.dumps(records[split], indent=1).encode())
     return records
 
 
@@ -376,7 +378,7 @@ def _split_cases(
 def _case_records(
     case_id: str, case: PhantomCase, rng: np.random.Generator, tasks: Sequence[str]
 ) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
-    _check_kinds(tasks, TASKS)
+    _check_kinds(tasks, PHANTOM_TASKS)
     labels = {
         "case": case_id,
         "size": case.size,
@@ -523,9 +525,3 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -22,7 +22,8 @@ from healthgpt.tokens import IMAGE_PLACEHOLDER
 
 log = logging.getLogger(__name__)
 
-TASKS = (COMPREHENSION, GENERATION)
+# A record trains one of the two H-LoRA plugins (REFERENCE §2.4); named tasks (ct2mri, ...) live in healthgpt.tasks.
+PLUGIN_TASKS = (COMPREHENSION, GENERATION)
 OnError = Literal["skip", "raise"]
 Source = str | os.PathLike[str] | Sequence[Mapping[str, Any]]
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -87,10 +88,6 @@ class RecordSet:
     records: list[Record] = field(default_factory=list)
     issues: list[DataIssue] = field(default_factory=list)
 
-    def summary(self) -> dict[str, Any]:
-        by_task = {t: sum(r.task == t for r in self.records) for t in TASKS}
-        return {"records": len(self.records), "by_task": by_task, "skipped": len(self.issues)}
-
 
 def _reject(issue: DataIssue, on_error: OnError, issues: list[DataIssue]) -> None:
     if on_error == "raise":
@@ -130,8 +127,8 @@ def parse_record(
     target_codes = _field(raw, "target_codes", fmap)
     has_target = target_name is not None or target_codes is not None
     task = _field(raw, "task", fmap) or default_task or (GENERATION if has_target else COMPREHENSION)
-    if task not in TASKS:
-        raise DataError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+    if task not in PLUGIN_TASKS:
+        raise DataError(f"unknown task {task!r}; expected one of {list(PLUGIN_TASKS)}")
     if task == GENERATION and not has_target:
         raise DataError("a generation record needs a target: 'target_image' (a file) or 'target_codes'")
     if task == COMPREHENSION and has_target:

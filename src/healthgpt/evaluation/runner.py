@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import platform
 import sys
 import time
@@ -28,6 +27,8 @@ from healthgpt.evaluation.items import EvalItem, Predictor
 from healthgpt.evaluation.prompts import DEFAULT_PROMPTS, PromptSet, render_prompt
 from healthgpt.evaluation.report import metrics_markdown
 from healthgpt.evaluation.scoring import OPEN_METRICS, SCORING_VERSION, item_scores, summarize
+from healthgpt.io.atomic import write_atomic
+from healthgpt.io.ledger import appending, read_ledger
 
 log = logging.getLogger(__name__)
 
@@ -65,33 +66,12 @@ def items_fingerprint(items: list[EvalItem]) -> dict[str, Any]:
 
 def read_predictions(path: str | Path) -> dict[str, dict[str, Any]]:
     """Prediction records by id; cuts a half-written last line off the file, raises on any other damage."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        log.warning("%s: dropping a half-written last line (%d bytes)", path, len(data) - keep)
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
-    records: dict[str, dict[str, Any]] = {}
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno} is not a JSON record: {err}") from err
-        if rec["id"] in records:
-            raise ValueError(f"{path}:{lineno} repeats id {rec['id']!r}")
-        records[rec["id"]] = rec
-    return records
+    return read_ledger(path, unique=True)
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON atomically, so a crash never leaves half a file."""
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _batches(items: list[EvalItem], size: int) -> Iterable[list[EvalItem]]:
@@ -177,7 +157,7 @@ def run_eval(
         raise RunMismatchError(f"{pred_path} holds ids not in this item set, e.g. {sorted(unknown)[:3]}")
     todo = [it for it in items if it.id not in done]
     with (
-        open(pred_path, "a", encoding="utf-8") as f,
+        appending(pred_path, lambda record: json.dumps(record, ensure_ascii=False)) as write,
         tqdm(total=len(items), initial=len(done), disable=not progress, desc="eval") as bar,
     ):
         for batch in _batches(todo, batch_size):
@@ -189,9 +169,7 @@ def run_eval(
                 {"id": it.id, "dataset": it.dataset, "kind": it.kind, "prompt": it.prompt, "prediction": a}
                 for it, a in zip(prompted, answers, strict=True)
             ]
-            f.write("".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in lines))
-            f.flush()
-            os.fsync(f.fileno())
+            write(lines)
             bar.update(len(batch))
     return score_run(out_dir, items, run=run, open_metric=open_metric)
 
@@ -209,10 +187,8 @@ def score_run(
     predictions = {k: rec["prediction"] for k, rec in read_predictions(out_dir / PREDICTIONS_FILE).items()}
     metrics = summarize(items, predictions, open_metric=open_metric)
     scores = item_scores(items, predictions, open_metric=open_metric)
-    tmp = out_dir / (SCORES_FILE + ".tmp")
-    tmp.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in scores), encoding="utf-8")
-    os.replace(tmp, out_dir / SCORES_FILE)
+    write_atomic(out_dir / SCORES_FILE, "".join(json.dumps(s.to_dict()) + "\n" for s in scores))
     _write_json(out_dir / METRICS_FILE, metrics)
-    (out_dir / METRICS_MD_FILE).write_text(metrics_markdown(metrics, run), encoding="utf-8")
+    write_atomic(out_dir / METRICS_MD_FILE, metrics_markdown(metrics, run))
     _write_json(out_dir / RUN_FILE, {**run, "finished_at": _now()})
     return metrics

@@ -16,13 +16,14 @@ from .sampling import SamplingParams
 from .spans import ImageSpanConstraint
 
 
-@dataclass
+@dataclass(frozen=True)
 class Request:
     """One sample: prompt ids with `IMAGE_TOKEN_INDEX` sentinels, its images' pixel values, its plugin.
 
     `image_span`: the prompt ends with the start-of-image token, so the answer begins inside an image span, and the
     row stops when that span closes. `allow_images`: the row may open an image span in free text (otherwise image
-    tokens are banned from its answer, as for every comprehension request)."""
+    tokens are banned from its answer, as for every comprehension request). Immutable: one request may feed several
+    jobs (the server's `n` images), so a changed copy is made with `dataclasses.replace`."""
 
     input_ids: list[int]
     plugin: str

@@ -2,7 +2,7 @@
 
 from healthgpt.errors import ImageInputError
 from healthgpt.io.dicom import SYNTHETIC_NOTE, save_dicom_series
-from healthgpt.io.files import load_image, write_volume
+from healthgpt.io.files import load_image, write_images, write_volume
 from healthgpt.io.image import MedicalImage
 from healthgpt.io.nifti import save_nifti
 from healthgpt.io.raster import save_png
@@ -31,5 +31,6 @@ __all__ = [
     "save_dicom_series",
     "save_nifti",
     "save_png",
+    "write_images",
     "write_volume",
 ]

@@ -48,6 +48,12 @@ def atomic_target(path: str | Path, *, directory: bool = False, overwrite: bool 
         raise
 
 
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write `data` (text as UTF-8) to `path` through `atomic_target`: readers see the old file or the whole new one."""
+    with atomic_target(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
 def check_target(path: Path, *, directory: bool = False, overwrite: bool = True) -> None:
     """Refuse, before any work, a target that cannot be written: missing or read-only parent folder, a filled folder
     for a folder target, a folder (or, without `overwrite`, an existing file) for a file target."""

@@ -1,9 +1,10 @@
-"""`load_image` and `write_volume`: pick the reader or writer from the file's content and name."""
+"""`load_image`, `write_volume` and `write_images`: pick the reader or writer from the file's content and name."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -11,8 +12,11 @@ from healthgpt.errors import ImageInputError
 from healthgpt.io.dicom import UnevenSlices, read_dicom, read_dicom_series, save_dicom_series
 from healthgpt.io.image import MedicalImage, Pixels, Plane, SliceIndex, select
 from healthgpt.io.nifti import NIBABEL_SUFFIXES, NIFTI_SUFFIXES, read_nifti, save_nifti
-from healthgpt.io.raster import read_raster
+from healthgpt.io.raster import read_raster, save_png
 from healthgpt.io.windowing import WindowSpec, parse_window
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # (offset, magic) of NIfTI-1 (byte 344) and NIfTI-2 (byte 4) headers, single file or header of a pair
 _NIFTI_MAGIC = ((344, b"n+1\0"), (344, b"ni1\0"), (4, b"n+2\0"), (4, b"ni2\0"))
@@ -71,6 +75,19 @@ def write_volume(
         f"has the unsupported output suffix {path.suffix!r}",
         "end it with .nii or .nii.gz, or give a folder name (no suffix) for a DICOM series",
     )
+
+
+def write_images(
+    images: Sequence[Image.Image], source: MedicalImage | None, path: str | Path, modality: str | None = None
+) -> Path:
+    """Write generated slices by `path`'s suffix (atomically): a PNG of the first, or a volume with the source's
+    geometry (`write_volume`: a DICOM series of Modality `modality`, default the source's)."""
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        return save_png(images[0], path)
+    if source is None:
+        raise ImageInputError(path, "a volume output needs a source with geometry", "write .png instead")
+    return write_volume(list(images), source, path, modality=modality)
 
 
 def _read(path: Path, frame: int | None, uneven: UnevenSlices) -> MedicalImage:

@@ -109,7 +109,7 @@ def timed(part: Callable[..., dict[str, float]], *args: Any) -> dict[str, float]
 
 
 @contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     """Run with `n` torch threads, then restore the caller's count."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -149,7 +149,7 @@ def pretrain_nano(
             worker = _start_worker(config, budget, seed, out / VQGAN_DIR, progress, num_threads)
         else:
             metrics["vqgan"] = timed(pretrain_vqgan_part, config, budget, seed, out / VQGAN_DIR, progress, num_threads)
-        with _threads(num_threads):
+        with torch_threads(num_threads):
             metrics["lm"] = timed(_pretrain_language, config, budget, seed, out / LLM_DIR, progress)
             metrics["clip"] = timed(_pretrain_vision, config, budget, seed, out / VISION_DIR, progress)
         if worker is not None:
@@ -197,7 +197,7 @@ def pretrain_vqgan_part(
     config: HealthGPTConfig, budget: NanoBudget, seed: int, folder: Path, progress: bool, threads: int
 ) -> dict[str, float]:
     """VQGAN on CT and MRI renders; held-out PSNR/SSIM/MSE of encode -> decode (what the worker process runs)."""
-    with _threads(threads):
+    with torch_threads(threads):
         size = config.vq.image_size
         train = phantom_images(phantom_cases(seed, 0, budget.train_cases, size))[0]
         vqgan = train_vqgan(

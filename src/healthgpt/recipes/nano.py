@@ -28,10 +28,11 @@ from healthgpt.api import HealthGPT
 from healthgpt.checkpoints import load_vqgan
 from healthgpt.config import COMPREHENSION, GENERATION
 from healthgpt.data.image_codes import tokenize_images
-from healthgpt.data.phantoms import TASKS, make_dataset
+from healthgpt.data.phantoms import PHANTOM_TASKS, make_dataset
 from healthgpt.io import load_image
 from healthgpt.metrics import aggregate, image_metrics
 from healthgpt.pretrain import NanoBudget, pretrain_nano
+from healthgpt.pretrain.nano import torch_threads
 from healthgpt.training.loop import METRICS, OUTPUT, TrainResult, build_healthgpt, export_model, run_stage
 from healthgpt.training.stages import STAGE_NAMES, Recipe, apply_overrides, recipe_from_dict
 
@@ -56,17 +57,6 @@ def _timed(name: str, seconds: dict[str, float], cpu: dict[str, float]) -> Itera
     yield
     seconds[name], cpu[name] = time.perf_counter() - wall, _cpu_seconds() - used
     log.info("nano recipe: %s took %.1f s (%.1f CPU s)", name, seconds[name], cpu[name])
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Run with `n` torch threads, then restore the caller's count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_stages(
@@ -113,7 +103,7 @@ def write_phantoms(folder: Path, cases: int, seed: int, test_fraction: float) ->
     """Phantom images and records under `folder`: `train.json`, `test.json` and `<task>.json` (the training records of
     one task, which the recipe's stages list); returns the held-out test records."""
     records = make_dataset(folder, cases, seed, size=PHANTOM_SIZE, test_fraction=test_fraction)
-    for task in TASKS:
+    for task in PHANTOM_TASKS:
         chosen = [r for r in records["train"] if r["meta"]["kind"] == task]
         (folder / f"{task}.json").write_text(json.dumps(chosen, indent=1) + "\n")
     return records["test"]
@@ -275,7 +265,7 @@ def run(
     cpu: dict[str, float] = {}
     metrics: dict[str, Any] = {"seed": seed, "cases": cases, "test_fraction": test_fraction, "parallel": parallel}
     start, start_cpu = time.perf_counter(), _cpu_seconds()
-    with _threads(num_threads):
+    with torch_threads(num_threads):
         with _timed("pretrain", seconds, cpu):
             metrics["pretrain"] = pretrain_nano(
                 out / PRETRAIN_DIR,

@@ -16,7 +16,6 @@ from PIL import Image
 
 from ..api import HealthGPT
 from ..generation import IncrementalDetokenizer, Request, SamplingParams, stream
-from ..model import expand_image_slots
 from .metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -325,7 +324,7 @@ class Batcher:
 
 
 def _prompt_tokens(model: HealthGPT, job: Job) -> int:
-    return len(expand_image_slots(job.request.input_ids, model.model.num_patches))
+    return model.prompt_length(job.request)
 
 
 def _emit(job: Job, event: Event) -> None:

@@ -21,8 +21,7 @@ from PIL import Image
 
 from ..api import HealthGPT
 from ..generation import Request, SamplingParams
-from ..io import PRESETS, ImageInputError, MedicalImage, load_image, save_nifti, save_png
-from ..io.dicom import save_dicom_series
+from ..io import PRESETS, ImageInputError, MedicalImage, load_image, write_images
 from ..quantize import format_memory
 from ..tasks import TASKS
 from ..templates import PromptError
@@ -188,12 +187,12 @@ class _App:
         sampling = replace(sampling, max_new_tokens=span + 1)
         done = [event for event in self._run(batcher, request, sampling) if isinstance(event, ImageDone)][0]
         folder = Path(tempfile.mkdtemp(dir=self.outputs.name))
-        files = [save_png(done.image, folder / "generated.png")]
+        files = [write_images([done.image], None, folder / "generated.png")]
         if source is not None and path is not None and source.datasets:
-            series = save_dicom_series(done.image, source, folder / "dicom")
+            series = write_images([done.image], source, folder / "dicom")
             files.append(next(series.iterdir()).rename(folder / "generated.dcm"))
         elif source is not None and path is not None and path.lower().endswith((".nii", ".nii.gz")):
-            files.append(save_nifti(done.image, folder / "generated.nii.gz", source))
+            files.append(write_images([done.image], source, folder / "generated.nii.gz"))
         return gr.update(), _shown(done.image), gr.update(value=[str(f) for f in files], visible=True)
 
     def on_task(self, task: str) -> tuple[Any, ...]:

@@ -1,0 +1,81 @@
+"""What each optimizer step sees and leaves behind: the batch order every process agrees on, the learning rate,
+and the records of a run (loss plot, peak memory)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import resource
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+log = logging.getLogger(__name__)
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """This process's micro-batches for optimizer steps `start..total-1`: step s takes samples
+    `perm(epoch)[k*G:(k+1)*G]` (G the global batch), split into `world x accumulation` micro-batches."""
+
+    def __init__(
+        self, n: int, global_batch: int, micro: int, rank: int, world: int, seed: int, start: int, total: int
+    ) -> None:
+        self.n, self.global_batch, self.micro, self.rank, self.world = n, global_batch, micro, rank, world
+        self.seed, self.start, self.total = seed, start, total
+        self.accumulation = global_batch // (micro * world)
+        self.steps_per_epoch = n // global_batch
+
+    def __len__(self) -> int:
+        return (self.total - self.start) * self.accumulation
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm, perm_epoch = None, -1
+        for step in range(self.start, self.total):
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = np.random.default_rng([self.seed, epoch]).permutation(self.n), epoch
+            window = perm[k * self.global_batch : (k + 1) * self.global_batch]
+            mine = window[self.rank * self.accumulation * self.micro : (self.rank + 1) * self.accumulation * self.micro]
+            for j in range(self.accumulation):
+                yield mine[j * self.micro : (j + 1) * self.micro].tolist()
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak CUDA memory allocated, or the process's peak resident set on CPU, in MiB."""
+    if torch.cuda.is_available():
+        return {"kind": "cuda_max_allocated", "mib": torch.cuda.max_memory_allocated() / 2**20}
+    return {"kind": "process_max_rss", "mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB
+
+
+def write_loss_plot(history: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
+    """A PNG of loss per step (matplotlib, no global backend change); False with a note if matplotlib is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        log.warning("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+    ax.set(xlabel="optimizer step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
