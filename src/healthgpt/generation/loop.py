@@ -127,7 +127,9 @@ class DecodeRows:
 
     def pick(self, raw: torch.Tensor) -> torch.Tensor:
         """Each row's next token from its raw logits [B, V] (pad for finished rows)."""
-        scores = self.processors(self.generated, raw)
+        scores = raw
+        for processor in self.processors:  # not LogitsProcessorList.__call__: it inspects signatures at every step
+            scores = processor(self.generated, scores)
         if self.sampling.greedy:
             token = scores.argmax(dim=-1)
         else:
