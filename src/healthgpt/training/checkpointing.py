@@ -204,8 +204,8 @@ def load_checkpoint(
         accelerator.load_state(str(path), strict=False)
     except pickle.UnpicklingError:
         raise CheckpointError(
-            f"{path}: a file holds Python objects other than tensors, which are never unpickled (tampered?); "
-            f"{_fix(path)}"
+            f"{_pickling_file(path)}: holds Python objects other than tensors, which are never unpickled "
+            f"(tampered?); {_fix(path)}"
         ) from None
     scheduler.load_state_dict(_read_json(path / SCHEDULER_STATE))
     _load_rng_state(path / RNG_STATE.format(accelerator.process_index))
@@ -232,6 +232,18 @@ def _read_json(path: Path) -> Any:
 
 def _fix(folder: Path) -> str:
     return f"delete {folder} to resume from the checkpoint before it, or start the stage afresh"
+
+
+def _pickling_file(folder: Path) -> Path:
+    """The file of `folder` that accelerate's weights-only loader refused (the folder if none is found again)."""
+    from accelerate.utils import load
+
+    for file in sorted(folder.rglob("*.bin")):
+        try:
+            load(file, map_location="cpu")
+        except pickle.UnpicklingError:
+            return file
+    return folder
 
 
 def _tensor_names(path: Path) -> set[str]:
