@@ -131,8 +131,8 @@ def bad_files(tmp_path: Path) -> Path:
     shutil.copy(tmp_path / "good.png", tmp_path / "taken.png")
     (tmp_path / "filled").mkdir()
     (tmp_path / "filled" / "keep.txt").write_text("not mine")
-    (tmp_path / "series").mkdir()  # a DICOM series folder
-    shutil.copy(CT, tmp_path / "series" / "00001.dcm")
+    (tmp_path / "scans").mkdir()  # a DICOM series folder
+    shutil.copy(CT, tmp_path / "scans" / "00001.dcm")
     (tmp_path / "shown").mkdir()  # what an earlier `healthgpt demo --out shown` wrote
     shutil.copy(tmp_path / "good.png", tmp_path / "shown" / "CT_small.png")
     return tmp_path
@@ -252,8 +252,8 @@ BAD_OUTPUTS = [
     ),
     pytest.param(["generate", "ct.dcm", "-o", "filled"], f"filled: {_FOLDER}", id="generate: filled folder"),
     pytest.param(
-        ["generate", "series", "-o", "series", "--overwrite"],
-        "series: holds the input series, which replacing the folder would delete",
+        ["generate", "scans", "-o", "scans", "--overwrite"],
+        "scans: holds the input scans, which replacing the folder would delete",
         id="generate: over its source",
     ),
     pytest.param(
