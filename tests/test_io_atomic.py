@@ -123,6 +123,12 @@ def test_a_folder_to_create_or_resume_needs_a_writable_folder_above_it(tmp_path:
         check_folder(tmp_path / name)
 
 
+def test_a_folder_under_a_read_only_one_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)  # as for another user (see above)
+    with pytest.raises(ImageInputError, match=f"runs/m3: cannot be written: {tmp_path} is not writable. Fix: "):
+        check_folder(tmp_path / "runs" / "m3")
+
+
 def test_replacing_a_filled_folder_keeps_the_old_one_until_the_new_one_is_complete(tmp_path: Path) -> None:
     folder = tmp_path / "series"
     folder.mkdir()
