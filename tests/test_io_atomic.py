@@ -4,9 +4,11 @@ remove the temporary of a write cut short (in the library and in the CLI)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from healthgpt.cli.outputs import check_output
 from healthgpt.config import get_variant
 from healthgpt.errors import ImageInputError
 from healthgpt.io import save_png
-from healthgpt.io.atomic import atomic_target
+from healthgpt.io.atomic import atomic_target, check_folder, check_target, replacing, scratch_folder
 from healthgpt.vqgan import VQGAN
 
 CT = get_testdata_file("CT_small.dcm")
@@ -87,14 +89,110 @@ def test_a_really_read_only_folder(tmp_path: Path) -> None:
         save_png(np.zeros((4, 4), np.uint8), folder / "out.png")
 
 
+BAD_TARGETS = [
+    pytest.param("out.png", False, "out.png: is a folder, not a file. Fix: give a file path to write", id="a folder"),
+    pytest.param("x.png", True, "x.png: is a file, not a folder. Fix: give a folder name to write", id="a file"),
+    pytest.param("out.png", True, "out.png: the output folder already exists and is not empty", id="filled"),
+    pytest.param("x.png", False, "x.png: already exists. Fix: choose another name, or pass --overwrite", id="taken"),
+    pytest.param("gone/x.png", False, "gone/x.png: the folder to write into does not exist", id="no parent"),
+]
+
+
+@pytest.mark.parametrize(("name", "directory", "message"), BAD_TARGETS)
+def test_bad_targets_are_refused_naming_the_path_and_the_fix(tmp_path: Path, name, directory, message) -> None:
+    (tmp_path / "out.png").mkdir()
+    (tmp_path / "out.png" / "a.png").write_bytes(b"kept")
+    (tmp_path / "x.png").write_bytes(b"kept")
+    with pytest.raises(ImageInputError) as refused:
+        check_target(tmp_path / name, directory=directory)
+    assert str(refused.value).startswith(f"{tmp_path}/{message}")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "out.png", "x.png"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("x.png", "x.png: is a file, not a folder"),
+        ("x.png/cache/codes", "x.png/cache/codes: cannot be created: " + "{tmp}/x.png is a file"),
+    ],
+)
+def test_a_folder_to_create_or_resume_needs_a_writable_folder_above_it(tmp_path: Path, name, message) -> None:
+    (tmp_path / "x.png").write_bytes(b"kept")
+    check_folder(tmp_path / "runs" / "m3" / "stage2")  # created with its parents later
+    with pytest.raises(ImageInputError, match=re.escape(f"{tmp_path}/{message.format(tmp=tmp_path)}. Fix: ")):
+        check_folder(tmp_path / name)
+
+
+def test_a_folder_under_a_read_only_one_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)  # as for another user (see above)
+    with pytest.raises(ImageInputError, match=f"runs/m3: cannot be written: {tmp_path} is not writable. Fix: "):
+        check_folder(tmp_path / "runs" / "m3")
+
+
+def test_replacing_a_filled_folder_keeps_the_old_one_until_the_new_one_is_complete(tmp_path: Path) -> None:
+    folder = tmp_path / "series"
+    folder.mkdir()
+    (folder / "old.dcm").write_bytes(b"old series")
+    with pytest.raises(RuntimeError, match="the model broke"):
+        with replacing(folder) as target:
+            assert target != folder and not target.exists()
+            target.mkdir()
+            (target / "00001.dcm").write_bytes(b"half a new series")
+            raise RuntimeError("the model broke")
+    assert os.listdir(tmp_path) == ["series"] and os.listdir(folder) == ["old.dcm"]
+    with replacing(folder) as target, atomic_target(target, directory=True) as tmp:
+        (tmp / "00001.dcm").write_bytes(b"new series")
+    assert os.listdir(tmp_path) == ["series"] and os.listdir(folder) == ["00001.dcm"]
+    with replacing(tmp_path / "new") as target:  # nothing to replace: written in place
+        assert target == tmp_path / "new"
+
+
+def test_a_folder_holding_the_working_directory_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "work" / "inside").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work" / "inside")
+    with pytest.raises(ImageInputError, match="work: holds the working directory, so it is not replaced"):
+        with replacing(tmp_path / "work"):
+            pass
+    assert (tmp_path / "work" / "inside").is_dir()
+
+
+def test_a_scratch_folder_is_private_removed_after_and_cleans_what_killed_processes_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale = tmp_path / f".tmp-{_dead_pid()}-0a1b-healthgpt-upload"
+    stale.mkdir()
+    (stale / "upload.dcm").write_bytes(b"a patient's upload")
+    with scratch_folder("healthgpt-upload") as folder:
+        assert folder.parent == tmp_path and folder.stat().st_mode & 0o777 == 0o700
+        assert os.listdir(tmp_path) == [folder.name]  # the killed server's upload is gone
+        (folder / "upload.dcm").write_bytes(b"this upload")
+    assert os.listdir(tmp_path) == []
+
+
+_SIGNALLED = {
+    "atomic_target": "atomic_target({series!r}, directory=True)",
+    "replacing": "replacing({series!r}) as target, atomic_target(target, directory=True)",
+}
+
+
+@pytest.mark.parametrize("writer", sorted(_SIGNALLED))
 @pytest.mark.parametrize(("sent", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, -signal.SIGINT)])
-def test_a_signal_during_a_write_removes_its_temporary(tmp_path: Path, sent: int, code: int) -> None:
+def test_a_signal_during_a_write_removes_its_temporary(tmp_path: Path, sent: int, code: int, writer: str) -> None:
+    """Writing a new series, or the replacement of an existing one: the signal leaves what was there before."""
+    series = tmp_path / "series"
+    if writer == "replacing":
+        series.mkdir()
+        (series / "old.dcm").write_bytes(b"the earlier series")
+    before = files(tmp_path)
     script = textwrap.dedent(
         f"""
         import signal, time
-        from healthgpt.io.atomic import atomic_target, terminate_on_signals
+        from healthgpt.io.atomic import atomic_target, replacing, terminate_on_signals
         signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started in the background
-        with terminate_on_signals(), atomic_target({str(tmp_path / "series")!r}, directory=True) as tmp:
+        with terminate_on_signals(), {_SIGNALLED[writer].format(series=str(series))} as tmp:
             (tmp / "00001.dcm").write_bytes(b"patient id inside")
             print("writing", flush=True)
             time.sleep(60)
@@ -106,7 +204,12 @@ def test_a_signal_during_a_write_removes_its_temporary(tmp_path: Path, sent: int
     run.send_signal(sent)
     run.wait(timeout=60)
     assert run.returncode == code  # SIGINT: KeyboardInterrupt, which Python ends by the signal itself
-    assert list(tmp_path.iterdir()) == []
+    assert files(tmp_path) == before
+
+
+def files(folder: Path) -> dict[Path, bytes | None]:
+    """Every path under `folder` with its content (None for folders)."""
+    return {p: p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
 
 
 def test_sigterm_during_a_cli_series_write_leaves_nothing(tmp_path: Path) -> None:

@@ -1,11 +1,14 @@
 """Bad input and bad output targets: one ImageInputError naming the file, and nothing partial left behind."""
 
 import gzip
+import logging
 import os
 import pickle
 import struct
 import subprocess
 import sys
+import threading
+import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +24,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import JPEGLSLossless
 
 from healthgpt.io import ImageInputError, load_image, save_dicom_series, save_nifti, save_png, write_volume
+from healthgpt.io.messages import warnings_logged
 
 CT = get_testdata_file("CT_small.dcm")
 NIFTI = os.path.join(data_path, "anatomical.nii")
@@ -283,3 +287,40 @@ def test_error_survives_pickling():
     error = ImageInputError("/data/x.dcm", "has no pixel data", "load an image file")
     copy = pickle.loads(pickle.dumps(error))
     assert str(copy) == str(error) and copy.path == Path("/data/x.dcm")
+
+
+def test_library_warnings_go_to_the_log_of_the_reading_thread_even_when_threads_overlap(recwarn, caplog):
+    """Thread A starts reading, B starts, A finishes, then B's library warns (the server reads uploads in a thread
+    pool). `warnings.catch_warnings` would hand B's warning back to whoever printed before A began, and leave A's
+    filters installed when B finished; `warnings_logged` logs it as B's, one line, and restores everything."""
+    filters, shown = list(warnings.filters), warnings.showwarning
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def read_a() -> None:
+        with warnings_logged(Path("a.dcm")):
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def read_b() -> None:
+        a_in.wait(10)
+        with warnings_logged(Path("b.dcm")):
+            b_in.set()
+            a_out.wait(10)
+            warnings.warn(
+                "The pixel data is 32778 bytes long\nwith 10 bytes of excess padding", UserWarning, stacklevel=1
+            )
+
+    caplog.set_level(logging.DEBUG, logger="healthgpt.io.messages")
+    threads = [threading.Thread(target=read_a), threading.Thread(target=read_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [r.getMessage() for r in caplog.records] == [
+        "b.dcm: The pixel data is 32778 bytes long with 10 bytes of excess padding"
+    ]
+    assert len(recwarn) == 0  # not shown the ordinary way (pytest records what would be printed)
+    assert warnings.filters == filters and warnings.showwarning is shown
+    warnings.warn("outside any read", UserWarning, stacklevel=1)  # other warnings show as before
+    assert [str(w.message) for w in recwarn] == ["outside any read"]

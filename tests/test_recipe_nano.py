@@ -73,6 +73,19 @@ def test_demo_answers_converts_and_writes_its_images(tmp_path: Path) -> None:
     assert "CT_small.png" in written and any(name.endswith("_generated.png") for name in written)
     assert all(Image.open(out / name).size[0] >= 64 for name in written)
 
+    def again(*flags: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "healthgpt.cli", "demo", "--out", str(out), *flags]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    refused = again()  # the images are there: refused before the model loads, nothing touched
+    assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1
+    assert "already exists. Fix: choose another name, or pass --overwrite to replace it" in refused.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    replaced = again("--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert sorted(p.name for p in out.iterdir()) == written  # the same images, replaced, no temporary left
+
 
 def test_recipe_paths_are_rooted_in_the_run_folder_and_overrides_checked_first(tmp_path: Path) -> None:
     recipe = resolve_recipe(CONFIG_FILE, tmp_path, seed=3, overrides=["stage2.max_steps=5"])

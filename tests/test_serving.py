@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -77,9 +78,14 @@ def _server(log: Path, options: dict, env: dict[str, str] | None = None) -> Iter
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with _server(log, {"max_body_bytes": 1_000_000, "max_tokens": 64}, env={"HEALTHGPT_API_KEY": KEY}) as base:
+def server_log(tmp_path_factory) -> Path:
+    """What the module's server prints (stdout and stderr)."""
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(server_log) -> Iterator[str]:
+    with _server(server_log, {"max_body_bytes": 1_000_000, "max_tokens": 64}, env={"HEALTHGPT_API_KEY": KEY}) as base:
         yield base
 
 
@@ -209,6 +215,34 @@ def test_32_concurrent_requests_are_all_answered_as_the_model_answers_alone(serv
     assert answers == [nano.ask(im, q, max_new_tokens=6) for im, q in cases]
 
 
+def _pixel_length(length: int) -> bytes:
+    """pydicom's CT_small.dcm with the length field of its pixel data set to `length` (it holds 32768 bytes)."""
+    data = bytearray(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    at = data.rfind(b"\xe0\x7f\x10\x00OW")  # the pixel data element: tag, VR, 2 reserved bytes, 4-byte length
+    data[at + 8 : at + 12] = struct.pack("<I", length)
+    return bytes(data)
+
+
+def test_dicom_uploads_that_pydicom_warns_about_leave_no_raw_warning_in_the_server_log(client, nano, server_log):
+    """A pixel-data length 10 bytes over what the file holds: pydicom decodes it and warns. Uploaded by 12 clients at
+    once (decoded in the server's thread pool), every request is answered and the log holds no raw warning."""
+    padded = _pixel_length(32778)
+    expected = nano.ask(load_image(get_testdata_file("CT_small.dcm")).to_pil(), QUESTIONS[1], max_new_tokens=2)
+    url = _data_uri(padded, "application/dicom")
+
+    async def ask_all() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=client.base_url, api_key=KEY, max_retries=0, timeout=300) as aclient:
+            messages = image_question(url, QUESTIONS[1])
+            replies = await asyncio.gather(
+                *[aclient.chat.completions.create(model=MODEL, messages=messages, max_tokens=2) for _ in range(12)]
+            )
+        return [r.choices[0].message.content for r in replies]
+
+    assert asyncio.run(ask_all()) == [expected] * 12
+    log = server_log.read_text()
+    assert "excess padding" not in log and "UserWarning" not in log and "warn_and_log" not in log
+
+
 def _error(client, messages: list[dict]) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
@@ -226,8 +260,13 @@ def _error(client, messages: list[dict]) -> openai.APIStatusError:
         (_data_uri(os.urandom(800_000)), 413, "accepts at most 1000000"),
         (_data_uri(png_bytes(Image.new("L", (20000, 1)))), 400, "would need 400000000 pixels"),  # its padded square
         (_data_uri(_nifti(np.full((2, 8, 8), np.nan)), "application/octet-stream"), 400, "no finite pixel value"),
+        (
+            _data_uri(_pixel_length(0x7FFFFFF0), "application/dicom"),
+            400,
+            "is truncated or corrupt: its pixel data declares 2147483632 bytes, the file holds 32906",
+        ),
     ],
-    ids=["malformed", "bad-base64", "remote", "file-url", "path", "over-size", "20000x1", "all-nan"],
+    ids=["malformed", "bad-base64", "remote", "file-url", "path", "over-size", "20000x1", "all-nan", "dicom-length"],
 )
 def test_bad_images_get_a_4xx_with_a_clear_message(client, url, status, message):
     error = _error(client, image_question(url, QUESTIONS[0]))

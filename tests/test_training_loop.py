@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -139,8 +140,41 @@ def test_outputs_reports_and_guards(phantoms: Path, tmp_path: Path) -> None:
         load_file(again.output / "weights.safetensors")["projectors.generation.0.weight"],
         load_file(result.output / "weights.safetensors")["projectors.generation.0.weight"],
     )
+    hidden = [p for p in out.rglob(".*")]  # the replaced output went with its replacement, no temporary is left
+    assert hidden == [] and sorted(p.name for p in (out / "output").iterdir()) == [
+        "config.json",
+        "stage.json",
+        "weights.safetensors",
+    ]
     with pytest.raises(DataError, match="broken.json:1 .*missing image file"):
         run_stage(load_recipe(None, [*overrides, f"output_dir={tmp_path / 'strict'}", "data.on_error=raise"]), STAGE)
+
+
+def test_an_interrupted_save_leaves_nothing_and_the_next_removes_what_a_killed_one_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from accelerate import Accelerator
+
+    from healthgpt.training import checkpointing
+
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step_00000001").mkdir(parents=True)  # a save killed by SIGKILL
+    (root / ".tmp-step_00000001" / "optimizer.bin").write_bytes(b"half an optimizer")
+
+    def interrupted(path: Path) -> None:
+        assert (path.parent / "optimizer.bin").is_file() and not (root / ".tmp-step_00000001").exists()
+        raise KeyboardInterrupt  # Ctrl-C, or SIGTERM through terminate_on_signals, halfway through the save
+
+    monkeypatch.setattr(checkpointing, "_save_rng_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.save_checkpoint(accelerator, root, {"step": 2}, 2, scheduler)
+    assert list(root.iterdir()) == []
+    monkeypatch.undo()
+    checkpointing.save_checkpoint(accelerator, root, {"step": 3}, 2, scheduler)
+    assert [p.name for p in root.iterdir()] == ["step_00000003"] and checkpoints(root) == [root / "step_00000003"]
 
 
 class _Payload:
@@ -170,13 +204,22 @@ def test_resume_checks_every_checkpoint_file_and_never_runs_a_planted_pickle(pha
 
     marker = tmp_path / "payload-ran"
     payload = pickle.dumps(_Payload(marker))
-    for i, name in enumerate([*names, "random_states_0.pkl", "custom_checkpoint_0.pkl"]):
+    planted = [(name, False) for name in [*names, "random_states_0.pkl", "custom_checkpoint_0.pkl"]]
+    planted += [(name, True) for name, _ in planted if name != "trainer_state.json"]
+    for i, (name, forged) in enumerate(planted):  # forged: the checksums rewritten to match, as whoever can plant can
         out = run_from(step2, tmp_path / f"planted{i}")
-        (out / STAGE / "checkpoints" / step2.name / name).write_bytes(payload)
-        with pytest.raises(CheckpointError, match=rf"step_00000002/{name}: .*(tampered|unreadable|planted)") as err:
+        folder = out / STAGE / "checkpoints" / step2.name
+        (folder / name).write_bytes(payload)
+        if forged:
+            state = json.loads((folder / "trainer_state.json").read_text())
+            state["files"][name] = hashlib.sha256(payload).hexdigest()
+            (folder / "trainer_state.json").write_text(json.dumps(state))
+        with pytest.raises(
+            CheckpointError, match=rf"step_00000002/{name}: .*(tampered|unreadable|planted|unusable)"
+        ) as err:
             run_stage(load_recipe(None, _overrides(phantoms, out, *extra)), STAGE, resume=True)
         assert not marker.exists(), name
-        assert "\n" not in str(err.value)
+        assert "\n" not in str(err.value) and "weights_only=False" not in str(err.value)
     out = run_from(step2, tmp_path / "missing")
     (out / STAGE / "checkpoints" / step2.name / "rng_state_0.safetensors").unlink()
     with pytest.raises(CheckpointError, match="rng_state_0.safetensors: missing from the checkpoint"):

@@ -138,7 +138,10 @@ class HealthGPTConfig:
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the config as JSON (atomically)."""
+        from healthgpt.io.atomic import write_atomic  # healthgpt.io imports the config: import when writing
+
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> HealthGPTConfig:

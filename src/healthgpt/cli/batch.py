@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from ..io import MedicalImage
 
 from .. import jsonout
-from .common import ImageOptions, ModelOptions, SamplingOptions, T, chunks, command
-from .outputs import check_output
+from .common import ImageOptions, ModelOptions, Overwrite, SamplingOptions, T, chunks, command
+from .outputs import check_image_output, check_output, output_path
 
 
 # ----- batch -------------------------------------------------------------------------------------------------------
@@ -99,9 +99,66 @@ def _attempt(call: Callable[[list[T]], list[Any]], items: list[T]) -> list[Any]:
         return [_attempt(call, [item])[0] for item in items]
 
 
-def _run_chunk(
-    health: HealthGPT, jobs: Sequence[_Job], view: ImageOptions, guidance_scale: float | None, sampling: dict[str, Any]
-) -> Iterator[tuple[_Job, dict[str, Any]]]:
+@dataclass(frozen=True)
+class _Settings:
+    """How every row runs: image options, guidance, sampling, rows per model call, whether outputs are replaced and
+    progress shown."""
+
+    view: ImageOptions
+    guidance_scale: float | None
+    sampling: dict[str, Any]
+    batch_size: int
+    overwrite: bool
+    progress: bool
+
+
+def _pending(jobs: Sequence[_Job], results: Path, retry_failed: bool) -> tuple[list[_Job], int]:
+    """(the rows `results` holds no result of, or with `retry_failed` an error; the number of errors it keeps)."""
+    from ..io.atomic import check_target
+    from ..io.ledger import read_ledger
+
+    check_target(results, overwrite=True)  # appended to: may exist
+    done = read_ledger(results, ids={job.id for job in jobs})
+    if retry_failed:
+        done = {key: row for key, row in done.items() if "error" not in row}
+    return [job for job in jobs if job.id not in done], sum("error" in row for row in done.values())
+
+
+def _check_row_outputs(jobs: Sequence[_Job], overwrite: bool) -> tuple[list[_Job], list[dict[str, Any]]]:
+    """(the rows to run, {"id", "error"} results of those whose output cannot be written), before any model loads."""
+    todo, refused = [], []
+    for job in jobs:
+        try:
+            if job.output_path is not None:
+                check_image_output(job.output_path, overwrite=overwrite, inputs=[job.image])
+            todo.append(job)
+        except ValueError as exc:
+            refused.append({"id": job.id, "error": str(exc)})
+    return todo, refused
+
+
+def _run_jobs(
+    health: HealthGPT, jobs: Sequence[_Job], settings: _Settings, write: Callable[[list[dict]], None], total: int
+) -> int:
+    """Run `jobs` (the rest of `total` rows) in batched model calls of rows sharing one instruction, writing each
+    result as soon as it is done; returns how many failed."""
+    from tqdm.auto import tqdm
+
+    groups: dict[tuple[str | None, str | None], list[_Job]] = {}
+    for job in jobs:
+        groups.setdefault((job.instruction, job.text), []).append(job)
+    failed = 0
+    with tqdm(total=total, initial=total - len(jobs), unit="row", disable=not settings.progress) as bar:
+        for group in groups.values():
+            for chunk in chunks(group, settings.batch_size):
+                for job, outcome in _run_chunk(health, chunk, settings):
+                    write([{"id": job.id, **outcome}])
+                    failed += "error" in outcome
+                bar.update(len(chunk))
+    return failed
+
+
+def _run_chunk(health: HealthGPT, jobs: Sequence[_Job], settings: _Settings) -> Iterator[tuple[_Job, dict[str, Any]]]:
     """(row, result) for rows sharing one instruction (or all questions): one batched model call; a row with bad
     input gets {"error": message}."""
     from ..io import write_images
@@ -109,16 +166,16 @@ def _run_chunk(
     ready: list[tuple[_Job, MedicalImage | None]] = []
     for job in jobs:
         try:
-            source = view.load(job.image) if job.image is not None else None
+            source = settings.view.load(job.image) if job.image is not None else None
             if job.output_path is not None:
-                check_output(job.output_path, source)
+                check_output(job.output_path, source, overwrite=settings.overwrite, inputs=[job.image])
             ready.append((job, source))
         except ValueError as exc:
             yield job, {"error": str(exc)}
     if not ready:
         return
     pictures = [source.to_pil() if source is not None else None for _, source in ready]
-    first = ready[0][0]
+    first, sampling = ready[0][0], settings.sampling
     if first.question is not None:
         questions = [job.question for job, _ in ready]
         outcomes = _attempt(
@@ -128,7 +185,12 @@ def _run_chunk(
     else:
         outcomes = _attempt(
             lambda rows: health.generate_image(
-                rows, first.instruction, text=first.text, guidance_scale=guidance_scale, progress=False, **sampling
+                rows,
+                first.instruction,
+                text=first.text,
+                guidance_scale=settings.guidance_scale,
+                progress=False,
+                **sampling,
             ),
             pictures,
         )
@@ -139,7 +201,8 @@ def _run_chunk(
             yield job, {"answer": outcome}
         else:
             try:
-                write_images([outcome.image], source, job.output_path)
+                with output_path(job.output_path, overwrite=settings.overwrite) as target:
+                    write_images([outcome.image], source, target)
             except ValueError as exc:
                 yield job, {"error": str(exc)}
                 continue
@@ -178,6 +241,7 @@ def batch(
             "--retry-failed/--keep-failed", help="Run again the rows whose last result is an error (once fixed)."
         ),
     ] = False,
+    overwrite: Overwrite = False,
     *,
     model: ModelOptions,
     sampling: SamplingOptions,
@@ -188,33 +252,17 @@ def batch(
     Each result is appended and flushed as soon as it is done, so an interrupted run loses nothing written, and a
     re-run skips the ids already there (except failed ones with --retry-failed). Rows with bad input get an "error"
     result; the command then exits with 2."""
-    from ..io.atomic import check_target
-    from ..io.ledger import appending, read_ledger
+    from ..io.ledger import appending
 
     jobs = _read_jobs(rows)
-    check_target(results)  # appended to: may exist
-    done = read_ledger(results, ids={job.id for job in jobs})
-    if retry_failed:
-        done = {key: row for key, row in done.items() if "error" not in row}
-    groups: dict[tuple[str | None, str | None], list[_Job]] = {}
-    for job in jobs:
-        if job.id not in done:
-            groups.setdefault((job.instruction, job.text), []).append(job)
-    failed = sum("error" in row for row in done.values())
-    if groups:
-        from tqdm.auto import tqdm
-
-        health = model.load()
-        with (
-            appending(results, lambda record: jsonout.dumps(record, ensure_ascii=False)) as write,
-            tqdm(total=len(jobs), initial=len(done), unit="row", disable=not progress) as bar,
-        ):
-            for group in groups.values():
-                for chunk in chunks(group, batch_size):
-                    for job, outcome in _run_chunk(health, chunk, view, guidance_scale, sampling.kwargs()):
-                        write([{"id": job.id, **outcome}])
-                        failed += "error" in outcome
-                    bar.update(len(chunk))
+    pending, failed = _pending(jobs, results, retry_failed)
+    todo, refused = _check_row_outputs(pending, overwrite)
+    settings = _Settings(view, guidance_scale, sampling.kwargs(), batch_size, overwrite, progress)
+    with appending(results, lambda record: jsonout.dumps(record, ensure_ascii=False)) as write:
+        write(refused)
+        if todo:
+            failed += _run_jobs(model.load(), todo, settings, write, len(jobs))
+    failed += len(refused)
     if failed:
         raise ValueError(
             f"{failed} of {len(jobs)} rows failed; their lines in {results} say why (fix them, then re-run with "

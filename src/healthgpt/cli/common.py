@@ -156,6 +156,12 @@ class ModelOptions:
                 raise ValueError(f"--plugin-file {spec!r}: use PLUGIN=PATH, e.g. comprehension=com_hlora_weights.bin")
         return {name: Path(path) for name, _, path in pairs}
 
+    def local_files(self) -> list[Path]:
+        """The files and folders on this machine that these options read (not variant names or Hub ids)."""
+        named = [self.model, self.base_model, self.vision_tower, self.fusion_file, self.vqgan]
+        named += list(self.plugin_files().values())
+        return [Path(p) for p in named if p is not None and Path(p).exists()]
+
     def load_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `HealthGPT.from_pretrained` / `convert_official` that were given."""
         given = dict(
@@ -300,6 +306,16 @@ class ImageOptions:
 
 
 _GROUPS = (ModelOptions, SamplingOptions, ImageOptions)
+
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite/--no-overwrite",
+        help="Replace existing outputs: a file, or a filled output folder once the new one is complete (never one "
+        "that holds an input or the working directory). Without it they are refused before any work. What resumes "
+        "is kept either way: batch adds to its results file and replaces only the images of the rows it runs.",
+    ),
+]
 
 
 def command(func: Callable[..., None]) -> Callable[..., None]:

@@ -42,7 +42,9 @@ def eval(  # noqa: A001  (the command is called `eval`)
     data: Annotated[
         list[str], typer.Option(help=f"BENCHMARK=FOLDER, repeatable; benchmarks: {_BENCHMARKS}.", show_default=False)
     ],
-    output: Annotated[Path, typer.Option("--out", help="Run folder (re-running it resumes).")],
+    output: Annotated[
+        Path, typer.Option("--out", help="Run folder (created; re-running it resumes the run, never replaces it).")
+    ],
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per batched model call.")] = 8,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N items of each benchmark.")] = None,
     prompts: Annotated[
@@ -60,7 +62,9 @@ def eval(  # noqa: A001  (the command is called `eval`)
     """Answer benchmark questions and score them (closed, open and multiple-choice; Table-1 columns), resumably:
     predictions.jsonl, run.json, metrics.json and metrics.md in the run folder."""
     from ..evaluation import PROMPT_SETS, load_benchmark, metrics_markdown, model_predictor, prompts_for, run_eval
+    from ..io.atomic import check_folder
 
+    check_folder(output)  # created, or added to when resumed; before the model loads
     if prompts is not None and prompts not in PROMPT_SETS:
         raise ValueError(f"--prompts {prompts!r}: use one of {', '.join(PROMPT_SETS)}")
     roots = _pairs(data)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,15 +14,20 @@ from .common import (
     NANO,
     ImageOptions,
     ModelOptions,
+    Overwrite,
     SamplingOptions,
     TaskName,
-    app,
     chunks,
     command,
     echo_stream,
     require_questions,
 )
-from .outputs import check_output
+from .outputs import check_output, output_path
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..api import HealthGPT
 
 
 # ----- ask, chat ---------------------------------------------------------------------------------------------------
@@ -133,9 +139,7 @@ def generate(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Slices per batched model call with --all-slices.")] = 8,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress on stderr.")] = True,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite/--no-overwrite", help="Replace an existing output file.")
-    ] = False,
+    overwrite: Overwrite = False,
     model: ModelOptions,
     sampling: SamplingOptions,
     view: ImageOptions,
@@ -149,31 +153,39 @@ def generate(
     _, preset = resolve_instruction(what, text)
     check_image_input(preset, image is not None)
     source = view.load(image, all_slices=all_slices) if image is not None else None
-    check_output(output, source, overwrite=overwrite)
+    check_output(output, source, overwrite=overwrite, inputs=[image])
     pictures = [s.to_pil() for s in source.slices()] if source is not None else [None]
-    from tqdm.auto import tqdm
-
+    settings = dict(text=text, guidance_scale=guidance_scale, **sampling.kwargs())
+    images = _generate_slices(model.load(), pictures, batch_size, what, progress, **settings)
     from ..io import write_images
 
-    health = model.load()
-    images = []
-    with tqdm(total=len(pictures), desc="slices", unit="slice", disable=not progress or len(pictures) == 1) as done:
-        for chunk in chunks(pictures, batch_size):
-            results = health.generate_image(
-                list(chunk), what, text=text, guidance_scale=guidance_scale, progress=progress, **sampling.kwargs()
-            )
-            images += [r.image for r in results]
-            done.update(len(chunk))
-    write_images(images, source, output, modality=preset.modality if preset is not None else None)
+    with output_path(output, overwrite=overwrite) as target:
+        write_images(images, source, target, modality=preset.modality if preset is not None else None)
     typer.echo(str(output))
 
 
-@app.command()
+def _generate_slices(
+    health: HealthGPT, pictures: list[Any], batch_size: int, what: str, progress: bool, **settings: Any
+) -> list[Image.Image]:
+    """The images `health` generates from `pictures`, `batch_size` per call, with an overall counter on stderr."""
+    from tqdm.auto import tqdm
+
+    images = []
+    with tqdm(total=len(pictures), desc="slices", unit="slice", disable=not progress or len(pictures) == 1) as done:
+        for chunk in chunks(pictures, batch_size):
+            images += [r.image for r in health.generate_image(list(chunk), what, progress=progress, **settings)]
+            done.update(len(chunk))
+    return images
+
+
+# ----- demo --------------------------------------------------------------------------------------------------------
+@command
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the images the demo shows (created if missing).")] = Path(
         "healthgpt-demo"
     ),
     seed: Annotated[int, typer.Option(help="Which held-out phantoms to show (their random stream).")] = 0,
+    overwrite: Overwrite = False,
 ) -> None:
     """Run the embedded nano model, a toy trained on synthetic phantoms (not for clinical use): answer questions
     about held-out phantoms and pydicom's CT_small.dcm, convert a phantom CT to MRI, and write the images as PNGs."""
@@ -182,10 +194,16 @@ def demo(
 
     from ..api import HealthGPT
     from ..config import COMPREHENSION
-    from ..data.phantoms import iter_records
     from ..io import load_image, save_png
     from ..metrics import image_metrics
 
+    cases, translation = _demo_cases(seed)
+    paths = {rel: out / Path(rel).name for _, images in cases for rel in images}
+    paths |= {
+        "CT_small": out / "CT_small.png",
+        "generated": out / f"{paths[translation['target_image']].stem}_generated.png",
+    }
+    _check_demo_outputs(out, paths.values(), overwrite)
     console = Console()
     console.print(
         "[yellow]Model: nano, a TOY HealthGPT trained in minutes on synthetic phantoms (healthgpt.recipes.nano). "
@@ -193,28 +211,45 @@ def demo(
     )
     model = HealthGPT.from_pretrained(NANO)
     out.mkdir(parents=True, exist_ok=True)
-    drawn = list(iter_records(8, seed, split="test", tasks=("presence", "count", "ct2mri")))
-    first: dict[bool, str] = {}  # the first case with lesions and the first without
-    for r, _ in drawn:
-        first.setdefault(r["meta"]["has_lesion"], r["meta"]["case"])
-    cases = sorted((c for c in drawn if c[0]["meta"]["case"] in first.values()), key=lambda c: c[0]["meta"]["case"])
-    shown = {rel: save_png(pixels, out / Path(rel).name) for _, images in cases for rel, pixels in images.items()}
+    shown = {rel: save_png(pixels, paths[rel]) for _, images in cases for rel, pixels in images.items()}
     asked = [
         (shown[r["image"]], r["conversations"][0]["value"].removeprefix("<image>\n"), r["conversations"][1]["value"])
         for r, _ in cases
         if r["task"] == COMPREHENSION and r["meta"]["modality"] == "CT"
     ]
-    ct_small = save_png(load_image(get_testdata_file("CT_small.dcm")), out / "CT_small.png")
+    ct_small = save_png(load_image(get_testdata_file("CT_small.dcm")), paths["CT_small"])
     asked.append(
         (ct_small, "Is there a lesion in this CT image?", "unknown (a real CT slice, outside the phantom world)")
     )
     answers = model.ask([load_image(p).to_pil() for p, _, _ in asked], [q for _, q, _ in asked], max_new_tokens=8)
     for (path, question, truth), answer in zip(asked, answers, strict=True):
         console.print(f"[bold]{path}[/bold]\n  Q: {question}\n  A: {answer}   [dim]truth: {truth}[/dim]")
-    record = max((r for r, _ in cases if r["meta"]["kind"] == "ct2mri"), key=lambda r: r["meta"]["has_lesion"])
-    source, truth_path = shown[record["image"]], shown[record["target_image"]]
+    source, truth_path = shown[translation["image"]], shown[translation["target_image"]]
     made = model.generate_image(load_image(source).to_pil(), "ct2mri", progress=False).image.convert("L")
-    generated = save_png(made, out / f"{truth_path.stem}_generated.png")
+    generated = save_png(made, paths["generated"])
     ssim = image_metrics(made, load_image(truth_path).to_pil().convert("L"))["ssim"]
     console.print(f"[bold]CT -> MRI[/bold]: {source} -> {generated} (true MRI: {truth_path}; SSIM {ssim:.1f})")
     console.print(f"Images written to {out}/")
+
+
+def _demo_cases(seed: int) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], dict[str, Any]]:
+    """(the held-out cases the demo shows: the first with lesions and the first without, as (record, {image path:
+    pixels}); the CT-to-MRI record it translates)."""
+    from ..data.phantoms import iter_records
+
+    drawn = list(iter_records(8, seed, split="test", tasks=("presence", "count", "ct2mri")))
+    first: dict[bool, str] = {}
+    for r, _ in drawn:
+        first.setdefault(r["meta"]["has_lesion"], r["meta"]["case"])
+    cases = sorted((c for c in drawn if c[0]["meta"]["case"] in first.values()), key=lambda c: c[0]["meta"]["case"])
+    translation = max((r for r, _ in cases if r["meta"]["kind"] == "ct2mri"), key=lambda r: r["meta"]["has_lesion"])
+    return cases, translation
+
+
+def _check_demo_outputs(out: Path, paths: Iterable[Path], overwrite: bool) -> None:
+    """Before the model loads: `out` can be created or written into, and holds none of `paths` unless `overwrite`."""
+    from ..io.atomic import check_folder, check_target
+
+    check_folder(out)
+    for path in paths if out.is_dir() else ():
+        check_target(path, overwrite=overwrite)

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from ..io import MedicalImage
 
 from .. import jsonout
-from .common import WEIGHT_SUFFIXES, ModelOptions, command
+from .common import WEIGHT_SUFFIXES, ModelOptions, Overwrite, command
+from .outputs import check_output_folder, output_path
 
 
 # ----- convert, info, demo -----------------------------------------------------------------------------------------
@@ -28,6 +29,7 @@ def convert(
             help="Copy the base LLM and CLIP tower into the bundle, or refer to their local folders.",
         ),
     ] = False,
+    overwrite: Overwrite = False,
     *,
     model: ModelOptions,
 ) -> None:
@@ -35,10 +37,9 @@ def convert(
 
     --model names the official files (a folder of them, a variant or a Hub id), with --base-model, --vision-tower,
     --plugin-file, --fusion-file and --vqgan where they are elsewhere."""
-    from ..io.atomic import check_target
-
-    check_target(output, directory=True)  # before any weight is read
-    model.convert(output, include_base=include_base)
+    check_output_folder(output, overwrite=overwrite, inputs=model.local_files())  # before any weight is read
+    with output_path(output, overwrite=overwrite) as target:
+        model.convert(target, include_base=include_base)
     typer.echo(str(output))
 
 

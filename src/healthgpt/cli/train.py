@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .common import command
+from .common import Overwrite, command
+from .outputs import check_output_folder, output_path
 
 _OVERRIDES_HELP = "Dotted overrides of the recipe, e.g. stage3.lr=2e-4 train.max_steps=10 train.data=my.json."
 
@@ -29,10 +31,15 @@ def train(
 ) -> None:
     """Run one stage of the three-stage strategy with accelerate (CPU, one GPU, or `accelerate launch` for many).
 
-    Writes checkpoints every N steps (resumable after a crash), TensorBoard logs, loss.png and metrics.json."""
-    from ..training.loop import train as run
+    Writes checkpoints every N steps (resumable after a crash), TensorBoard logs, loss.png and metrics.json under
+    the recipe's output_dir; an earlier run of the stage there is resumed (--resume), never replaced."""
+    from ..io.atomic import check_folder
+    from ..training.loop import run_stage
+    from ..training.stages import load_recipe
 
-    result = run(stage, config, overrides or (), resume=resume)
+    recipe = load_recipe(config, overrides or (), stage)
+    check_folder(Path(recipe.output_dir) / stage)  # before the model is built
+    result = run_stage(recipe, stage, resume=resume)
     typer.echo(f"{stage}: {result.steps} steps, final loss {result.final_loss:.4f} -> {result.output}")
 
 
@@ -45,14 +52,23 @@ def export(
         bool, typer.Option("--include-base/--refer-to-base", help="Copy the base weights into the bundle.")
     ] = False,
     vqgan: Annotated[Path | None, typer.Option(help="The VQGAN the image codes were made with.")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Merge the stage-3 outputs (those trained so far) into one bundle that `--model BUNDLE` loads."""
-    from ..io.atomic import check_target
     from ..training.loop import export_model
 
-    check_target(output, directory=True)  # before the stage outputs are read and merged
+    check_output_folder(output, overwrite=overwrite, inputs=_export_inputs(config, overrides or (), vqgan))
+    with output_path(output, overwrite=overwrite) as target:
+        export_model(config, target, overrides=overrides or (), include_base=include_base, vqgan=vqgan)
+    typer.echo(str(output))
 
-    typer.echo(str(export_model(config, output, overrides=overrides or (), include_base=include_base, vqgan=vqgan)))
+
+def _export_inputs(config: Path | None, overrides: Sequence[str], vqgan: Path | None) -> Iterator[Path | None]:
+    """What `export` reads: the VQGAN and the recipe's output_dir (the recipe is read only if asked for)."""
+    from ..training.stages import load_recipe
+
+    yield vqgan
+    yield Path(load_recipe(config, overrides).output_dir)
 
 
 @command
@@ -69,7 +85,9 @@ def tokenize_images(
 ) -> None:
     """Encode every generation target image once into VQ codes (resumable: cached images are skipped)."""
     from ..data.image_codes import tokenize_images as run
+    from ..io.atomic import check_folder
 
+    check_folder(cache)  # before the VQGAN loads
     report = run(
         data,
         vqgan,
@@ -97,6 +115,7 @@ def train_vqgan(
     lr: Annotated[float, typer.Option(help="Peak learning rate (warm-up, then cosine).")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and batch order.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps.")] = "cpu",
+    overwrite: Overwrite = False,
 ) -> None:
     """Train a VQGAN on images (reconstruction + quantizer objective), or fine-tune a released one on your modality;
     saves it with a PNG of reconstructions. Images may be PNG/JPEG, DICOM or NIfTI."""
@@ -104,6 +123,10 @@ def train_vqgan(
     from ..config import get_variant
     from ..pretrain.vqgan import train_vqgan as run
 
+    check_output_folder(output, overwrite=overwrite, inputs=[images, init])  # before any training step
     start = load_vqgan(init) if init is not None else get_variant(variant).vq
-    model = run(images, vq=start, steps=steps, batch_size=batch_size, lr=lr, seed=seed, out_dir=output, device=device)
+    with output_path(output, overwrite=overwrite) as target:
+        model = run(
+            images, vq=start, steps=steps, batch_size=batch_size, lr=lr, seed=seed, out_dir=target, device=device
+        )
     typer.echo(f"{output} (grid {model.grid}x{model.grid}, {model.num_codes} codes)")

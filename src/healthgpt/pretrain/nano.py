@@ -32,6 +32,7 @@ from healthgpt.data.phantoms import (
     sample_case,
     vqa_pairs,
 )
+from healthgpt.io.atomic import write_atomic
 from healthgpt.nano import random_llm, random_vision
 from healthgpt.templates import get_template
 from healthgpt.vision import ImagePreprocessor, VisionEncoder
@@ -161,7 +162,7 @@ def pretrain_nano(
     for clock in ("seconds", "cpu_seconds"):
         metrics[clock] = {part: metrics[part].pop(clock) for part in ("vqgan", "lm", "clip")}
     metrics["seconds"]["total"] = time.perf_counter() - start
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     log.info("pretrain_nano: %s", json.dumps(metrics))
     return metrics
 

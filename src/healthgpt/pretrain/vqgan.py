@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from healthgpt.config import VQConfig
+from healthgpt.io import save_png
 from healthgpt.metrics import aggregate, image_metrics
 from healthgpt.vqgan import VQGAN
 
@@ -76,7 +77,7 @@ def train_vqgan(
         out = Path(out_dir)
         model.save(out)
         preview = [as_pil(item) for item in items[:8]]
-        reconstruction_grid(model, preview).save(out / PREVIEW_FILE)
+        save_png(reconstruction_grid(model, preview), out / PREVIEW_FILE)
     return model
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from healthgpt.config import HealthGPTConfig
+from healthgpt.io.atomic import write_atomic
 from healthgpt.pretrain.nano import WORKER_RESULT, NanoBudget, pretrain_vqgan_part, timed
 
 
@@ -18,7 +19,7 @@ def main(argv: list[str]) -> None:
     folder = Path(args["folder"])
     config = HealthGPTConfig.from_dict(args["config"])
     metrics = timed(pretrain_vqgan_part, config, budget, args["seed"], folder, args["progress"], args["threads"])
-    (folder / WORKER_RESULT).write_text(json.dumps(metrics))
+    write_atomic(folder / WORKER_RESULT, json.dumps(metrics))  # the parent reads it whole or not at all
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from healthgpt.config import COMPREHENSION, GENERATION
 from healthgpt.data.image_codes import tokenize_images
 from healthgpt.data.phantoms import PHANTOM_TASKS, make_dataset
 from healthgpt.io import load_image
+from healthgpt.io.atomic import atomic_target, write_atomic
 from healthgpt.metrics import aggregate, image_metrics
 from healthgpt.pretrain import NanoBudget, pretrain_nano
 from healthgpt.pretrain.nano import torch_threads
@@ -105,7 +106,7 @@ def write_phantoms(folder: Path, cases: int, seed: int, test_fraction: float) ->
     records = make_dataset(folder, cases, seed, size=PHANTOM_SIZE, test_fraction=test_fraction)
     for task in PHANTOM_TASKS:
         chosen = [r for r in records["train"] if r["meta"]["kind"] == task]
-        (folder / f"{task}.json").write_text(json.dumps(chosen, indent=1) + "\n")
+        write_atomic(folder / f"{task}.json", json.dumps(chosen, indent=1) + "\n")
     return records["test"]
 
 
@@ -127,7 +128,7 @@ def resolve_recipe(template: Path, root: Path, seed: int, overrides: Sequence[st
     tree.setdefault("model", {})["seed"] = seed
     tree.setdefault("engine", {})["seed"] = seed
     recipe = recipe_from_dict(apply_overrides(tree, overrides))
-    (root / RECIPE_FILE).write_text(yaml.safe_dump(tree, sort_keys=False))
+    write_atomic(root / RECIPE_FILE, yaml.safe_dump(tree, sort_keys=False))
     return recipe
 
 
@@ -192,7 +193,8 @@ def write_panel(path: Path, columns: Mapping[str, Sequence[Image.Image]]) -> Non
                 ax.set_title(title, fontsize=9)
     fig.suptitle("nano HealthGPT, held-out phantoms: CT -> MRI (toy model, synthetic data)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_target(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
 
 
 def evaluate(
@@ -295,7 +297,7 @@ def run(
     seconds["total"], cpu["total"] = time.perf_counter() - start, _cpu_seconds() - start_cpu
     metrics |= {"seconds": seconds, "cpu_seconds": cpu, "num_threads": num_threads}
     metrics["bundle_bytes"] = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     log.info("nano recipe: %s", json.dumps(metrics["evaluation"]))
     return metrics
 

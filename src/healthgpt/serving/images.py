@@ -7,9 +7,7 @@ import base64
 import binascii
 import io
 import math
-import tempfile
 import zlib
-from pathlib import Path
 
 import nibabel as nib
 import pydicom
@@ -19,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageInputError, ImageRejected
 from ..io import load_image
+from ..io.atomic import scratch_folder
 
 _NIFTI_MAGIC = (b"n+1\0", b"ni1\0")  # at byte 344 of a NIfTI-1 header
 _FORMATS = "PNG, JPEG, DICOM or NIfTI"
@@ -59,8 +58,8 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
             f"{name} would need {pixels} pixels (all its slices, or the square it is padded to), more than the "
             f"server's limit of {max_pixels}"
         )
-    with tempfile.TemporaryDirectory(prefix="healthgpt-upload-") as folder:
-        path = Path(folder) / f"upload{suffix}"
+    with scratch_folder("healthgpt-upload") as folder:  # what a killed server left is removed at the next upload
+        path = folder / f"upload{suffix}"
         path.write_bytes(data)
         try:
             return load_image(path).to_pil()

@@ -11,6 +11,7 @@ import functools
 import queue
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from PIL import Image
 from ..api import HealthGPT
 from ..generation import Request, SamplingParams
 from ..io import PRESETS, ImageInputError, MedicalImage, load_image, write_images
+from ..io.atomic import scratch_folder
 from ..quantize import format_memory
 from ..tasks import TASKS
 from ..templates import PromptError
@@ -78,7 +80,10 @@ class _App:
     def __init__(self, batchers: Mapping[str, Batcher], timeout: float) -> None:
         self.batchers = dict(batchers)
         self.timeout = timeout
-        self.outputs = tempfile.TemporaryDirectory(prefix="healthgpt-ui-")  # generated files, kept while the app is
+        # generated files to download, kept while the app runs; a killed app's are removed at the next start
+        self._scratch = contextlib.ExitStack()
+        self.outputs = self._scratch.enter_context(scratch_folder("healthgpt-ui"))
+        weakref.finalize(self, self._scratch.close)
 
     def on_upload(self, path: str | None) -> tuple[Any, Any, Any]:
         """Preview, slice slider and window choice for a new upload."""
@@ -186,7 +191,7 @@ class _App:
         request = batcher.prepare(lambda hg: hg.build_image_request(shown, what, text=text).request)
         sampling = replace(sampling, max_new_tokens=span + 1)
         done = [event for event in self._run(batcher, request, sampling) if isinstance(event, ImageDone)][0]
-        folder = Path(tempfile.mkdtemp(dir=self.outputs.name))
+        folder = Path(tempfile.mkdtemp(dir=self.outputs))
         files = [write_images([done.image], None, folder / "generated.png")]
         if source is not None and path is not None and source.datasets:
             series = write_images([done.image], source, folder / "dicom")

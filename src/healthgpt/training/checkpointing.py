@@ -3,10 +3,13 @@
 Resumable checkpoints (`<stage>/checkpoints/step_XXXXXXXX/`) hold the trainable weights and the optimizer (through
 `Accelerator.save_state`, which also handles DeepSpeed and FSDP), the scheduler as JSON, every process's RNG states as
 safetensors, and `trainer_state.json` (step, data position, loss history, settings and the SHA-256 of every other
-file). Nothing is unpickled on resume except accelerate's optimizer file, and that only after its checksum matched
-and through torch's weights-only loader: a tampered, corrupt, missing or extra file refuses the resume. Each
-checkpoint is written into a temporary folder and renamed when complete, so a run killed at any moment resumes from
-the last whole checkpoint.
+file). A corrupt, changed, missing or extra file refuses the resume. The checksums catch damage, not tampering
+(whoever can write the folder can rewrite them): what keeps code out is that nothing is unpickled except accelerate's
+optimizer file, through torch's weights-only loader, on one process, DDP and FSDP with full state dicts. Under
+DeepSpeed, and FSDP with sharded state dicts, accelerate hands the states to DeepSpeed's loader and
+torch.distributed.checkpoint, which unpickle their files: resume those only from folders as trusted as the code
+(README, Security). Each checkpoint is written into a temporary folder and renamed when complete, so a run killed
+at any moment resumes from the last whole checkpoint; the next save removes what a killed one left.
 
 A stage output (`<stage>/output/`) holds `weights.safetensors`: every tensor this stage trained or inherited from
 the stages it started from, with the stage that last trained each tensor recorded in the file's metadata, so
@@ -19,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Mapping, Sequence
@@ -33,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from healthgpt.errors import CheckpointError
-from healthgpt.io.atomic import atomic_target, match_umask
+from healthgpt.io.atomic import atomic_target, match_umask, replacing
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ SCHEDULER_STATE = "scheduler.json"
 RNG_STATE = "rng_state_{}.safetensors"  # one per process
 _ACCELERATE_RNG = "random_states_{}.pkl"  # accelerate's pickled copy, replaced by RNG_STATE
 _PREFIX = "step_"
+_TMP = ".tmp-"
 
 
 def save_stage_output(
@@ -57,18 +62,10 @@ def save_stage_output(
     (an existing output is replaced only once the new one is complete)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.with_name(f".{directory.name}.new")
-    shutil.rmtree(staging, ignore_errors=True)
-    with atomic_target(staging, directory=True) as tmp:
+    with replacing(directory) as target, atomic_target(target, directory=True) as tmp:
         weights = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         save_file(weights, str(tmp / WEIGHTS), metadata={"origins": json.dumps(dict(origins), sort_keys=True)})
         (tmp / STAGE_FILE).write_text(json.dumps(dict(info), indent=2, default=str) + "\n")
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(staging, directory)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_stage_output(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -143,24 +140,30 @@ def save_checkpoint(
     """Save everything needed to resume after `state["step"]` optimizer steps; all processes must call it."""
     root = Path(root)
     final = root / f"{_PREFIX}{int(state['step']):08d}"
-    tmp = root / f".tmp-{final.name}"
+    tmp = root / f"{_TMP}{final.name}"  # the same name on every process
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(f"{_TMP}{_PREFIX}*"):  # what a killed run's save left
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    (tmp / _ACCELERATE_RNG.format(accelerator.process_index)).unlink(missing_ok=True)
-    _save_rng_state(tmp / RNG_STATE.format(accelerator.process_index))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / SCHEDULER_STATE).write_text(json.dumps(scheduler.state_dict(), allow_nan=False) + "\n")
-        match_umask(tmp)
-        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / TRAINER_STATE).write_text(json.dumps({**state, "files": files}, indent=1) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoints(root)[: -max(keep, 1)]:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        accelerator.save_state(str(tmp))
+        (tmp / _ACCELERATE_RNG.format(accelerator.process_index)).unlink(missing_ok=True)
+        _save_rng_state(tmp / RNG_STATE.format(accelerator.process_index))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / SCHEDULER_STATE).write_text(json.dumps(scheduler.state_dict(), allow_nan=False) + "\n")
+            match_umask(tmp)
+            files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / TRAINER_STATE).write_text(json.dumps({**state, "files": files}, indent=1) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in checkpoints(root)[: -max(keep, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:  # an error, SIGTERM or Ctrl-C: no half-written checkpoint stays behind
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     return final
 
@@ -190,15 +193,20 @@ def load_checkpoint(
     _verify_files(path, state.get("files") if isinstance(state, dict) else None)
     weights = path / ACCELERATE_WEIGHTS
     if weights.is_file():
-        with safe_open(str(weights), framework="pt") as f:
-            saved = set(f.keys())
+        saved = _tensor_names(weights)
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         if saved != trainable:
             raise CheckpointError(
                 f"{path} holds other trainable weights than this stage trains "
                 f"(missing {sorted(trainable - saved)[:5]}, extra {sorted(saved - trainable)[:5]})"
             )
-    accelerator.load_state(str(path), strict=False)
+    try:  # the optimizer file, through torch's weights-only loader with accelerate's allow-list of NumPy types
+        accelerator.load_state(str(path), strict=False)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{_pickling_file(path)}: holds Python objects other than tensors, which are never unpickled "
+            f"(tampered?); {_fix(path)}"
+        ) from None
     scheduler.load_state_dict(_read_json(path / SCHEDULER_STATE))
     _load_rng_state(path / RNG_STATE.format(accelerator.process_index))
     return state
@@ -222,9 +230,37 @@ def _read_json(path: Path) -> Any:
         ) from None
 
 
+def _fix(folder: Path) -> str:
+    return f"delete {folder} to resume from the checkpoint before it, or start the stage afresh"
+
+
+def _pickling_file(folder: Path) -> Path:
+    """The file of `folder` that accelerate's weights-only loader refused (the folder if none is found again)."""
+    from accelerate.utils import load
+
+    for file in sorted(folder.rglob("*.bin")):
+        try:
+            load(file, map_location="cpu")
+        except pickle.UnpicklingError:
+            return file
+    return folder
+
+
+def _tensor_names(path: Path) -> set[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); {_fix(path.parent)}") from None
+
+
 def _verify_files(folder: Path, files: Any) -> None:
-    """Refuse a checkpoint whose files differ in any way from those its trainer state lists."""
-    fix = f"delete {folder} to resume from the checkpoint before it, or start the stage afresh"
+    """Refuse a checkpoint whose files differ in any way from those its trainer state lists, or that holds the
+    pickled files of accelerate that this project never writes (RNG and custom states)."""
+    fix = _fix(folder)
+    pickled = sorted(folder.glob("*.pkl"))
+    if pickled:
+        raise CheckpointError(f"{pickled[0]}: checkpoints of this project hold no pickled state (planted?); {fix}")
     if not isinstance(files, dict):
         raise CheckpointError(f"{folder}: {TRAINER_STATE} lists no file checksums (old or tampered); {fix}")
     present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink()}

@@ -37,6 +37,7 @@ from healthgpt.data.collate import collate, num_supervised
 from healthgpt.data.image_codes import ImageCodeCache
 from healthgpt.data.records import load_records
 from healthgpt.data.samples import DataReport, SampleBuilder, TrainingDataset, build_samples
+from healthgpt.io.atomic import write_atomic
 from healthgpt.model import build_model
 from healthgpt.quantize import quantize_base
 from healthgpt.training.checkpointing import (
@@ -230,7 +231,7 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
         metrics = _stage_metrics(
             {**settings, **run}, history, elapsed, report, out / "tensorboard" if tracking else None
         )
-        (out / METRICS).write_text(jsonout.dumps(metrics, indent=1) + "\n")
+        write_atomic(out / METRICS, jsonout.dumps(metrics, indent=1) + "\n")
         write_loss_plot(history, out / LOSS_PLOT, f"HealthGPT {name}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

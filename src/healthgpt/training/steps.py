@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from healthgpt.io.atomic import atomic_target
+
 log = logging.getLogger(__name__)
 
 
@@ -77,5 +79,6 @@ def write_loss_plot(history: Sequence[dict[str, Any]], path: Path, title: str) -
     ax.set(xlabel="optimizer step", ylabel="loss", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_target(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     return True
