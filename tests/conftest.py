@@ -7,11 +7,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from _models import random_model
 
 from healthgpt.api import HealthGPT
 from healthgpt.config import GENERATION, get_variant
+from healthgpt.data.image_codes import tokenize_images
+from healthgpt.data.phantoms import make_dataset
 from healthgpt.pretrain.nano import torch_threads
+from healthgpt.vqgan import VQGAN
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,6 +60,17 @@ def tiny_config(arch: str):
         add_image_tokens=False,
         plugins={k: v for k, v in base.plugins.items() if k != GENERATION},
     )
+
+
+def phantoms_with_codes(root: Path, seed: int) -> Path:
+    """`root` holding four 64-pixel phantom cases (training split only) and, in `root/codes`, their target images
+    encoded by a nano VQGAN with seeded random weights: the data of a short training stage."""
+    make_dataset(root, 4, seed=seed, size=64, test_fraction=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vqgan = VQGAN.from_config(get_variant("nano").vq)
+    tokenize_images(root / "train.json", vqgan, root / "codes")
+    return root
 
 
 def turns(question: str, history: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:

@@ -15,18 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import phantoms_with_codes
 from safetensors.torch import load_file
 
-from healthgpt.config import get_variant
-from healthgpt.data.image_codes import tokenize_images
-from healthgpt.data.phantoms import make_dataset
 from healthgpt.data.records import DataError
 from healthgpt.errors import CheckpointError
 from healthgpt.training.checkpointing import checkpoints
 from healthgpt.training.loop import run_stage
 from healthgpt.training.stages import RecipeError, load_recipe
 from healthgpt.training.steps import StepBatchSampler, lr_lambda
-from healthgpt.vqgan import VQGAN
 
 STAGE = "stage3_generation"
 
@@ -36,13 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("phantoms")
-    make_dataset(root, 4, seed=1, size=64, test_fraction=0.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vqgan = VQGAN.from_config(get_variant("nano").vq)
-    tokenize_images(root / "train.json", vqgan, root / "codes")
-    return root
+    return phantoms_with_codes(tmp_path_factory.mktemp("phantoms"), seed=1)
 
 
 def _overrides(phantoms: Path, out: Path, *extra: str) -> list[str]:

@@ -7,17 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import phantoms_with_codes
 
 from healthgpt.api import HealthGPT
 from healthgpt.config import COMPREHENSION, GENERATION, get_variant
-from healthgpt.data.image_codes import tokenize_images
-from healthgpt.data.phantoms import make_dataset
 from healthgpt.nano import nano_tokenizer, random_llm, random_vision
 from healthgpt.training.checkpointing import merge_stage_outputs, read_stage_output
 from healthgpt.training.loop import build_healthgpt, export_model, run_stage
 from healthgpt.training.stages import RecipeError, load_recipe, prepare_stage, select_parameters, table7
 from healthgpt.vision import ImagePreprocessor
-from healthgpt.vqgan import VQGAN
 
 STAGES = ("stage1_comprehension", "stage1_generation", "stage2", "stage3_comprehension", "stage3_generation")
 
@@ -98,13 +96,7 @@ def test_selectors_pick_exactly_the_stage_parameters() -> None:
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("phantoms")
-    make_dataset(root, 4, seed=0, size=64, test_fraction=0.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vqgan = VQGAN.from_config(get_variant("nano").vq)
-    tokenize_images(root / "train.json", vqgan, root / "codes")
-    return root
+    return phantoms_with_codes(tmp_path_factory.mktemp("phantoms"), seed=0)
 
 
 def test_each_stage_trains_its_parameters_and_leaves_the_rest_bitwise_unchanged(phantoms: Path, tmp_path) -> None:

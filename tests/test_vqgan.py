@@ -248,7 +248,7 @@ def test_failed_save_leaves_no_partial_file(tmp_path: Path, monkeypatch: MonkeyP
         Path(filename).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr("healthgpt.vqgan.save_file", broken)
+    monkeypatch.setattr("healthgpt.vqgan.model.save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         tiny().save(tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []

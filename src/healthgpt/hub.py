@@ -5,7 +5,7 @@ CLIP). Whatever cannot be found is reported in one error that says which file to
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +65,74 @@ def _hub_file(repo_id: str | None, name: str, cache_dir: str | Path | None, revi
     return Path(hf_hub_download(repo_id, name, cache_dir=cache_dir, revision=revision))
 
 
+class _Lookup:
+    """The search for one variant's files: each failed attempt is kept, so that one error can list them all."""
+
+    def __init__(
+        self, config: HealthGPTConfig, folder: str | Path | None, cache_dir: str | Path | None, revision: str | None
+    ) -> None:
+        self.config, self.folder, self.cache_dir, self.revision = config, folder, cache_dir, revision
+        self.source = f"https://huggingface.co/{config.hub_id}" if config.hub_id else "the HealthGPT release"
+        self.problems: list[str] = []
+
+    def attempt(self, what: str, how: str, fetch: Callable[[], Path]) -> Path | None:
+        """`fetch()`, or None with the failure noted as `what`: `how` to provide it (and the error)."""
+        try:
+            return fetch()
+        except (OSError, EntryNotFoundError, HfHubHTTPError) as e:  # offline, not cached, not found, HTTP errors
+            self.problems.append(
+                f"  {what}: {how}\n      ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            )
+            return None
+
+    def official(self, name: str, given: str | Path | None) -> Path:
+        """A released file: the `given` path, else `folder/<name>`, else the variant's Hub repository."""
+        if given is not None:
+            path = Path(given).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such file")
+            return path
+        if self.folder is not None and (Path(self.folder) / name).is_file():
+            return Path(self.folder) / name
+        return _hub_file(self.config.hub_id, name, self.cache_dir, self.revision)
+
+    def plugin_files(self, plugins: Sequence[str], given: Mapping[str, str | Path]) -> dict[str, Path]:
+        """Each plugin's H-LoRA file that can be found (`given`, else the released one)."""
+        files: dict[str, Path] = {}
+        for plugin in plugins:
+            name = self.config.official_files.get(plugin)
+            if name is None and plugin not in given:
+                self.problems.append(
+                    f"  plugin_files[{plugin!r}]: {self.config.name} has no released file for this plugin"
+                )
+                continue
+            path = self.attempt(
+                f"plugin_files[{plugin!r}]",
+                f"{name} from {self.source}, in the source folder or given as plugin_files={{{plugin!r}: path}}",
+                lambda n=name, p=plugin: self.official(n, given.get(p)),
+            )
+            if path is not None:
+                files[plugin] = path
+        return files
+
+    def fusion_file(self, given: str | Path | None) -> Path | None:
+        """The fusion file (`given`, else the released one), if it can be found."""
+        name = self.config.official_files.get("fusion", "fusion_layer_weights.bin")
+        return self.attempt(
+            "fusion_file",
+            f"{name} from {self.source}, in the source folder or given as fusion_file= (or load with fusion='none')",
+            lambda: self.official(name, given),
+        )
+
+    def raise_if_missing(self) -> None:
+        """One `WeightsNotFoundError` listing every file not found, with where to place it."""
+        if self.problems:
+            raise WeightsNotFoundError(
+                f"cannot find the files of HealthGPT {self.config.name} locally or on the Hub (offline, not cached, "
+                "or no network). Place them and pass their paths:\n" + "\n".join(self.problems)
+            )
+
+
 def resolve_official_files(
     config: HealthGPTConfig,
     plugins: Sequence[str],
@@ -84,63 +152,20 @@ def resolve_official_files(
     H-LoRA files, `config.llm.source` / `config.vision.source` for the base models); `revision` applies to the
     variant's repository. Raises `WeightsNotFoundError` listing every file that is missing, with where to put it.
     """
-    plugin_files = dict(plugin_files or {})
-    problems: list[str] = []
-
-    def attempt(what: str, how: str, fetch):
-        try:
-            return fetch()
-        except (OSError, EntryNotFoundError, HfHubHTTPError) as e:  # offline, not cached, not found, HTTP errors
-            problems.append(f"  {what}: {how}\n      ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-            return None
-
-    def official(name: str, given: str | Path | None):
-        if given is not None:
-            path = Path(given).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no such file")
-            return path
-        if folder is not None and (Path(folder) / name).is_file():
-            return Path(folder) / name
-        return _hub_file(config.hub_id, name, cache_dir, revision)
-
-    source = f"https://huggingface.co/{config.hub_id}" if config.hub_id else "the HealthGPT release"
-    base = attempt(
+    lookup = _Lookup(config, folder, cache_dir, revision)
+    base = lookup.attempt(
         "base_model",
         f"a local folder of {config.llm.source} (config.json, *.safetensors, tokenizer files); pass base_model=",
         lambda: _folder(base_model or config.llm.source, LLM_PATTERNS, cache_dir, None),
     )
-    vision = attempt(
+    vision = lookup.attempt(
         "vision_tower",
         f"a local folder of {config.vision.source} (config.json, weights, preprocessor_config.json); "
         "pass vision_tower=",
         lambda: _folder(vision_tower or config.vision.source, CLIP_PATTERNS, cache_dir, None),
     )
-    files: dict[str, Path] = {}
-    for plugin in plugins:
-        name = config.official_files.get(plugin)
-        if name is None and plugin not in plugin_files:
-            problems.append(f"  plugin_files[{plugin!r}]: {config.name} has no released file for this plugin")
-            continue
-        path = attempt(
-            f"plugin_files[{plugin!r}]",
-            f"{name} from {source}, in the source folder or given as plugin_files={{{plugin!r}: path}}",
-            lambda n=name, p=plugin: official(n, plugin_files.get(p)),
-        )
-        if path is not None:
-            files[plugin] = path
-    fusion = None
-    if need_fusion:
-        name = config.official_files.get("fusion", "fusion_layer_weights.bin")
-        fusion = attempt(
-            "fusion_file",
-            f"{name} from {source}, in the source folder or given as fusion_file= (or load with fusion='none')",
-            lambda: official(name, fusion_file),
-        )
-    if problems:
-        raise WeightsNotFoundError(
-            f"cannot find the files of HealthGPT {config.name} locally or on the Hub (offline, not cached, or no "
-            "network). Place them and pass their paths:\n" + "\n".join(problems)
-        )
+    files = lookup.plugin_files(plugins, dict(plugin_files or {}))
+    fusion = lookup.fusion_file(fusion_file) if need_fusion else None
+    lookup.raise_if_missing()
     assert base is not None and vision is not None
     return OfficialFiles(base, vision, files, fusion)

@@ -111,37 +111,21 @@ def load(
     `quantize` ("int8", "int4", "nf4") stores the base LLM's linears weight-only in that format (see
     `healthgpt.quantize`); plugins, projectors, tables and head stay in `dtype`.
     """
+    placement = dict(dtype=dtype, device=device, device_map=device_map, system_prompt=system_prompt, quantize=quantize)
     if isinstance(source, str) and source.lower() in EMBEDDED and not Path(source).exists():
         source = embedded_bundle(source.lower())
-    folder: Path | None = None
     if isinstance(source, (str, Path)) and (Path(source) / MANIFEST).is_file():
         extra = dict(variant=variant, plugins=plugins, plugin_files=plugin_files, fusion_file=fusion_file, vqgan=vqgan)
         given = sorted(k for k, v in extra.items() if v is not None)
         if given or fusion != "generation":
             raise ValueError(f"{source} is a bundle; {', '.join(given) or 'fusion'} apply only to the official layout")
-        return load_bundle(
-            source,
-            dtype=dtype,
-            device=device,
-            device_map=device_map,
-            system_prompt=system_prompt,
-            base_model=base_model,
-            vision_tower=vision_tower,
-            quantize=quantize,
-        )
-    if isinstance(source, (str, Path)) and Path(source).is_dir():
-        folder = Path(source)
-    elif source is not None:
-        if variant is not None:
-            raise ValueError(f"give the variant once: source={source!r} and variant={variant!r}")
-        variant = source
-    config = _variant(variant, folder)
+        return load_bundle(source, base_model=base_model, vision_tower=vision_tower, **placement)
+    folder, config = _official_source(source, variant)
     wanted = list(plugins or plugin_files or config.plugins)
-    need_fusion = fusion == "all" or (fusion == "generation" and GENERATION in wanted)
     files = resolve_official_files(
         config,
         wanted,
-        need_fusion=need_fusion,
+        need_fusion=fusion == "all" or (fusion == "generation" and GENERATION in wanted),
         base_model=base_model,
         vision_tower=vision_tower,
         plugin_files=plugin_files,
@@ -150,17 +134,21 @@ def load(
         cache_dir=cache_dir,
         revision=revision,
     )
-    return load_official(
-        config,
-        files,
-        vqgan=vqgan,
-        fusion=fusion,
-        dtype=dtype,
-        device=device,
-        device_map=device_map,
-        system_prompt=system_prompt,
-        quantize=quantize,
-    )
+    return load_official(config, files, vqgan=vqgan, fusion=fusion, **placement)
+
+
+def _official_source(
+    source: str | Path | HealthGPTConfig | None, variant: str | HealthGPTConfig | None
+) -> tuple[Path | None, HealthGPTConfig]:
+    """(the folder holding official files, or None; the variant's config) of a `source` that is not a bundle."""
+    folder: Path | None = None
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        folder = Path(source)
+    elif source is not None:
+        if variant is not None:
+            raise ValueError(f"give the variant once: source={source!r} and variant={variant!r}")
+        variant = source
+    return folder, _variant(variant, folder)
 
 
 def embedded_bundle(name: str) -> Path:

@@ -85,26 +85,15 @@ def save_bundle(
     one safetensors file per plugin and per plugin table in the official key layout, the changed embedding/head
     rows (`vocab.safetensors`) and the VQGAN."""
     directory = Path(directory)
-    llm_dir, vision_dir = Path(config.llm.source), Path(config.vision.source)
-    if include_base and any(is_quantized(linear.weight) for linear in base_linears(model).values()):
-        raise CheckpointError(
-            "the base LLM is quantized, and a bundle stores it in full precision: save without include_base (the "
-            "bundle refers to the base folder), or load the model without quantize first"
-        )
-    if not include_base:
-        for folder, what in ((llm_dir, "base LLM"), (vision_dir, "CLIP tower")):
-            if not (folder / "config.json").is_file():
-                raise CheckpointError(
-                    f"the {what} was not loaded from a local folder ({folder}), so the bundle cannot refer to it; "
-                    "copy the base weights in (--include-base; include_base=True in Python)"
-                )
+    llm_dir = Path(config.llm.source)
+    _check_savable(model, config, include_base)
     first_row = _first_changed_row(model, None if include_base else llm_dir)
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,
         "dtype": _dtype_name(model.llm.get_input_embeddings().weight.dtype),
         "llm": "llm" if include_base else {"path": str(llm_dir.resolve()), "weights": _weight_files(llm_dir)},
-        "vision": "vision" if include_base else {"path": str(vision_dir.resolve())},
+        "vision": "vision" if include_base else {"path": str(Path(config.vision.source).resolve())},
         "plugins": list(model.plugin_names),
         "plugin_tables": [],
         "vocab_first_row": first_row,
@@ -112,20 +101,9 @@ def save_bundle(
     }
     with atomic_target(directory, directory=True) as tmp:
         config.save(tmp / "config.json")
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        sentencepiece = Path(getattr(tokenizer, "vocab_file", None) or "")
-        if sentencepiece.suffix == ".model" and sentencepiece.is_file():
-            shutil.copyfile(sentencepiece, tmp / "tokenizer" / "tokenizer.model")
-        (tmp / "plugins").mkdir()
-        for plugin in model.plugin_names:
-            state = official_plugin_parameters(model, plugin)
-            save_file(_contiguous(state), tmp / "plugins" / f"{plugin}.safetensors")
+        _save_tokenizer(tokenizer, tmp / "tokenizer")
+        manifest["plugin_tables"] = _save_plugins(model, tmp / "plugins")
         tables = _tables(model)
-        embed = tables[EMBED_KEY]
-        for plugin in embed.tables if isinstance(embed, PluginTable) else ():
-            state = {k: m.tables[plugin] for k, m in tables.items()}
-            save_file(_contiguous(state), tmp / "plugins" / f"{plugin}.tables.safetensors")
-            manifest["plugin_tables"].append(plugin)
         rows = {k: m.weight[first_row:] for k, m in tables.items()}
         if rows[EMBED_KEY].shape[0]:
             save_file(_contiguous(rows), tmp / "vocab.safetensors", metadata={"first_row": str(first_row)})
@@ -135,6 +113,44 @@ def save_bundle(
             vqgan.save(tmp / "vqgan")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return directory
+
+
+def _check_savable(model: HealthGPTModel, config: HealthGPTConfig, include_base: bool) -> None:
+    """A quantized base cannot be included; a referenced base must be a local folder."""
+    if include_base and any(is_quantized(linear.weight) for linear in base_linears(model).values()):
+        raise CheckpointError(
+            "the base LLM is quantized, and a bundle stores it in full precision: save without include_base (the "
+            "bundle refers to the base folder), or load the model without quantize first"
+        )
+    if not include_base:
+        for folder, what in ((Path(config.llm.source), "base LLM"), (Path(config.vision.source), "CLIP tower")):
+            if not (folder / "config.json").is_file():
+                raise CheckpointError(
+                    f"the {what} was not loaded from a local folder ({folder}), so the bundle cannot refer to it; "
+                    "copy the base weights in (--include-base; include_base=True in Python)"
+                )
+
+
+def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """The tokenizer's files, with its SentencePiece model when it has one."""
+    tokenizer.save_pretrained(folder)
+    sentencepiece = Path(getattr(tokenizer, "vocab_file", None) or "")
+    if sentencepiece.suffix == ".model" and sentencepiece.is_file():
+        shutil.copyfile(sentencepiece, folder / "tokenizer.model")
+
+
+def _save_plugins(model: HealthGPTModel, folder: Path) -> list[str]:
+    """One file per plugin (official keys) and per plugin with its own tables; returns the latter plugins."""
+    folder.mkdir()
+    for plugin in model.plugin_names:
+        save_file(_contiguous(official_plugin_parameters(model, plugin)), folder / f"{plugin}.safetensors")
+    tables = _tables(model)
+    embed = tables[EMBED_KEY]
+    with_tables = list(embed.tables) if isinstance(embed, PluginTable) else []
+    for plugin in with_tables:
+        state = {k: m.tables[plugin] for k, m in tables.items()}
+        save_file(_contiguous(state), folder / f"{plugin}.tables.safetensors")
+    return with_tables
 
 
 def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -171,21 +187,7 @@ def load_bundle(
     """Load a bundle written by `save_bundle`, strictly; `base_model` / `vision_tower` replace the folders a bundle
     refers to (when they moved); `quantize` as in `load`."""
     directory = Path(directory)
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{directory}: not a HealthGPT bundle ({e})") from e
-    missing = [k for k in _MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else list(_MANIFEST_KEYS)
-    if missing:
-        raise CheckpointError(
-            f"{directory / MANIFEST}: not a bundle manifest (no {', '.join(missing)}); write the bundle again with "
-            "`healthgpt convert`"
-        )
-    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
-        raise CheckpointError(
-            f"{directory}: bundle format {manifest.get('format')!r} version {manifest.get('version')!r} is not "
-            f"{BUNDLE_FORMAT!r} version {BUNDLE_VERSION}"
-        )
+    manifest = _read_manifest(directory)
     config = HealthGPTConfig.load(directory / "config.json")
     llm_dir = _bundle_part(directory, manifest["llm"], base_model, "base_model")
     vision_dir = _bundle_part(directory, manifest["vision"], vision_tower, "vision_tower")
@@ -202,6 +204,36 @@ def load_bundle(
     model, tokenizer, prompts, pre, config = _assemble(
         config, manifest["plugins"], llm_dir, vision_dir, torch_dtype, device_map, directory / "tokenizer"
     )
+    _load_trained(model, directory, manifest)
+    vq = VQGAN.load(directory / "vqgan") if manifest["vqgan"] else None
+    if system_prompt is not None:
+        config = config.replace(system_prompt=system_prompt)
+    _place(model, vq, device, device_map, quantize)
+    return LoadedModel(model, tokenizer, config, pre, prompts, vq)
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    """`bundle.json`, checked for every key and for our format and version."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{directory}: not a HealthGPT bundle ({e})") from e
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else list(_MANIFEST_KEYS)
+    if missing:
+        raise CheckpointError(
+            f"{directory / MANIFEST}: not a bundle manifest (no {', '.join(missing)}); write the bundle again with "
+            "`healthgpt convert`"
+        )
+    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
+        raise CheckpointError(
+            f"{directory}: bundle format {manifest.get('format')!r} version {manifest.get('version')!r} is not "
+            f"{BUNDLE_FORMAT!r} version {BUNDLE_VERSION}"
+        )
+    return manifest
+
+
+def _load_trained(model: HealthGPTModel, directory: Path, manifest: Mapping[str, Any]) -> None:
+    """What the bundle holds over the base: embedding/head rows, each plugin and each plugin's own tables."""
     vocab = directory / "vocab.safetensors"
     if vocab.is_file():
         _load_rows(model, load_state_file(vocab), int(manifest["vocab_first_row"]), str(vocab))
@@ -213,11 +245,6 @@ def load_bundle(
         state = load_state_file(path)
         check_keys(state, {k: m.weight.shape for k, m in _tables(model).items()}, str(path), "the plugin tables")
         set_plugin_tables(model, plugin, state[EMBED_KEY], state[HEAD_KEY])
-    vq = VQGAN.load(directory / "vqgan") if manifest["vqgan"] else None
-    if system_prompt is not None:
-        config = config.replace(system_prompt=system_prompt)
-    _place(model, vq, device, device_map, quantize)
-    return LoadedModel(model, tokenizer, config, pre, prompts, vq)
 
 
 def _bundle_part(directory: Path, entry: str | dict, override: str | Path | None, argument: str) -> Path:

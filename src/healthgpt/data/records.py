@@ -125,16 +125,40 @@ def parse_record(
     fmap = dict(field_map or {})
     target_name = _field(raw, "target_image", fmap)
     target_codes = _field(raw, "target_codes", fmap)
-    has_target = target_name is not None or target_codes is not None
-    task = _field(raw, "task", fmap) or default_task or (GENERATION if has_target else COMPREHENSION)
+    task = _task(_field(raw, "task", fmap) or default_task, target_name is not None or target_codes is not None)
+    turns, placeholders = _turns(_field(raw, "conversations", fmap), task)
+    images = _images(_field(raw, "image", fmap), placeholders, image_folder)
+    target_path = None
+    if target_name is not None:
+        if not isinstance(target_name, str) or not target_name:
+            raise DataError(f"'target_image' must be a path, got {target_name!r:.80}")
+        target_path = image_folder / target_name
+    if check_files:
+        missing = [str(p) for p in (*images, *([target_path] if target_path else [])) if not p.is_file()]
+        if missing:
+            raise DataError(f"missing image file(s): {', '.join(missing)}")
+    codes = None
+    if target_codes is not None:
+        if not isinstance(target_codes, list) or not target_codes or not all(isinstance(c, int) for c in target_codes):
+            raise DataError("'target_codes' must be a non-empty list of integers")
+        codes = tuple(target_codes)
+    return Record(task, tuple(turns), images, origin, target_path, codes)
+
+
+def _task(given: str | None, has_target: bool) -> str:
+    """The record's plugin task: given, else generation when it has a target; checked against its target."""
+    task = given or (GENERATION if has_target else COMPREHENSION)
     if task not in PLUGIN_TASKS:
         raise DataError(f"unknown task {task!r}; expected one of {list(PLUGIN_TASKS)}")
     if task == GENERATION and not has_target:
         raise DataError("a generation record needs a target: 'target_image' (a file) or 'target_codes'")
     if task == COMPREHENSION and has_target:
         raise DataError("a comprehension record has a generation target; set its task to 'generation'")
+    return task
 
-    conversations = _field(raw, "conversations", fmap)
+
+def _turns(conversations: Any, task: str) -> tuple[list[tuple[str, str]], int]:
+    """(role, text) turns, alternating user/assistant and ending with the response, and the `<image>` count."""
     if not isinstance(conversations, list) or not conversations:
         raise DataError("'conversations' must be a non-empty list of {'from', 'value'} turns")
     turns: list[tuple[str, str]] = []
@@ -160,8 +184,11 @@ def parse_record(
         turns.append((role, text))
     if turns[-1][0] != "assistant":
         raise DataError("the conversation must end with a gpt turn (the response to learn)")
+    return turns, placeholders
 
-    image = _field(raw, "image", fmap)
+
+def _images(image: Any, placeholders: int, image_folder: Path) -> tuple[Path, ...]:
+    """The paths of the record's input images: one per `<image>` placeholder of its human turns."""
     names = [] if image is None else [image] if isinstance(image, str) else image
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise DataError(f"'image' must be a path or a list of paths, got {image!r:.80}")
@@ -169,22 +196,7 @@ def parse_record(
         raise DataError(
             f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the human turns but {len(names)} image(s)"
         )
-    images = tuple(image_folder / n for n in names)
-    target_path = None
-    if target_name is not None:
-        if not isinstance(target_name, str) or not target_name:
-            raise DataError(f"'target_image' must be a path, got {target_name!r:.80}")
-        target_path = image_folder / target_name
-    if check_files:
-        missing = [str(p) for p in (*images, *([target_path] if target_path else [])) if not p.is_file()]
-        if missing:
-            raise DataError(f"missing image file(s): {', '.join(missing)}")
-    codes = None
-    if target_codes is not None:
-        if not isinstance(target_codes, list) or not target_codes or not all(isinstance(c, int) for c in target_codes):
-            raise DataError("'target_codes' must be a non-empty list of integers")
-        codes = tuple(target_codes)
-    return Record(task, tuple(turns), images, origin, target_path, codes)
+    return tuple(image_folder / n for n in names)
 
 
 def _json_array_items(text: str, source: str) -> Iterator[tuple[int, Any]]:

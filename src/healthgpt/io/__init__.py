@@ -1,7 +1,7 @@
 """Medical image I/O: PNG/JPEG/DICOM/NIfTI in physical units, display windows, geometry-keeping writes."""
 
 from healthgpt.errors import ImageInputError
-from healthgpt.io.dicom import SYNTHETIC_NOTE, save_dicom_series
+from healthgpt.io.dicom_write import SYNTHETIC_NOTE, save_dicom_series
 from healthgpt.io.files import load_image, write_images, write_volume
 from healthgpt.io.image import MedicalImage
 from healthgpt.io.nifti import save_nifti

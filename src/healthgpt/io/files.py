@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from healthgpt.errors import ImageInputError
-from healthgpt.io.dicom import UnevenSlices, read_dicom, read_dicom_series, save_dicom_series
+from healthgpt.io.dicom import UnevenSlices, read_dicom, read_dicom_series
+from healthgpt.io.dicom_write import save_dicom_series
 from healthgpt.io.image import MedicalImage, Pixels, Plane, SliceIndex, select
 from healthgpt.io.nifti import NIBABEL_SUFFIXES, NIFTI_SUFFIXES, read_nifti, save_nifti
 from healthgpt.io.raster import read_raster, save_png

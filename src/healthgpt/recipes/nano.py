@@ -282,24 +282,43 @@ def run(
         vqgan_dir = out / PRETRAIN_DIR / "vqgan"
         with _timed("tokenize_images", seconds, cpu):
             tokenize_images(out / PHANTOM_DIR / "train.json", vqgan_dir, recipe.data.code_cache)
-        results = []
-        for part, names in (("stage1", STAGE_NAMES[:2]), ("stage2", STAGE_NAMES[2:3]), ("stage3", STAGE_NAMES[3:])):
-            with _timed(part, seconds, cpu):
-                results += run_stages(recipe, recipe_file, names, parallel, num_threads)
-        metrics["stages"] = {name: _stage_summary(result) for name, result in zip(STAGE_NAMES, results, strict=True)}
+        metrics["stages"] = _train_stages(recipe, recipe_file, parallel, num_threads, seconds, cpu)
         with _timed("export", seconds, cpu):
             bundle = export_model(recipe_file, out / MODEL_DIR, include_base=True, vqgan=vqgan_dir)
         with _timed("evaluate", seconds, cpu):
-            trained = HealthGPT.from_pretrained(bundle)
-            untrained = build_healthgpt(recipe)
-            untrained.vqgan = load_vqgan(vqgan_dir).eval()
-            metrics["evaluation"] = evaluate(trained, untrained, test_records, out / PHANTOM_DIR, out / PANEL_FILE)
+            metrics["evaluation"] = _evaluate_bundle(recipe, bundle, vqgan_dir, test_records, out)
     seconds["total"], cpu["total"] = time.perf_counter() - start, _cpu_seconds() - start_cpu
     metrics |= {"seconds": seconds, "cpu_seconds": cpu, "num_threads": num_threads}
     metrics["bundle_bytes"] = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     log.info("nano recipe: %s", json.dumps(metrics["evaluation"]))
     return metrics
+
+
+def _train_stages(
+    recipe: Recipe,
+    recipe_file: Path,
+    parallel: bool,
+    num_threads: int,
+    seconds: dict[str, float],
+    cpu: dict[str, float],
+) -> dict[str, dict[str, Any]]:
+    """The five stages in three timed parts (stage-1 pair, stage 2, stage-3 pair); a summary of each stage."""
+    results = []
+    for part, names in (("stage1", STAGE_NAMES[:2]), ("stage2", STAGE_NAMES[2:3]), ("stage3", STAGE_NAMES[3:])):
+        with _timed(part, seconds, cpu):
+            results += run_stages(recipe, recipe_file, names, parallel, num_threads)
+    return {name: _stage_summary(result) for name, result in zip(STAGE_NAMES, results, strict=True)}
+
+
+def _evaluate_bundle(
+    recipe: Recipe, bundle: Path, vqgan_dir: Path, test_records: list[dict[str, Any]], out: Path
+) -> dict[str, Any]:
+    """`evaluate` the exported bundle against the recipe's starting model (fresh plugins, the same VQGAN)."""
+    trained = HealthGPT.from_pretrained(bundle)
+    untrained = build_healthgpt(recipe)
+    untrained.vqgan = load_vqgan(vqgan_dir).eval()
+    return evaluate(trained, untrained, test_records, out / PHANTOM_DIR, out / PANEL_FILE)
 
 
 def _stage_summary(result: TrainResult) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..api import HealthGPT
+from ..api.images import decode_image_ids
 from ..generation import IncrementalDetokenizer, Request, SamplingParams, stream
 from .metrics import ServingMetrics
 
@@ -280,14 +281,10 @@ class Batcher:
         if not jobs:
             return
         hg = self.model
-        vocab, span = hg.model.image_vocab, hg.config.vq.num_image_tokens
-        assert vocab is not None and hg.vqgan is not None
-        codes = vocab.ids_to_codes(torch.tensor([job.ids[:span] for job in jobs]))
-        device = next(hg.vqgan.parameters()).device
-        with torch.inference_mode():
-            pictures = hg.vqgan.codes_to_pil(codes.to(device))
-        for job, picture, c in zip(jobs, pictures, codes, strict=True):
-            _emit(job, ImageDone(picture, c.reshape(hg.vqgan.grid, hg.vqgan.grid), _prompt_tokens(hg, job)))
+        span = hg.config.vq.num_image_tokens
+        decoded = decode_image_ids(hg, torch.tensor([job.ids[:span] for job in jobs]))
+        for job, (picture, codes) in zip(jobs, decoded, strict=True):
+            _emit(job, ImageDone(picture, codes, _prompt_tokens(hg, job)))
 
     def _feed(self, job: Job, token: int) -> None:
         """Advance one job by its new token: stream text pieces, collect image codes, finish."""

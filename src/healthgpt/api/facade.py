@@ -1,54 +1,30 @@
-"""`HealthGPT`: the facade every entry point uses — ask, stream, chat and generate images on one loaded model whose
-plugins are chosen per request."""
+"""The `HealthGPT` class: loading and saving, prompts and requests, text answers; image generation is `images`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from . import checkpoints
-from .config import COMPREHENSION, GENERATION, HealthGPTConfig, get_variant
-from .generation import IncrementalDetokenizer, Request, SamplingParams, StaticEngine, generate, stream
-from .model import HealthGPTModel, build_model, expand_image_slots
-from .nano import nano_tokenizer, random_llm, random_vision
-from .quantize import memory_by_part, quantize_base
-from .tasks import UNCONDITIONAL_INSTRUCTION, check_image_input, resolve_instruction
-from .templates import PromptError, chat_prompt, get_template
-from .tokens import PromptTokenizer
-from .vision import ImagePreprocessor
-from .vqgan import VQGAN
+from .. import checkpoints
+from ..config import COMPREHENSION, GENERATION, HealthGPTConfig, get_variant
+from ..generation import IncrementalDetokenizer, Request, SamplingParams, StaticEngine, generate, stream
+from ..model import HealthGPTModel, build_model, expand_image_slots
+from ..nano import nano_tokenizer, random_llm, random_vision
+from ..quantize import memory_by_part, quantize_base
+from ..templates import PromptError, chat_prompt, get_template
+from ..tokens import PromptTokenizer
+from ..vision import ImagePreprocessor
+from ..vqgan import VQGAN
+from .images import GeneratedImage, ImageRequest, generate_images, image_request
 
 
 class PromptTooLongError(PromptError):
     """The prompt plus the answer budget do not fit the model's context."""
-
-
-@dataclass
-class ImageRequest:
-    """A generation request, its classifier-free-guidance twin (or None), the instruction and the task name."""
-
-    request: Request
-    unconditional: Request | None
-    instruction: str
-    task: str | None
-
-
-@dataclass
-class GeneratedImage:
-    """A generated image with the VQ codes it was decoded from and how it was made."""
-
-    image: Image.Image
-    codes: torch.Tensor  # [grid, grid] raster order
-    instruction: str
-    task: str | None
-    sampling: dict[str, Any] = field(default_factory=dict)
 
 
 class HealthGPT:
@@ -357,28 +333,7 @@ class HealthGPT:
     ) -> ImageRequest:
         """The generation request for one image (None: text to image), with its unconditional twin when `guided`
         (classifier-free guidance). Checks that this model can generate images and that the task gets its input."""
-        if not self.generates_images:
-            raise ValueError(
-                f"this {self.config.name} model cannot generate images: it needs the generation plugin, "
-                "the image-token vocabulary and a VQGAN"
-            )
-        instruction, task = resolve_instruction(task_or_instruction, text)
-        check_image_input(task, image is not None)
-
-        def request(shown: Image.Image | None, words: str) -> Request:
-            return self.build_request(
-                [{"role": "user", "content": words}],
-                [shown] if shown is not None else [],
-                plugin=GENERATION,
-                image_generation=True,
-                max_new_tokens=self.config.vq.num_image_tokens + 1,
-            )
-
-        # The unconditional row drops the condition: the input image, or for text-to-image the text itself.
-        unconditional = (
-            request(None, instruction if image is not None else UNCONDITIONAL_INSTRUCTION) if guided else None
-        )
-        return ImageRequest(request(image, instruction), unconditional, instruction, task.name if task else None)
+        return image_request(self, image, task_or_instruction, text=text, guided=guided)
 
     @torch.inference_mode()
     def generate_image(
@@ -397,32 +352,15 @@ class HealthGPT:
 
         `guidance_scale` (> 1) turns on classifier-free guidance against the same instruction without the image."""
         batched = isinstance(image, (list, tuple))
-        images = list(image) if batched else [image]
-        guided = guidance_scale is not None and guidance_scale != 1.0
-        built = [self.build_image_request(im, task_or_instruction, text=text, guided=guided) for im in images]
-        instruction, task = built[0].instruction, built[0].task
-        span = self.config.vq.num_image_tokens
-        params = self.sampling_params({**sampling, "max_new_tokens": span + 1})
-        steps = stream(
-            self.model,
-            [b.request for b in built],
-            params,
-            unconditional=[b.unconditional for b in built] if guided else None,
-            guidance_scale=guidance_scale or 1.0,
-            **self.generation_kwargs(),
+        results = generate_images(
+            self,
+            list(image) if batched else [image],
+            task_or_instruction,
+            text=text,
+            guidance_scale=guidance_scale,
+            progress=progress,
+            sampling=sampling,
         )
-        # Tokens stay on the device until the span is complete: the host never waits inside the loop.
-        tokens = [
-            step.tokens for step in tqdm(steps, total=span + 1, desc="image codes", disable=not progress, leave=False)
-        ]
-        codes = self.model.image_vocab.ids_to_codes(torch.stack(tokens[:span], dim=1).cpu())  # [B, span]
-        grid = self.vqgan.grid
-        pictures = self.vqgan.codes_to_pil(codes.to(next(self.vqgan.parameters()).device))
-        meta = {**sampling, "guidance_scale": guidance_scale}
-        results = [
-            GeneratedImage(pic, c.reshape(grid, grid), instruction, task, meta)
-            for pic, c in zip(pictures, codes, strict=True)
-        ]
         return results if batched else results[0]
 
     @torch.inference_mode()
