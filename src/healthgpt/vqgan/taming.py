@@ -110,12 +110,11 @@ def _torch_load(path: Path) -> Any:
             with torch.serialization.safe_globals(_allowed_globals()):
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # torch's reason without its preamble
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # torch's reason, first line, no advice
+        reason = found.group(1) if found else str(e).splitlines()[0]
         raise CheckpointError(
-            f"{path}: cannot be read with the weights-only loader and its allow-list of harmless classes "
-            f"({found.group(1) if found else e}). "
-            "If you trust the file, keep only its weights once: torch.save({'state_dict': torch.load(p, "
-            "weights_only=False)['state_dict']}, out), then load `out`"
+            f"{path}: refused by the weights-only loader and its allow-list of harmless classes ({reason}); "
+            "if you trust its origin, save only {'state_dict': its tensors} with torch.save and pass that file"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from e
