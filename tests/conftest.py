@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import write_bad_files
 from _models import random_model
 
 from healthgpt.api import HealthGPT
@@ -79,3 +80,9 @@ def turns(question: str, history: Sequence[tuple[str, str]] = ()) -> list[dict[s
     for past_question, answer in history:
         messages += [{"role": "user", "content": past_question}, {"role": "assistant", "content": answer}]
     return [*messages, {"role": "user", "content": question}]
+
+
+@pytest.fixture()
+def bad_files(tmp_path: Path) -> Path:
+    """A folder of broken inputs, each named for what is wrong with it (the CLI's bad-input and bad-output tables)."""
+    return write_bad_files(tmp_path)

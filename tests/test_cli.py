@@ -8,14 +8,11 @@ code 2 and no output file.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -24,42 +21,19 @@ import pydicom
 import pytest
 import torch
 import typer
+from _cli import CT, ENTRY, ENV, files_under, healthgpt, read_rows
 from nibabel.testing import data_path
 from PIL import Image
-from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
 from healthgpt import HealthGPT, load_image
 from healthgpt.cli import app
 
-CT = Path(get_testdata_file("CT_small.dcm"))
 NIFTI = Path(data_path) / "example4d.nii.gz"
 UNEVEN = str(Path(CT).parent / "dicomdirtests" / "77654033" / "CT2")  # pydicom's series with gaps 202.5, 1.3, 1.2
-SCRIPT = shutil.which("healthgpt")
-ENTRY = [SCRIPT] if SCRIPT else [sys.executable, "-m", "healthgpt.cli"]
-ENV = {**os.environ, "PYTHONUTF8": "1", "COLUMNS": "200", "TQDM_DISABLE": "1"}
 TOKENS = ["--max-new-tokens", "8"]
 COMMANDS = ["ask", "chat", "generate", "batch", "convert", "info", "demo", "serve", "ui", "train", "export"]
 COMMANDS += ["tokenize-images", "train-vqgan", "eval", "compare", "score-images"]
-
-
-def healthgpt(*args: object, cwd: Path, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the `healthgpt` command with `args` in `cwd`."""
-    return subprocess.run(
-        [*ENTRY, *map(str, args)],
-        cwd=cwd,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env=ENV,
-        timeout=timeout,
-    )
-
-
-def files_under(folder: Path) -> dict[Path, bytes | None]:
-    """Every path under `folder` with its content (None for folders)."""
-    return {p: p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
 
 
 @pytest.fixture(scope="module")
@@ -95,49 +69,6 @@ def test_top_level_help_lists_commands_without_loading_torch(tmp_path: Path) -> 
 
 
 # ----- bad input: one line, exit code 2, nothing written -----------------------------------------------------------
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-@pytest.fixture()
-def bad_files(tmp_path: Path) -> Path:
-    """A folder of broken inputs, each named for what is wrong with it."""
-    (tmp_path / "empty.png").write_bytes(b"")
-    (tmp_path / "notes.png").write_text("not an image")
-    Image.new("L", (64, 64), 3).save(tmp_path / "good.png")
-    (tmp_path / "truncated.png").write_bytes((tmp_path / "good.png").read_bytes()[:-30])
-    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)  # 1.6 billion pixels, a few bytes on disk
-    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IEND", b""))
-    (tmp_path / "truncated.dcm").write_bytes(CT.read_bytes()[: CT.stat().st_size // 2])
-    no_pixels = pydicom.dcmread(CT)
-    del no_pixels.PixelData
-    no_pixels.save_as(tmp_path / "no_pixels.dcm")
-    shutil.copy(CT, tmp_path / "ct.dcm")
-    (tmp_path / "rows.jsonl").write_text('{"id": 1, "image": "ct.dcm", "question": "Why?"}\n{"id": 2, "image": \n')
-    (tmp_path / "twice.jsonl").write_text('{"id": 1, "question": "Why?"}\n{"id": 1, "question": "How?"}\n')
-    (tmp_path / "one.jsonl").write_text('{"id": 1, "question": "Why?"}\n')
-    (tmp_path / "notes.txt").write_text("my notes\nnot results")  # no final newline: must not be cut
-    Image.new("L", (20000, 1)).save(tmp_path / "wide.png")  # ~100 bytes; its padded square 400 M pixels
-    header = nib.Nifti1Header()
-    header.set_data_shape((64, 64, 64))
-    header.set_data_dtype(np.float32)
-    header["vox_offset"] = 352
-    (tmp_path / "short.nii").write_bytes(header.binaryblock + bytes(104))  # declares 1 MiB of voxels, holds 100 B
-    nib.save(nib.Nifti1Image(np.full((4, 4, 3), np.nan, np.float32), np.eye(4)), tmp_path / "nan.nii")
-    long = bytearray(CT.read_bytes())
-    at = long.rfind(b"\xe0\x7f\x10\x00OW")  # pixel data: tag, VR, 2 reserved bytes, then its 4-byte length
-    long[at + 8 : at + 12] = struct.pack("<I", 0x7FFFFFF0)
-    (tmp_path / "long.dcm").write_bytes(long)
-    shutil.copy(tmp_path / "good.png", tmp_path / "taken.png")
-    (tmp_path / "filled").mkdir()
-    (tmp_path / "filled" / "keep.txt").write_text("not mine")
-    (tmp_path / "scans").mkdir()  # a DICOM series folder
-    shutil.copy(CT, tmp_path / "scans" / "00001.dcm")
-    (tmp_path / "shown").mkdir()  # what an earlier `healthgpt demo --out shown` wrote
-    shutil.copy(tmp_path / "good.png", tmp_path / "shown" / "CT_small.png")
-    return tmp_path
-
-
 BAD_INPUTS = [
     pytest.param(["ask", "missing.png", "Why?"], "missing.png: does not exist", id="missing image"),
     pytest.param(["ask", "empty.png", "Why?"], "empty.png: is empty (0 bytes)", id="empty file"),
@@ -213,190 +144,6 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_files: Path, args: 
     assert message in out.stderr and "Traceback" not in out.stderr
     assert out.stdout == ""
     assert files_under(bad_files) == before
-
-
-# ----- outputs: refused before any model work ---------------------------------------------------------------------
-NO_MODEL = """
-import sys, torch
-build = torch.nn.Module.__init__
-
-def build_while_importing(self, *args, **kwargs):  # libraries build modules when imported: let them
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_name != "_call_with_frames_removed":  # importlib's frame
-        frame = frame.f_back
-    if frame is None:
-        raise RuntimeError("model work began")
-    build(self, *args, **kwargs)
-
-def load(*args, **kwargs):
-    raise RuntimeError("model work began")
-
-torch.nn.Module.__init__ = build_while_importing  # building any model, VQGAN or vision tower fails
-torch.load = load
-from healthgpt.cli import app
-sys.argv = ["healthgpt", *sys.argv[1:]]
-app()
-"""
-_FOLDER = "the output folder already exists and is not empty. Fix: choose another name, or pass --overwrite"
-
-BAD_OUTPUTS = [
-    pytest.param(
-        ["generate", "good.png", "-o", "taken.png"],
-        "taken.png: already exists. Fix: choose another name, or pass --overwrite to replace it",
-        id="generate: existing file",
-    ),
-    pytest.param(
-        ["generate", "ct.dcm", "-o", "gone/x.png"],
-        "gone/x.png: the folder to write into does not exist. Fix: create gone first",
-        id="generate: no folder",
-    ),
-    pytest.param(["generate", "ct.dcm", "-o", "filled"], f"filled: {_FOLDER}", id="generate: filled folder"),
-    pytest.param(
-        ["generate", "scans", "-o", "scans", "--overwrite"],
-        "scans: holds the input scans, which replacing the folder would delete",
-        id="generate: over its source",
-    ),
-    pytest.param(
-        ["generate", "ct.dcm", "-o", ".", "--overwrite"],
-        ".: holds the working directory, so it is not replaced",
-        id="generate: over the working directory",
-    ),
-    pytest.param(["convert", "filled", "--include-base"], f"filled: {_FOLDER}", id="convert: filled folder"),
-    pytest.param(
-        ["convert", "taken.png", "--model", "filled"], "taken.png: is a file, not a folder", id="convert: a file"
-    ),
-    pytest.param(
-        ["convert", "filled", "--model", "filled", "--overwrite"],
-        "filled: holds the input filled",
-        id="convert: over its model",
-    ),
-    pytest.param(["export", "filled"], f"filled: {_FOLDER}", id="export: filled folder"),
-    pytest.param(
-        ["export", "filled", "--set", "output_dir=filled/runs", "--overwrite"],
-        "filled: holds the input filled/runs",
-        id="export: over the runs",
-    ),
-    pytest.param(
-        ["train-vqgan", "filled", "--out", "gone/vq"],
-        "gone/vq: the folder to write into does not exist",
-        id="train-vqgan: no folder",
-    ),
-    pytest.param(
-        ["train-vqgan", "filled", "--out", "filled", "--overwrite"],
-        "filled: holds the input filled",
-        id="train-vqgan: over its images",
-    ),
-    pytest.param(
-        ["tokenize-images", "rows.json", "--vqgan", "filled", "--cache", "taken.png/codes"],
-        "taken.png/codes: cannot be created: taken.png is a file",
-        id="tokenize-images: cache under a file",
-    ),
-    pytest.param(
-        ["eval", "--data", "slake=filled", "--out", "taken.png"],
-        "taken.png: is a file, not a folder",
-        id="eval: run folder is a file",
-    ),
-    pytest.param(
-        ["train", "--stage", "stage3_comprehension", "output_dir=taken.png"],
-        "taken.png/stage3_comprehension: cannot be created: taken.png is a file",
-        id="train: output_dir is a file",
-    ),
-    pytest.param(
-        ["batch", "one.jsonl", "gone/out.jsonl"], "gone/out.jsonl: the folder to write", id="batch: no folder"
-    ),
-    pytest.param(["demo", "--out", "taken.png"], "taken.png: is a file, not a folder", id="demo: a file"),
-    pytest.param(
-        ["demo", "--out", "shown"],
-        "shown/CT_small.png: already exists. Fix: choose another name, or pass --overwrite",
-        id="demo: earlier images",
-    ),
-]
-
-
-def no_model(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    """`healthgpt args` in a process where building any torch module or loading a torch file fails."""
-    return subprocess.run(
-        [sys.executable, "-c", NO_MODEL, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=300
-    )
-
-
-@pytest.mark.parametrize(("args", "message"), BAD_OUTPUTS)
-def test_a_bad_output_is_refused_before_any_model_work(bad_files: Path, args: list, message: str) -> None:
-    """One line naming the path and the fix, exit 2, nothing written, and no model built: were the check after the
-    model work, the error would be "model work began"."""
-    before = files_under(bad_files)
-    out = no_model(*args, cwd=bad_files)
-    assert out.returncode == 2, out.stderr
-    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
-    assert message in out.stderr and "Fix: " in out.stderr and "Traceback" not in out.stderr
-    assert files_under(bad_files) == before
-
-
-def test_batch_refuses_rows_whose_output_is_taken_before_any_model_work(bad_files: Path) -> None:
-    rows = [
-        {"id": "taken", "image": "ct.dcm", "task": "ct2mri", "output": "taken.png"},
-        {"id": "gone", "image": "ct.dcm", "task": "ct2mri", "output": "gone/g.png"},
-    ]
-    (bad_files / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = no_model("batch", "gen.jsonl", "out.jsonl", "--no-progress", cwd=bad_files)
-    assert out.returncode == 2 and out.stderr == (
-        "error: 2 of 2 rows failed; their lines in out.jsonl say why (fix them, then re-run with --retry-failed)\n"
-    )
-    results = {r["id"]: r["error"] for r in _rows(bad_files / "out.jsonl")}
-    assert results["taken"].endswith(
-        "taken.png: already exists. Fix: choose another name, or pass --overwrite to replace it"
-    )
-    assert results["gone"].endswith("gone/g.png: the folder to write into does not exist. Fix: create gone first")
-
-
-ECHO = """
-import sys
-from types import SimpleNamespace
-from healthgpt.cli import app, common
-
-class Echo:  # generates the source picture back, so the test waits for the writes, not a model
-    def generate_image(self, pictures, *args, **kwargs):
-        return [SimpleNamespace(image=p, instruction="echo", task="ct2mri") for p in pictures]
-
-common.ModelOptions.load = lambda self: Echo()
-sys.argv = ["healthgpt", *sys.argv[1:]]
-app()
-"""
-
-
-def echo(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    """`healthgpt args` with a model that generates each source picture back."""
-    return subprocess.run(
-        [sys.executable, "-c", ECHO, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=300
-    )
-
-
-def test_overwrite_replaces_a_file_and_a_whole_series_folder(tmp_path: Path) -> None:
-    Image.new("L", (16, 16), 7).save(tmp_path / "old.png")
-    (tmp_path / "series").mkdir()
-    (tmp_path / "series" / "stale.dcm").write_bytes(b"an older series")
-    for args in (["-o", "old.png"], ["-o", "series"]):
-        out = echo("generate", CT, *args, "--overwrite", "--task", "ct2mri", "--no-progress", cwd=tmp_path)
-        assert out.returncode == 0, out.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.png", "series"]  # no temporary left beside them
-    expected = np.asarray(load_image(CT).to_pil())
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "old.png").convert("RGB")), expected)
-    assert [p.name for p in (tmp_path / "series").iterdir()] == ["00001.dcm"]  # the old folder's file went with it
-    assert load_image(tmp_path / "series").plane_shape == expected.shape[:2]
-
-
-def test_batch_overwrite_replaces_row_outputs_and_still_resumes(tmp_path: Path) -> None:
-    shutil.copy(CT, tmp_path / "ct.dcm")
-    Image.new("L", (16, 16), 7).save(tmp_path / "g.png")  # e.g. written by a run killed before its result line
-    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "g", "image": "ct.dcm", "task": "ct2mri", "output": "g.png"}))
-    refused = echo("batch", "in.jsonl", "out.jsonl", "--no-progress", cwd=tmp_path)
-    assert refused.returncode == 2 and "g.png: already exists" in _rows(tmp_path / "out.jsonl")[0]["error"]
-    out = echo("batch", "in.jsonl", "out.jsonl", "--retry-failed", "--overwrite", "--no-progress", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert _rows(tmp_path / "out.jsonl")[1] == {"id": "g", "output": "g.png", "instruction": "echo", "task": "ct2mri"}
-    assert Image.open(tmp_path / "g.png").size == load_image(CT).to_pil().size
-    again = echo("batch", "in.jsonl", "out.jsonl", "--overwrite", cwd=tmp_path)  # resumed: nothing left to run
-    assert again.returncode == 0 and len(_rows(tmp_path / "out.jsonl")) == 2
 
 
 def _truncate(path: Path) -> None:
@@ -579,10 +326,6 @@ def test_generate_dicom_series_from_a_dicom_source(tmp_path: Path) -> None:
 
 
 # ----- batch -------------------------------------------------------------------------------------------------------
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 @pytest.mark.slow
 def test_batch_asks_generates_and_reports_bad_rows(nano: HealthGPT, ct_picture: Image.Image, tmp_path: Path) -> None:
     job = tmp_path / "job"  # paths in the rows start at the input's folder, not at the working directory
@@ -603,7 +346,7 @@ def test_batch_asks_generates_and_reports_bad_rows(nano: HealthGPT, ct_picture: 
     assert out.stderr.endswith(
         "error: 3 of 6 rows failed; their lines in out.jsonl say why (fix them, then re-run with --retry-failed)\n"
     )
-    results = {r["id"]: r for r in _rows(tmp_path / "out.jsonl")}
+    results = {r["id"]: r for r in read_rows(tmp_path / "out.jsonl")}
     assert sorted(results, key=str) == sorted((r["id"] for r in rows), key=str)
     assert [results[1]["answer"], results["text"]["answer"]] == nano.ask(
         [ct_picture, None], ["Is there a lesion?", "What is a CT scan?"], max_new_tokens=8
@@ -617,11 +360,11 @@ def test_batch_asks_generates_and_reports_bad_rows(nano: HealthGPT, ct_picture: 
     assert not (job / "g.jpg").exists()
 
     again = healthgpt("batch", "job/in.jsonl", "out.jsonl", cwd=tmp_path)  # all done: nothing runs, nothing appended
-    assert again.returncode == 2 and len(_rows(tmp_path / "out.jsonl")) == len(rows)
+    assert again.returncode == 2 and len(read_rows(tmp_path / "out.jsonl")) == len(rows)
 
     ct_picture.save(job / "notes.png")  # the bad image fixed: only --retry-failed runs its row again
     retried = healthgpt("batch", "job/in.jsonl", "out.jsonl", "--retry-failed", *TOKENS, cwd=tmp_path)
-    lines = _rows(tmp_path / "out.jsonl")
+    lines = read_rows(tmp_path / "out.jsonl")
     assert retried.returncode == 2 and "2 of 6 rows failed" in retried.stderr
     assert sorted(str(r["id"]) for r in lines[len(rows) :]) == ["bad", "g-bad", "long"]  # the failed rows, once each
     assert {r["id"]: r for r in lines}["bad"] == {"id": "bad", "answer": nano.ask(ct_picture, "Why?", max_new_tokens=8)}
@@ -651,7 +394,7 @@ def test_batch_killed_halfway_resumes_with_every_row_once(nano: HealthGPT, tmp_p
 
     out = healthgpt("batch", "in.jsonl", "out.jsonl", "--batch-size", "4", *TOKENS, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    rows = _rows(results)
+    rows = read_rows(results)
     assert sorted(r["id"] for r in rows) == sorted(f"q{i}" for i in range(len(questions)))
     answers = dict(
         zip((f"q{i}" for i in range(len(questions))), nano.ask(None, questions, max_new_tokens=8), strict=True)
