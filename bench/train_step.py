@@ -108,7 +108,7 @@ def measure_memory(step: Step, device: torch.device) -> tuple[float, float | Non
     return total[0] / 2**20, peak
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -123,10 +123,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+
+def build_steps(args: argparse.Namespace, device: torch.device) -> dict[tuple[str, bool], Step]:
+    """One training step per (method, checkpointing) on copies of the same random Phi-3 base and batch."""
     config = LLMConfig(
         arch="phi3",
         source="bench",
@@ -154,21 +155,34 @@ def main() -> None:
                 torch.manual_seed(1)
                 llm = wrap(copy.deepcopy(base), args.rank, alpha, args.experts).to(device)
                 steps[name, ckpt] = Step(llm, args.hidden, features, ids, ckpt)
-    memory = {key: measure_memory(step, device) for key, step in steps.items()}  # also the warm-up
+    return steps
+
+
+def time_steps(steps: dict[tuple[str, bool], Step], repeats: int, clock_kind: str, device: torch.device) -> dict:
+    """Seconds of each step over `repeats` rounds, the order rotated each round to spread drift evenly."""
 
     def clock() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.process_time() if args.clock == "cpu" else time.perf_counter()
+        return time.process_time() if clock_kind == "cpu" else time.perf_counter()
 
     times: dict[tuple[str, bool], list[float]] = {key: [] for key in steps}
     keys = list(steps)
-    for i in range(args.repeats):
-        for key in keys[i % len(keys) :] + keys[: i % len(keys)]:  # rotate to spread drift evenly
+    for i in range(repeats):
+        for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
             start = clock()
             steps[key]()
             times[key].append(clock() - start)
+    return times
 
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    steps = build_steps(args, device)
+    memory = {key: measure_memory(step, device) for key, step in steps.items()}  # also the warm-up
+    times = time_steps(steps, args.repeats, args.clock, device)
     tokens = args.batch * (args.patches + args.text)
     print(
         f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s), {args.clock} time; Phi-3 "
