@@ -84,7 +84,7 @@ def workload(count: int, rate: float, seed: int = 0) -> list[tuple[float, str, i
 
 
 async def question(http: httpx.AsyncClient, model: str, index: int, max_tokens: int) -> float:
-    """Time to the first streamed token of one chat completion about an image."""
+    """Time to the first streamed token of one chat completion about an image (see `first_token`)."""
     uri = "data:image/png;base64," + base64.b64encode(png(index % 4, 96)).decode()
     body = {
         "model": model,
@@ -104,9 +104,20 @@ async def question(http: httpx.AsyncClient, model: str, index: int, max_tokens: 
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if first is None and line.startswith("data: {") and '"content"' in line:
+            if first is None and first_token(line):
                 first = time.perf_counter() - start
-    return first if first is not None else time.perf_counter() - start
+    if first is None:
+        raise RuntimeError("a streamed answer ended without a token or a finish reason")
+    return first
+
+
+def first_token(line: str) -> bool:
+    """Whether an SSE line carries the answer's first token: text, or the finish chunk of an answer whose first
+    token was a stop token. The server's opening chunk (`role` with empty content, sent before any decoding) is not."""
+    if not line.startswith("data: {"):
+        return False
+    choices = json.loads(line[len("data: ") :]).get("choices") or [{}]
+    return bool(choices[0].get("delta", {}).get("content")) or choices[0].get("finish_reason") is not None
 
 
 async def image(http: httpx.AsyncClient, model: str, index: int) -> float:
