@@ -9,7 +9,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from _models import random_model
 
 from healthgpt.api import HealthGPT
