@@ -49,7 +49,10 @@ pytest.importorskip("torchao", reason="int8/int4 need torchao: pip install 'heal
 MODES = ("int8", "int4")
 # (greedy agreement, last-step logits cosine) required of models with random weights, whose logits are near ties:
 # int8 meets the issue's 95% / 0.99 there too; int4 meets it on the trained nano model, but on random weights its
-# 4-bit rounding flips near-tie argmaxes (measured: small config 94% / 0.980, published fixture 85% / 0.987).
+# 4-bit rounding flips near-tie argmaxes (measured: small config 94% / 0.980, published fixture 85% / 0.987). No
+# int4 setting torchao offers closes that: groups of 32 or HQQ scales stay under 95% on the fixture. Random noise on
+# the weights shows why: the fixture keeps 95% / 0.99 only near 1% relative weight error, and int4 rounds with 9-10%
+# (exactly that rounding: test_int4_rounds_each_group_to_16_levels_between_its_min_and_max).
 RANDOM_WEIGHTS_BOUNDS = {"int8": (0.95, 0.99), "int4": (0.80, 0.975)}
 
 
@@ -136,6 +139,28 @@ def test_random_small_config_quantized_answers_like_full_precision(mode: str) ->
     least_share, least_cosine = RANDOM_WEIGHTS_BOUNDS[mode]
     assert share >= least_share and cosine >= least_cosine, (share, cosine)
     assert isinstance(quantized.ask(None, "Is there a lesion?", max_new_tokens=3), str)
+
+
+@pytest.mark.parametrize("config", ("nano", "small"))
+def test_int4_rounds_each_group_to_16_levels_between_its_min_and_max(config: str) -> None:
+    """Each int4 linear computes with its weight rounded, per row and per group (the largest of 128/64/32 dividing
+    the width), to 16 even steps from the group's min to its max, recomputed here from the full-precision weight."""
+    group_of_width = {64: 64, 128: 128, 256: 128}
+    cfg = get_variant("nano") if config == "nano" else small_config()
+    full = base_linears(HealthGPT.random(cfg, seed=2).model)
+    quantized = base_linears(HealthGPT.random(cfg, seed=2, quantize="int4").model)
+    x = torch.randn(3, 5, 256, generator=torch.Generator().manual_seed(0))
+    for path, linear in quantized.items():
+        weight = full[path].weight.detach()
+        groups = weight.reshape(weight.shape[0], -1, group_of_width[weight.shape[1]])
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        step = (high - low) / 15
+        rounded = (((groups - low) / step).round().clamp(0, 15) * step + low).reshape(weight.shape)
+        inputs = x[..., : weight.shape[1]]
+        with torch.inference_mode():
+            torch.testing.assert_close(linear(inputs), inputs @ rounded.T, atol=1e-5, rtol=1e-5)
+        error = (rounded - weight).norm() / weight.norm()
+        assert 0.05 < error < 0.12, (path, error)  # what 4 bits cost on random weights
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -175,7 +175,8 @@ class StaticSession:
         with self.model.hlora.use(self.selection):
             hidden = self.engine.step(self._pad_rows(tokens), self._pad_rows(self.position), self.valid, self.cache)
         self.written += 1
-        return hidden[: self.rows].clone()  # a CUDA-graph output is overwritten by the next replay
+        hidden = hidden[: self.rows]
+        return hidden.clone() if hidden.is_cuda else hidden  # a CUDA-graph output is overwritten by the next replay
 
     def close(self) -> None:
         if self.cache is not None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..model import HealthGPTModel, expand_image_slots
 from .decoders import EagerSession, StaticEngine, StaticSession
@@ -52,10 +53,13 @@ def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def head_logits(model: HealthGPTModel, hidden: torch.Tensor, plugin: str, codes_only: bool) -> torch.Tensor:
+def head_logits(
+    model: HealthGPTModel, hidden: torch.Tensor, plugin: str, codes_only: bool, head: nn.Module | None = None
+) -> torch.Tensor:
     """fp32 logits [R, V] of the last hidden states. With `codes_only` (every row must emit a code) only the code
-    rows of the head are read and the other columns are -inf, which the span constraint would impose anyway."""
-    head = model.llm.get_output_embeddings()
+    rows of the head are read and the other columns are -inf, which the span constraint would impose anyway. A loop
+    passes the `head` it looked up once (transformers' `get_output_embeddings` walks the model at every call)."""
+    head = head if head is not None else model.llm.get_output_embeddings()
     if not codes_only:
         with model.hlora.use(plugin):
             return head(hidden).float()
@@ -223,8 +227,9 @@ def stream(
         session = EagerSession(model, plugins, use_cache)
     try:
         hidden = session.prefill(embeds, mask, positions)
+        head = model.llm.get_output_embeddings()
         for step in range(sampling.max_new_tokens):
-            raw = head_logits(model, hidden, selection, step < codes_steps)  # [R, V]
+            raw = head_logits(model, hidden, selection, step < codes_steps, head)  # [R, V]
             if unconditional is not None:
                 raw = raw[batch:] + guidance_scale * (raw[:batch] - raw[batch:])  # [B, V]
             token = rows.pick(raw)

@@ -103,6 +103,9 @@ class SlotBatch:
         self.cache.early_initialization(slots, cfg.num_key_value_heads, head_dim, param.dtype, self.device)
         self.last = torch.full((slots,), pad_id, dtype=torch.long, device=self.device)  # token each slot feeds next
         self.plugins = [model.plugin_names[0]] * slots
+        # looked up once: transformers walks the model for them at every call
+        self.decoder, self.embed = model.llm.get_decoder(), model.llm.get_input_embeddings()
+        self.head = model.llm.get_output_embeddings()
         self.state = DecodeRows(model, slots, stop_ids, pad_id, self.device)
         self.rows: list[Row] = []
         self._free = list(range(slots))  # a heap: the lowest free slot first
@@ -123,14 +126,14 @@ class SlotBatch:
         pixels = None if request.pixel_values is None else request.pixel_values.to(self.device)
         with self.model.hlora.use(request.plugin):
             embeds = self.model.embed(ids, pixels, [request.plugin])
-            out = self.model.llm.get_decoder()(inputs_embeds=embeds, cache=DynamicCache(config=self.model.llm.config))
+            out = self.decoder(inputs_embeds=embeds, cache=DynamicCache(config=self.model.llm.config))
         length, slot = ids.shape[1], heapq.heappop(self._free)
         for layer, filled in zip(self.cache.layers, out.cache.layers, strict=True):
             layer.keys[slot, :, :length] = filled.keys[0]
             layer.values[slot, :, :length] = filled.values[0]
         self.positions[slot] = self.lengths[slot] = length
         self.plugins[slot] = request.plugin
-        self._pending[slot] = head_logits(self.model, out.last_hidden_state[:, -1], request.plugin, False)[0]
+        self._pending[slot] = head_logits(self.model, out.last_hidden_state[:, -1], request.plugin, False, self.head)[0]
         return slot
 
     def admit(
@@ -188,8 +191,8 @@ class SlotBatch:
         names = self.plugins[:rows]
         plugins = names[0] if len(set(names)) == 1 else tuple(names)
         with self.model.hlora.use(plugins):
-            embeds = self.model.llm.get_input_embeddings()(self.last[:rows, None])
-            out = self.model.llm.get_decoder()(
+            embeds = self.embed(self.last[:rows, None])
+            out = self.decoder(
                 inputs_embeds=embeds,
                 attention_mask=valid[:, None, None, :],
                 position_ids=positions[:, None],
@@ -199,7 +202,7 @@ class SlotBatch:
         for slot in advance:
             self.lengths[slot] += 1
         self.positions[advance] += 1
-        return head_logits(self.model, out.last_hidden_state[:, -1], plugins, False)
+        return head_logits(self.model, out.last_hidden_state[:, -1], plugins, False, self.head)
 
     def _logits(self) -> torch.Tensor:
         """Raw logits [slots, V] of every running row's next token: from the step's forward, or from its prefill
