@@ -3,6 +3,7 @@ equals what `HealthGPT` gives alone, seeds reproduce, disconnects free their slo
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 
@@ -13,7 +14,7 @@ from _models import random_model
 
 from healthgpt.api import HealthGPT
 from healthgpt.data.phantoms import sample_case
-from healthgpt.serving.batcher import ImageDone, Job, QueueFullError, TextDelta, TextDone
+from healthgpt.serving.batcher import Failed, ImageDone, Job, QueueFullError, TextDelta, TextDone
 from healthgpt.serving.continuous import ContinuousBatcher
 
 QUESTIONS = ["Is there a lesion in this image?", "Which side is the lesion on?", "How many lesions are there?"]
@@ -122,6 +123,19 @@ def test_rows_with_their_own_settings_share_steps_and_a_freed_slot_starts_clean(
     for i, (done, (n, s)) in enumerate(zip(answers, settings, strict=True)):
         assert isinstance(done, TextDone) and done.text == model.ask(image, QUESTIONS[i], max_new_tokens=n, **s), s
     assert len({done.text for done in answers}) == 3
+
+
+def test_requests_joining_together_are_prefilled_together_and_a_bad_one_fails_alone(nano, phantoms, batcher):
+    image = phantoms[1].rgb("mri")
+    good = [_text_job(nano, q, image) for q in QUESTIONS[:2]]
+    bad, bad_events = _text_job(nano, QUESTIONS[2], image)
+    bad.request = dataclasses.replace(bad.request, pixel_values=bad.request.pixel_values[:0])  # image slot, no image
+    batcher.submit(good[0][0], bad, good[1][0])  # one step takes all three
+    assert isinstance(_last(bad_events), Failed)
+    for (_, events), question in zip(good, QUESTIONS, strict=False):
+        done = _last(events)
+        assert isinstance(done, TextDone) and done.text == nano.ask(image, question, max_new_tokens=24)
+    assert batcher.batch.free_slots == batcher.max_batch_size
 
 
 def test_a_cancelled_request_frees_its_slot_at_the_next_step(nano, phantoms, batcher):

@@ -166,7 +166,7 @@ class DecodeRows:
         self.finished = self.finished | done_now | (self.limits <= self.count)
 
 
-def _prompts(
+def embed_prompts(
     model: HealthGPTModel, every: Sequence[Request], pad_id: int, device: torch.device
 ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
     """(plugins, embeddings [R, T, H], mask [R, T], positions [R, T]) of left-padded prompts with their images."""
@@ -214,7 +214,7 @@ def stream(
         raise ValueError(f"{batch} requests but {len(unconditional)} unconditional requests")
     every = [*requests, *(unconditional or [])]
     device = next(model.llm.parameters()).device
-    plugins, embeds, mask, positions = _prompts(model, every, pad_id, device)
+    plugins, embeds, mask, positions = embed_prompts(model, every, pad_id, device)
     selection = plugins[0] if len(set(plugins)) == 1 else plugins
     rows = DecodeRows.build(model, requests, sampling, stop_ids, pad_id, device)
     # Rows that all start inside a span emit only codes for a span's length: the head reads the code rows only.

@@ -2,8 +2,9 @@
 slot is free and leaves it at the step it ends, so a short question never waits for a long answer or an image.
 
 Each slot is one row of a preallocated cache of `max_len` positions that writes at its own position (transformers'
-`StaticCache` writes every row at one shared position, so the layer is ours). A new request is prefilled alone
-(eagerly, as `HealthGPT.ask` does) and its keys and values copied into its slot; every step then runs one forward
+`StaticCache` writes every row at one shared position, so the layer is ours). Requests that join at one step are
+prefilled together (eagerly and left-padded, as `stream` prefills a batch) and their keys and values copied into
+their slots; every step then runs one forward
 over the slots in use (up to the longest row's length), each row with its own plugin, and decides every row's token
 at once through one `DecodeRows` (per-row sampling settings, generators, image-span state and stop rules).
 """
@@ -16,11 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Cache, DynamicCache
+from transformers import Cache
 from transformers.cache_utils import StaticLayer
 
 from ..model import HealthGPTModel, expand_image_slots
-from .loop import DecodeRows, Request, head_logits
+from .decoders import EagerSession
+from .loop import DecodeRows, Request, embed_prompts, head_logits
 from .sampling import SamplingParams
 
 
@@ -73,6 +75,24 @@ class Row:
         return [self.slot] if self.twin is None else [self.slot, self.twin]
 
 
+@dataclass(frozen=True)
+class Admission:
+    """A request joining the batch: its prompt (and its unconditional twin for classifier-free guidance), sampling
+    settings, and vLLM's `min_tokens` / `ignore_eos` extensions."""
+
+    request: Request
+    sampling: SamplingParams
+    unconditional: Request | None = None
+    guidance_scale: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+    @property
+    def slots(self) -> int:
+        """Slots it takes: one, or two with a twin."""
+        return 1 if self.unconditional is None else 2
+
+
 def positions_needed(model: HealthGPTModel, request: Request, unconditional: Request | None, budget: int) -> int:
     """Cache positions a request's longest row needs (prompt with image slots, plus the answer budget)."""
     rows = [r for r in (request, unconditional) if r is not None]
@@ -80,9 +100,9 @@ def positions_needed(model: HealthGPTModel, request: Request, unconditional: Req
 
 
 class SlotBatch:
-    """The running batch of one model: `slots` rows of at most `max_len` positions each. `admit` prefills a request
-    into free slots, `step` advances every running row by one token and frees the slots of rows that ended.
-    Every row decides through one `DecodeRows` over all slots (a twin's row there stays empty)."""
+    """The running batch of one model: `slots` rows of at most `max_len` positions each. `admit` prefills requests
+    into free slots, `step` advances every running row by one token and frees the slots of rows that ended. Every
+    row decides through one `DecodeRows` over all slots (a twin's row there stays empty)."""
 
     def __init__(
         self, model: HealthGPTModel, slots: int, max_len: int, *, stop_ids: Sequence[int], pad_id: int
@@ -115,55 +135,48 @@ class SlotBatch:
     def free_slots(self) -> int:
         return len(self._free)
 
-    def slots_needed(self, unconditional: Request | None) -> int:
-        return 1 if unconditional is None else 2
-
     # ----- joining -------------------------------------------------------------------------------------------
-    def _prefill(self, request: Request) -> int:
-        """Run one prompt alone and copy its keys and values into the lowest free slot (returned); keep its last
-        logits for the next step."""
-        ids = torch.tensor([expand_image_slots(request.input_ids, self.model.num_patches)], device=self.device)
-        pixels = None if request.pixel_values is None else request.pixel_values.to(self.device)
-        with self.model.hlora.use(request.plugin):
-            embeds = self.model.embed(ids, pixels, [request.plugin])
-            out = self.decoder(inputs_embeds=embeds, cache=DynamicCache(config=self.model.llm.config))
-        length, slot = ids.shape[1], heapq.heappop(self._free)
-        for layer, filled in zip(self.cache.layers, out.cache.layers, strict=True):
-            layer.keys[slot, :, :length] = filled.keys[0]
-            layer.values[slot, :, :length] = filled.values[0]
-        self.positions[slot] = self.lengths[slot] = length
-        self.plugins[slot] = request.plugin
-        self._pending[slot] = head_logits(self.model, out.last_hidden_state[:, -1], request.plugin, False, self.head)[0]
-        return slot
+    def _prefill(self, prompts: Sequence[Request]) -> list[int]:
+        """Run the prompts as one left-padded batch (as `stream` does; one prompt runs exactly as `HealthGPT.ask`
+        runs it), copy each one's keys and values into the lowest free slot and keep its last logits for the next
+        step; the slots, in order."""
+        plugins, embeds, mask, positions = embed_prompts(self.model, prompts, self.state.pad_id, self.device)
+        session = EagerSession(self.model, plugins)
+        hidden = session.prefill(embeds, mask, positions)
+        logits = head_logits(self.model, hidden, session.selection, False, self.head)  # [P, V]
+        assert session.cache is not None
+        width = embeds.shape[1]
+        slots = [heapq.heappop(self._free) for _ in prompts]
+        for i, (prompt, slot) in enumerate(zip(prompts, slots, strict=True)):
+            length = len(expand_image_slots(prompt.input_ids, self.model.num_patches))
+            for layer, filled in zip(self.cache.layers, session.cache.layers, strict=True):
+                layer.keys[slot, :, :length] = filled.keys[i, :, width - length :]
+                layer.values[slot, :, :length] = filled.values[i, :, width - length :]
+            self.positions[slot] = self.lengths[slot] = length
+            self.plugins[slot] = prompt.plugin
+            self._pending[slot] = logits[i]
+        return slots
 
-    def admit(
-        self,
-        request: Request,
-        sampling: SamplingParams,
-        *,
-        unconditional: Request | None = None,
-        guidance_scale: float = 1.0,
-        min_tokens: int = 0,
-        ignore_eos: bool = False,
-    ) -> Row:
-        """Prefill `request` (and its guidance twin) into free slots; its first token comes with the next `step`."""
-        need = self.slots_needed(unconditional)
+    @torch.inference_mode()
+    def admit(self, *joining: Admission) -> list[Row]:
+        """Prefill the requests (and their guidance twins) together into free slots; their first tokens come with
+        the next `step`. All or none: a request that cannot join raises and none joins."""
+        need = sum(a.slots for a in joining)
         if need > len(self._free):
             raise RuntimeError(f"{need} free slot(s) needed, {len(self._free)} free")
-        budget = request.max_new_tokens or sampling.max_new_tokens
-        longest = positions_needed(self.model, request, unconditional, budget)
-        if longest > self.max_len:
-            raise ValueError(f"the prompt and answer need {longest} positions; a slot holds {self.max_len}")
-        with torch.inference_mode():
-            row = Row(request, sampling, self._prefill(request), None, guidance_scale)
-            try:
-                row.twin = None if unconditional is None else self._prefill(unconditional)
-            except BaseException:
-                self._free_slots([row.slot])
-                raise
-            self.state.place(row.slot, request, sampling, min_tokens=min_tokens, ignore_eos=ignore_eos)
-        self.rows.append(row)
-        return row
+        for a in joining:
+            budget = a.request.max_new_tokens or a.sampling.max_new_tokens
+            longest = positions_needed(self.model, a.request, a.unconditional, budget)
+            if longest > self.max_len:
+                raise ValueError(f"the prompt and answer need {longest} positions; a slot holds {self.max_len}")
+        twins = [a.unconditional for a in joining if a.unconditional is not None]
+        slots = iter(self._prefill([*(a.request for a in joining), *twins]))
+        rows = [Row(a.request, a.sampling, next(slots), None, a.guidance_scale) for a in joining]
+        for a, row in zip(joining, rows, strict=True):
+            row.twin = None if a.unconditional is None else next(slots)
+            self.state.place(row.slot, a.request, a.sampling, min_tokens=a.min_tokens, ignore_eos=a.ignore_eos)
+        self.rows.extend(rows)
+        return rows
 
     # ----- stepping ------------------------------------------------------------------------------------------
     @torch.inference_mode()
