@@ -3,11 +3,15 @@ continuous batching (rows join and leave at every step), side by side in one run
 
 Each configuration starts two real servers (subprocesses on loopback, same random weights, 32 rows or slots each).
 The workload: Poisson arrivals at several rates, about 10% image generations (`/v1/images/edits`, ct2mri) and 90%
-short questions about an image (streamed chat completions), at most 32 requests in flight (32 clients). Printed per
-rate: the questions' time to first token p50/p95, the images' latency p50, throughput (requests/s) and the p95 ratio
-static / continuous. The two servers are measured back to back with the same arrivals.
+short questions about an image (streamed chat completions), at most 32 requests in flight (32 clients: an arrival
+that finds every client busy waits for one, and its clock starts when it is sent). Printed per rate: the mean number
+of requests in flight (32 when the clients are saturated), the questions' time to first token p50/p95 (to the first
+chunk with answer text, or the finish chunk of an answer whose first token was a stop token; not the server's
+opening `role` chunk, which leaves before any decoding), the images' latency p50, throughput (requests/s) and the
+p95 ratio static / continuous. The two servers are measured back to back with the same arrivals.
 
     python bench/serve.py [--configs nano small] [--rates 8 16 32] [--requests 96] [--grid 16] [--threads 1]
+                          [--clients 32]
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ config = HealthGPTConfig.from_dict(json.loads(sys.argv[2]))
 options = ServerOptions(batching=sys.argv[4], max_batch_size=32, max_queue=1024, request_timeout=3600, max_tokens=256)
 serve(HealthGPT.random(config), "127.0.0.1", int(sys.argv[1]), options, log_level="warning")
 """
-CLIENTS = 32
 MODES = ("static", "continuous")
 
 
@@ -84,7 +87,7 @@ def workload(count: int, rate: float, seed: int = 0) -> list[tuple[float, str, i
 
 
 async def question(http: httpx.AsyncClient, model: str, index: int, max_tokens: int) -> float:
-    """Time to the first streamed token of one chat completion about an image."""
+    """Time to the first streamed token of one chat completion about an image (see `first_token`)."""
     uri = "data:image/png;base64," + base64.b64encode(png(index % 4, 96)).decode()
     body = {
         "model": model,
@@ -104,9 +107,20 @@ async def question(http: httpx.AsyncClient, model: str, index: int, max_tokens: 
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if first is None and line.startswith("data: {") and '"content"' in line:
+            if first is None and first_token(line):
                 first = time.perf_counter() - start
-    return first if first is not None else time.perf_counter() - start
+    if first is None:
+        raise RuntimeError("a streamed answer ended without a token or a finish reason")
+    return first
+
+
+def first_token(line: str) -> bool:
+    """Whether an SSE line carries the answer's first token: text, or the finish chunk of an answer whose first
+    token was a stop token. The server's opening chunk (`role` with empty content, sent before any decoding) is not."""
+    if not line.startswith("data: {"):
+        return False
+    choices = json.loads(line[len("data: ") :]).get("choices") or [{}]
+    return bool(choices[0].get("delta", {}).get("content")) or choices[0].get("finish_reason") is not None
 
 
 async def image(http: httpx.AsyncClient, model: str, index: int) -> float:
@@ -118,26 +132,30 @@ async def image(http: httpx.AsyncClient, model: str, index: int) -> float:
     return time.perf_counter() - start
 
 
-async def run(url: str, model: str, arrivals: list[tuple[float, str, int]], max_tokens: int) -> dict:
-    """Send the arrivals on time (at most CLIENTS in flight): TTFTs of questions, image latencies, wall seconds."""
-    gate = asyncio.Semaphore(CLIENTS)
+async def run(url: str, model: str, arrivals: list[tuple[float, str, int]], max_tokens: int, clients: int) -> dict:
+    """Send the arrivals on time, at most `clients` in flight (a request that finds them all busy waits for one, and
+    its clock starts when it is sent): TTFTs of questions, image latencies, wall seconds, mean requests in flight."""
+    gate = asyncio.Semaphore(clients)
     ttft: list[float] = []
     images: list[float] = []
-    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    busy: list[float] = []  # seconds each request was in flight
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
         begin = time.perf_counter()
 
         async def one(at: float, kind: str, index: int) -> None:
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - begin)))
             async with gate:
+                sent = time.perf_counter()
                 if kind == "image":
                     images.append(await image(http, model, index))
                 else:
                     ttft.append(await question(http, model, index, max_tokens))
+                busy.append(time.perf_counter() - sent)
 
         await asyncio.gather(*[one(*a) for a in arrivals])
         wall = time.perf_counter() - begin
-    return {"ttft": ttft, "images": images, "wall": wall}
+    return {"ttft": ttft, "images": images, "wall": wall, "in_flight": sum(busy) / wall}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -159,23 +177,29 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16, help="answer budget of a question")
     parser.add_argument("--grid", type=int, default=16, help="code grid of a generated image (grid² codes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each server")
+    parser.add_argument("--clients", type=int, default=32, help="most requests in flight at once")
     args = parser.parse_args()
     print(
-        f"{CLIENTS} clients, {args.requests} requests per rate (~10% images of {args.grid**2} codes), questions of "
-        f"{args.max_tokens} tokens, greedy; torch threads per server: {args.threads}"
+        f"{args.clients} clients, {args.requests} requests per rate (~10% images of {args.grid**2} codes), "
+        f"questions of {args.max_tokens} tokens, greedy; torch threads per server: {args.threads}"
     )
-    header = "| config | rate/s | batching | question TTFT p50 s | p95 s | image p50 s | req/s | p95 static/cont. |"
-    print(header, "|---" * 8 + "|", sep="\n")
+    columns = ["config", "rate/s", "batching", "in flight", "question TTFT p50 s", "p95 s", "image p50 s", "req/s"]
+    columns.append("p95 static/cont.")
+    print("| " + " | ".join(columns) + " |", "|---" * len(columns) + "|", sep="\n")
     for name in args.configs:
         config = config_for(name, args.grid)
         model = f"healthgpt-{config.name}"
         servers = {mode: start(config, args.threads, mode) for mode in MODES}
         try:
             for server in servers.values():  # warm-up: one of each kind
-                asyncio.run(run(server.url, model, [(0.0, "question", 0), (0.0, "image", 1)], args.max_tokens))
+                warm = [(0.0, "question", 0), (0.0, "image", 1)]
+                asyncio.run(run(server.url, model, warm, args.max_tokens, args.clients))
             for rate in args.rates:
                 arrivals = workload(args.requests, rate)
-                found = {mode: asyncio.run(run(servers[mode].url, model, arrivals, args.max_tokens)) for mode in MODES}
+                found = {
+                    mode: asyncio.run(run(servers[mode].url, model, arrivals, args.max_tokens, args.clients))
+                    for mode in MODES
+                }
                 p95 = {mode: percentile(r["ttft"], 95) for mode, r in found.items()}
                 for mode, r in found.items():
                     ratio = f"{p95['static'] / p95['continuous']:.1f}x" if mode == "continuous" else ""
@@ -183,6 +207,7 @@ def main() -> None:
                         name,
                         f"{rate:g}",
                         mode,
+                        f"{r['in_flight']:.1f}",
                         f"{percentile(r['ttft'], 50):.3f}",
                         f"{p95[mode]:.3f}",
                         f"{percentile(r['images'], 50):.2f}",

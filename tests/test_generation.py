@@ -147,3 +147,97 @@ def test_incremental_detokenizer_pieces_join_to_the_decoded_row_without_broken_c
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
     assert not any(p.endswith("\ufffd") for p in pieces[:-1])
     assert sum(bool(p) for p in pieces) > 3  # it streams, not everything at the end
+
+
+ROW_SETTINGS = [
+    SamplingParams(),
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.3, top_k=5, seed=1),
+    SamplingParams(temperature=0.9, top_p=0.8, seed=2),
+    SamplingParams(temperature=1.0, top_k=40, top_p=0.95, repetition_penalty=1.3, seed=3),
+    SamplingParams(repetition_penalty=0.8),
+]
+
+
+def _processors(params: SamplingParams):
+    """transformers' own processors for one row's settings: the reference `RowSampling` must equal."""
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    penalty = LogitsProcessorList()
+    if params.repetition_penalty is not None:
+        penalty.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    warpers = LogitsProcessorList()
+    if not params.greedy:
+        warpers.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k is not None:
+            warpers.append(TopKLogitsWarper(params.top_k))
+        if params.top_p is not None:
+            warpers.append(TopPLogitsWarper(params.top_p))
+    return penalty, warpers
+
+
+def test_per_row_sampling_equals_transformers_processors_row_by_row():
+    from healthgpt.generation.sampling import RowSampling
+
+    torch.manual_seed(0)
+    rows, vocab = len(ROW_SETTINGS), 300
+    sampling = RowSampling(rows, torch.device("cpu"))
+    for i, params in enumerate(ROW_SETTINGS):
+        sampling.set(i, params)
+    generated = torch.randint(0, vocab, (rows, 7))
+    seen = torch.zeros(rows, vocab, dtype=torch.bool).scatter(1, generated, True)
+    generators = {i: torch.Generator().manual_seed(p.seed) for i, p in enumerate(ROW_SETTINGS) if p.seed is not None}
+    for _ in range(20):
+        raw = torch.randn(rows, vocab) * 4
+        raw[:, 10:20] = float("-inf")  # what the span constraint leaves
+        penalized = sampling.penalize(raw, seen)
+        warped = sampling.warp(penalized)
+        tokens = sampling.choose(penalized)
+        for i, params in enumerate(ROW_SETTINGS):
+            penalty, warpers = _processors(params)
+            theirs = penalty(generated[i : i + 1], raw[i : i + 1])
+            assert torch.equal(penalized[i : i + 1], theirs), params
+            if params.greedy:
+                assert tokens[i] == theirs.argmax(), params
+                continue
+            theirs = warpers(generated[i : i + 1], theirs)
+            assert torch.equal(warped[i : i + 1], theirs), params
+            if i in generators:
+                drawn = torch.multinomial(theirs.softmax(dim=-1), 1, generator=generators[i])[0, 0]
+                assert tokens[i] == drawn, params
+            assert torch.isfinite(theirs[0, tokens[i]]), params  # unseeded rows draw an allowed token
+    sampling.clear(4)
+    assert 4 not in sampling.generators and sampling.params[4] is None
+
+
+def test_rows_with_different_settings_in_one_batch_equal_each_row_alone():
+    from healthgpt.generation.loop import DecodeRows
+
+    model = random_model()
+    reqs = [_request(model, q, s) for s, q in enumerate(["Is there a lesion?", "Which side?", "How many?"] * 2)]
+    device = torch.device("cpu")
+    together = DecodeRows(model.model, len(reqs), model.stop_ids, model.pad_id, device)
+    alone = []
+    for i, (req, params) in enumerate(zip(reqs, ROW_SETTINGS, strict=True)):
+        together.place(i, req, params, min_tokens=3 if i == 1 else 0)
+        alone.append(DecodeRows(model.model, 1, model.stop_ids, model.pad_id, device))
+        alone[-1].place(0, req, params, min_tokens=3 if i == 1 else 0)
+    torch.manual_seed(1)
+    for _ in range(12):
+        raw = torch.randn(len(reqs), model.model.llm.get_output_embeddings().weight.shape[0]) * 3
+        raw[:, model.stop_ids] += 6  # stop tokens are likely: min_tokens must hold them back
+        token = together.pick(raw)
+        for i, rows in enumerate(alone):
+            if ROW_SETTINGS[i].greedy or ROW_SETTINGS[i].seed is not None:
+                assert token[i] == rows.pick(raw[i : i + 1])[0], i
+            rows.advance(token[i : i + 1])
+        together.advance(token)
+    assert together.finished.tolist() == [rows.finished[0] for rows in alone]
+    assert together.count.tolist() == [int(rows.count[0]) for rows in alone]
+    assert 0 < int(together.count[0]) < 12 and int(together.count[1]) >= 3  # stop tokens end rows, after min_tokens

@@ -3,16 +3,18 @@ equals what `HealthGPT` gives alone, seeds reproduce, disconnects free their slo
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 
 import numpy as np
 import pytest
 import torch
+from _models import random_model
 
 from healthgpt.api import HealthGPT
 from healthgpt.data.phantoms import sample_case
-from healthgpt.serving.batcher import ImageDone, Job, QueueFullError, TextDelta, TextDone
+from healthgpt.serving.batcher import Failed, ImageDone, Job, QueueFullError, TextDelta, TextDone
 from healthgpt.serving.continuous import ContinuousBatcher
 
 QUESTIONS = ["Is there a lesion in this image?", "Which side is the lesion on?", "How many lesions are there?"]
@@ -102,6 +104,38 @@ def test_a_seeded_sampled_request_equals_ask_with_that_seed_beside_greedy_rows(n
     batcher.submit(greedy, seeded)
     assert _last(seeded_events).text == nano.ask(image, QUESTIONS[0], max_new_tokens=24, **settings)
     assert _last(greedy_events).text == nano.ask(image, QUESTIONS[1], max_new_tokens=24)
+
+
+def test_rows_with_their_own_settings_share_steps_and_a_freed_slot_starts_clean(phantoms):
+    """Random weights (flat distributions, so settings change the answers); each row equals `ask` alone."""
+    model = random_model(seed=4)
+    image = phantoms[0].rgb("ct")
+    settings = [  # (answer budget, sampling settings)
+        (24, {"temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.3, "seed": 5}),
+        (12, {"repetition_penalty": 5.0}),
+        (24, {"repetition_penalty": 5.0}),  # waits for a slot, then takes the one the short answer freed
+    ]
+    with ContinuousBatcher(model, max_batch_size=2, max_model_len=1024) as b:
+        jobs = [_text_job(model, QUESTIONS[i], image, max_tokens=n, sampling=s) for i, (n, s) in enumerate(settings)]
+        b.submit(*(job for job, _ in jobs))
+        answers = [_last(events) for _, events in jobs]
+        assert b.batch.window.rows <= 2 and b.batch.free_slots == 2
+    for i, (done, (n, s)) in enumerate(zip(answers, settings, strict=True)):
+        assert isinstance(done, TextDone) and done.text == model.ask(image, QUESTIONS[i], max_new_tokens=n, **s), s
+    assert len({done.text for done in answers}) == 3
+
+
+def test_requests_joining_together_are_prefilled_together_and_a_bad_one_fails_alone(nano, phantoms, batcher):
+    image = phantoms[1].rgb("mri")
+    good = [_text_job(nano, q, image) for q in QUESTIONS[:2]]
+    bad, bad_events = _text_job(nano, QUESTIONS[2], image)
+    bad.request = dataclasses.replace(bad.request, pixel_values=bad.request.pixel_values[:0])  # image slot, no image
+    batcher.submit(good[0][0], bad, good[1][0])  # one step takes all three
+    assert isinstance(_last(bad_events), Failed)
+    for (_, events), question in zip(good, QUESTIONS, strict=False):
+        done = _last(events)
+        assert isinstance(done, TextDone) and done.text == nano.ask(image, question, max_new_tokens=24)
+    assert batcher.batch.free_slots == batcher.max_batch_size
 
 
 def test_a_cancelled_request_frees_its_slot_at_the_next_step(nano, phantoms, batcher):

@@ -9,11 +9,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import MinNewTokensLengthLogitsProcessor
 
 from ..model import HealthGPTModel, expand_image_slots
 from .decoders import EagerSession, StaticEngine, StaticSession
-from .sampling import SamplingParams
+from .sampling import RowSampling, SamplingParams
 from .spans import ImageSpanConstraint
 
 
@@ -73,28 +72,29 @@ def head_logits(
     return out
 
 
-@dataclass
 class DecodeRows:
-    """Per-row decoding state: processors (with the span constraint), generator, stop rules, what was generated.
-    One per `stream` run, and one per row of a continuous batch (`slots`), so both decide alike."""
+    """Per-row decoding state as tensors [rows]: sampling settings, span constraint, stop rules, token counts.
+    One per `stream` run, and one over all slots of a continuous batch (`slots`), whose rows join with `place` and
+    leave with `clear`; either way every row decides alike, whatever its neighbours' settings."""
 
-    sampling: SamplingParams
-    constraint: ImageSpanConstraint | None
-    stop_after_span: torch.Tensor  # [B] bool: image-span rows end when their span closes
-    stops: torch.Tensor
-    limits: torch.Tensor  # [B] each row's token budget
-    pad_id: int
-    generator: torch.Generator | None
-    finished: torch.Tensor  # [B] bool
-    generated: torch.Tensor  # [B, t]
-    min_tokens: int = 0  # stop tokens are suppressed before this many tokens
-    ignore_eos: bool = False  # stop tokens do not end a row
-
-    def __post_init__(self) -> None:
-        self.processors = self.sampling.processors(self.constraint)
-        if self.min_tokens:
-            stops = self.stops.tolist()
-            self.processors.insert(0, MinNewTokensLengthLogitsProcessor(0, self.min_tokens, stops, self.stops.device))
+    def __init__(
+        self, model: HealthGPTModel, rows: int, stop_ids: Sequence[int], pad_id: int, device: torch.device
+    ) -> None:
+        self.pad_id = pad_id
+        self.sampling = RowSampling(rows, device)
+        self.constraint: ImageSpanConstraint | None = None
+        if model.image_vocab is not None and model.image_span_length is not None:
+            no = torch.zeros(rows, dtype=torch.bool, device=device)
+            self.constraint = ImageSpanConstraint(model.image_vocab, model.image_span_length, no, no)
+        self.stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+        self.stop_after_span = torch.zeros(rows, dtype=torch.bool, device=device)  # image-span rows end with it
+        self.limits = torch.zeros(rows, dtype=torch.long, device=device)  # each row's token budget
+        self.min_tokens = torch.zeros(rows, dtype=torch.long, device=device)  # stop tokens suppressed before this
+        self.ignore_eos = torch.zeros(rows, dtype=torch.bool, device=device)  # stop tokens do not end the row
+        self.count = torch.zeros(rows, dtype=torch.long, device=device)  # tokens generated
+        self.finished = torch.ones(rows, dtype=torch.bool, device=device)  # empty rows count as finished
+        self.seen: torch.Tensor | None = None  # [rows, V] bool: tokens each row generated (repetition penalty)
+        self._any_min_tokens = False  # on the host, so rows without `min_tokens` skip its mask
 
     @classmethod
     def build(
@@ -105,53 +105,68 @@ class DecodeRows:
         stop_ids: Sequence[int],
         pad_id: int,
         device: torch.device,
-        **extra: int | bool,
     ) -> DecodeRows:
-        """State for `requests`; `extra`: `min_tokens`, `ignore_eos`."""
-        stop_after_span = torch.tensor([r.image_span for r in requests], device=device)
-        constraint = None
-        if model.image_vocab is not None and model.image_span_length is not None:
-            allow = torch.tensor([r.allow_images for r in requests], device=device)
-            constraint = ImageSpanConstraint(model.image_vocab, model.image_span_length, stop_after_span, allow)
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(sampling.seed)
-        return cls(
-            sampling,
-            constraint,
-            stop_after_span,
-            torch.tensor(list(stop_ids), dtype=torch.long, device=device),
-            torch.tensor([r.max_new_tokens or sampling.max_new_tokens for r in requests], device=device),
-            pad_id,
-            generator,
-            torch.zeros(len(requests), dtype=torch.bool, device=device),
-            torch.empty((len(requests), 0), dtype=torch.long, device=device),
-            **extra,
-        )
+        """State for `requests`, all with the settings `sampling`."""
+        rows = cls(model, len(requests), stop_ids, pad_id, device)
+        for i, request in enumerate(requests):
+            rows.place(i, request, sampling)
+        return rows
+
+    def place(
+        self, row: int, request: Request, sampling: SamplingParams, *, min_tokens: int = 0, ignore_eos: bool = False
+    ) -> None:
+        """Start `row` afresh for `request` with its settings; `min_tokens` and `ignore_eos` are vLLM's extensions."""
+        self.sampling.set(row, sampling)
+        if self.constraint is not None:
+            self.constraint.in_span[row] = request.image_span
+            self.constraint.allow_start[row] = request.allow_images
+            self.constraint.count[row] = 0
+        self.stop_after_span[row] = request.image_span
+        self.limits[row] = request.max_new_tokens or sampling.max_new_tokens
+        self.min_tokens[row] = min_tokens
+        self._any_min_tokens = self._any_min_tokens or min_tokens > 0
+        self.ignore_eos[row] = ignore_eos
+        self.count[row] = 0
+        self.finished[row] = False
+        if self.seen is not None:
+            self.seen[row] = False
+
+    def clear(self, row: int) -> None:
+        """End `row` (its slot was freed): it emits padding until placed again."""
+        self.sampling.clear(row)
+        self.finished[row] = True
 
     def pick(self, raw: torch.Tensor) -> torch.Tensor:
-        """Each row's next token from its raw logits [B, V] (pad for finished rows)."""
+        """Each row's next token from its raw logits [B, V] (pad for finished rows): stop tokens banned below
+        `min_tokens`, repetition penalty, span constraint, then greedy or sampled choice."""
+        if self.seen is None:
+            self.seen = torch.zeros(raw.shape, dtype=torch.bool, device=raw.device)
+            self._is_stop = torch.zeros(raw.shape[-1], dtype=torch.bool, device=raw.device)
+            self._is_stop[self.stops] = True
         scores = raw
-        for processor in self.processors:  # not LogitsProcessorList.__call__: it inspects signatures at every step
-            scores = processor(self.generated, scores)
-        if self.sampling.greedy:
-            token = scores.argmax(dim=-1)
-        else:
-            token = torch.multinomial(scores.softmax(dim=-1), 1, generator=self.generator).squeeze(-1)
-        return token.masked_fill(self.finished, self.pad_id)
+        if self._any_min_tokens:
+            scores = scores.masked_fill((self.count < self.min_tokens)[:, None] & self._is_stop, float("-inf"))
+        scores = self.sampling.penalize(scores, self.seen)
+        if self.constraint is not None:
+            scores = self.constraint(self.seen, scores)
+        return self.sampling.choose(scores).masked_fill(self.finished, self.pad_id)
 
-    def advance(self, token: torch.Tensor, step: int) -> None:
-        """Record the step's tokens and which rows ended with them."""
-        done_now = torch.isin(token, self.stops) & (not self.ignore_eos)
+    def advance(self, token: torch.Tensor) -> None:
+        """Record the step's tokens [B] and which rows ended with them."""
+        live = ~self.finished
+        done_now = torch.isin(token, self.stops) & ~self.ignore_eos
         if self.constraint is not None:
             was_in_span = self.constraint.in_span
             closed = self.constraint.update(token)
             done_now = (done_now & ~was_in_span) | (self.stop_after_span & closed)
-        self.finished = self.finished | done_now | (self.limits <= step + 1)
-        self.generated = torch.cat([self.generated, token[:, None]], dim=1)
+        if self.seen is not None:
+            rows = torch.arange(len(token), device=token.device)
+            self.seen[rows, token] |= live
+        self.count += live.long()
+        self.finished = self.finished | done_now | (self.limits <= self.count)
 
 
-def _prompts(
+def embed_prompts(
     model: HealthGPTModel, every: Sequence[Request], pad_id: int, device: torch.device
 ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
     """(plugins, embeddings [R, T, H], mask [R, T], positions [R, T]) of left-padded prompts with their images."""
@@ -199,7 +214,7 @@ def stream(
         raise ValueError(f"{batch} requests but {len(unconditional)} unconditional requests")
     every = [*requests, *(unconditional or [])]
     device = next(model.llm.parameters()).device
-    plugins, embeds, mask, positions = _prompts(model, every, pad_id, device)
+    plugins, embeds, mask, positions = embed_prompts(model, every, pad_id, device)
     selection = plugins[0] if len(set(plugins)) == 1 else plugins
     rows = DecodeRows.build(model, requests, sampling, stop_ids, pad_id, device)
     # Rows that all start inside a span emit only codes for a span's length: the head reads the code rows only.
@@ -219,7 +234,7 @@ def stream(
                 raw = raw[batch:] + guidance_scale * (raw[:batch] - raw[batch:])  # [B, V]
             token = rows.pick(raw)
             yield Step(tokens=token, active=~rows.finished, logits=raw if return_logits else None)
-            rows.advance(token, step)
+            rows.advance(token)
             if step + 1 == sampling.max_new_tokens or ((step + 1) % check_every == 0 and bool(rows.finished.all())):
                 return
             hidden = session.step(token if unconditional is None else token.repeat(2))  # guided halves see it

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 
 from ..api import HealthGPT
-from ..generation.slots import Row, SlotBatch, positions_needed
+from ..generation.slots import Admission, Row, SlotBatch, positions_needed
 from .batcher import Batcher, BatcherClosedError, Failed, Job, JobTimeoutError, QueueFullError, _emit
 from .metrics import ServingMetrics
 
@@ -21,7 +21,7 @@ class ContinuousBatcher(Batcher):
     """`Batcher`'s interface with iteration-level scheduling: `max_batch_size` slots of `max_model_len` positions
     (default: the model's context). Queued requests may reserve at most one full turn of the cache
     (slots x length tokens of prompt and answer); beyond that, or `max_queue` requests, `submit` refuses.
-    At most `max_prefills_per_step` requests join per step: prompts are prefilled between steps, never all at once."""
+    At most `max_prefills_per_step` requests join per step, prefilled together in one forward between steps."""
 
     def __init__(
         self,
@@ -104,35 +104,44 @@ class ContinuousBatcher(Batcher):
         self.metrics.running.labels(self.name).set(len(self._jobs))
 
     def _admit(self) -> None:
-        """Move queued jobs into free slots (in arrival order), prefilling each."""
-        for _ in range(self.max_prefills_per_step):
-            with self._ready:
-                if not self._queue:
-                    return
+        """Move queued jobs into free slots (in arrival order, at most `max_prefills_per_step`), prefilling them
+        together."""
+        taken: list[Job] = []
+        free = self.batch.free_slots
+        with self._ready:
+            while self._queue and len(taken) < self.max_prefills_per_step:
                 job = self._queue[0]
                 if job.cancelled.is_set() or (job.deadline is not None and time.monotonic() > job.deadline):
                     self._queue.popleft()
                     if not job.cancelled.is_set():
                         _emit(job, Failed(JobTimeoutError("the request timed out while queued")))
                     continue
-                if self.batch.free_slots < self.batch.slots_needed(job.unconditional):
-                    return
-                self._queue.popleft()
-            try:
-                with self._tokenizer_lock:
-                    row = self.batch.admit(
-                        job.request,
-                        job.sampling,
-                        unconditional=job.unconditional,
-                        guidance_scale=job.guidance_scale,
-                        min_tokens=job.min_tokens,
-                        ignore_eos=job.ignore_eos,
-                    )
-            except Exception as exc:
-                log.exception("prefill failed")
-                job.finished = True
-                _emit(job, Failed(exc))
-                continue
+                need = 1 if job.unconditional is None else 2
+                if need > free:
+                    break
+                free -= need
+                taken.append(self._queue.popleft())
+        if taken:
+            self._join(taken)
+
+    def _join(self, jobs: list[Job]) -> None:
+        """Prefill `jobs` together; if that fails, one at a time, so a bad prompt fails its own request only."""
+        joining = [
+            Admission(job.request, job.sampling, job.unconditional, job.guidance_scale, job.min_tokens, job.ignore_eos)
+            for job in jobs
+        ]
+        try:
+            rows = self.batch.admit(*joining)
+        except Exception as exc:
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._join([job])
+                return
+            log.exception("prefill failed")
+            jobs[0].finished = True
+            _emit(jobs[0], Failed(exc))
+            return
+        for job, row in zip(jobs, rows, strict=True):
             self._jobs[row.id] = job
 
     def _deliver(self, produced: Sequence[tuple[Row, int]]) -> None:
