@@ -93,7 +93,10 @@ class DecodeRows:
         self.ignore_eos = torch.zeros(rows, dtype=torch.bool, device=device)  # stop tokens do not end the row
         self.count = torch.zeros(rows, dtype=torch.long, device=device)  # tokens generated
         self.finished = torch.ones(rows, dtype=torch.bool, device=device)  # empty rows count as finished
-        self.seen: torch.Tensor | None = None  # [rows, V] bool: tokens each row generated (repetition penalty)
+        # [rows, V] bool: tokens each row generated, kept from the first step a row has a repetition penalty (a row
+        # placed later starts its own afresh), so runs without one spend nothing on it
+        self.seen: torch.Tensor | None = None
+        self._rows = torch.arange(rows, device=device)
         self._any_min_tokens = False  # on the host, so rows without `min_tokens` skip its mask
 
     @classmethod
@@ -139,16 +142,17 @@ class DecodeRows:
     def pick(self, raw: torch.Tensor) -> torch.Tensor:
         """Each row's next token from its raw logits [B, V] (pad for finished rows): stop tokens banned below
         `min_tokens`, repetition penalty, span constraint, then greedy or sampled choice."""
-        if self.seen is None:
-            self.seen = torch.zeros(raw.shape, dtype=torch.bool, device=raw.device)
-            self._is_stop = torch.zeros(raw.shape[-1], dtype=torch.bool, device=raw.device)
-            self._is_stop[self.stops] = True
         scores = raw
         if self._any_min_tokens:
-            scores = scores.masked_fill((self.count < self.min_tokens)[:, None] & self._is_stop, float("-inf"))
-        scores = self.sampling.penalize(scores, self.seen)
+            is_stop = torch.zeros(raw.shape[-1], dtype=torch.bool, device=raw.device)
+            is_stop[self.stops] = True
+            scores = scores.masked_fill((self.count < self.min_tokens)[:, None] & is_stop, float("-inf"))
+        if self.sampling.penalizes:
+            if self.seen is None:
+                self.seen = torch.zeros(raw.shape, dtype=torch.bool, device=raw.device)
+            scores = self.sampling.penalize(scores, self.seen)
         if self.constraint is not None:
-            scores = self.constraint(self.seen, scores)
+            scores = self.constraint(None, scores)
         return self.sampling.choose(scores).masked_fill(self.finished, self.pad_id)
 
     def advance(self, token: torch.Tensor) -> None:
@@ -160,8 +164,7 @@ class DecodeRows:
             closed = self.constraint.update(token)
             done_now = (done_now & ~was_in_span) | (self.stop_after_span & closed)
         if self.seen is not None:
-            rows = torch.arange(len(token), device=token.device)
-            self.seen[rows, token] |= live
+            self.seen[self._rows, token] |= live
         self.count += live.long()
         self.finished = self.finished | done_now | (self.limits <= self.count)
 

@@ -87,10 +87,13 @@ class RowSampling:
             any(p.repetition_penalty not in (None, 1.0) for _, p in live),
         )
 
+    @property
+    def penalizes(self) -> bool:
+        """Whether some row has a repetition penalty (only then are generated tokens tracked)."""
+        return self._flags[3]
+
     def penalize(self, scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         """Scores [B, V] with each row's repetition penalty on the tokens it generated (`seen` [B, V] bool)."""
-        if not self._flags[3]:
-            return scores
         penalty = self.penalty[:, None]
         penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
         return torch.where(seen, penalized, scores)

@@ -45,7 +45,7 @@ class ImageSpanConstraint(LogitsProcessor):
             self._banned = (~allowed).to(scores.device)
         return self._banned
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.LongTensor | None, scores: torch.Tensor) -> torch.Tensor:
         inside = self.NEED_CODE + (self.count >= self.span_length).long()
         state = torch.where(self.in_span, inside, self.allow_start.long())  # OUTSIDE = 0, MAY_START = 1
         # masked_fill, not an additive bias: guided logits hold NaN (-inf minus -inf) in the columns a state bans
