@@ -6,8 +6,9 @@ tissue classes (bone bright on CT and dark on MRI, CSF dark on CT and bright on 
 and bright on MRI), so CT<->MRI conversion is a real mapping to learn. Everything is deterministic given
 the generator.
 
-Three modules: `world` draws and renders cases, `text` words their questions, instructions, captions and
-reports, `dataset` turns them into LLaVA-style records and files.
+Four modules: `world` draws and renders cases, `text` words their questions, instructions, captions and
+reports, `dataset` turns them into LLaVA-style records and files, `lesions` measures whether a generated image keeps
+a case's lesions and invents none.
 
 Conventions:
 - "left"/"right" are sides of the image *as displayed*: "left" means the lesion centre lies in the left
@@ -18,6 +19,7 @@ Conventions:
 """
 
 from .dataset import SPLITS, iter_records, make_dataset
+from .lesions import LesionCheck, check_lesions, lesion_contrast, lesion_rates
 from .text import (
     COMPREHENSION_TASKS,
     GENERATION_TASKS,
@@ -43,6 +45,7 @@ from .world import (
     Modality,
     PhantomCase,
     degrade,
+    place_lesions,
     sample_case,
 )
 
@@ -62,14 +65,19 @@ __all__ = [
     "GenerationPair",
     "ImageKey",
     "Lesion",
+    "LesionCheck",
     "Modality",
     "PhantomCase",
     "caption",
+    "check_lesions",
     "degrade",
     "generation_pairs",
     "iter_records",
+    "lesion_contrast",
+    "lesion_rates",
     "make_dataset",
     "phantom_corpus",
+    "place_lesions",
     "report",
     "sample_case",
     "vqa_pairs",

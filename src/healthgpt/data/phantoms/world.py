@@ -78,14 +78,15 @@ class PhantomCase:
         return "none" if not sides else "both" if len(sides) == 2 else sides.pop()
 
     @cached_property
-    def _fractions(self) -> np.ndarray:
+    def fractions(self) -> np.ndarray:
+        """(tissue classes, size, size) fractions of this case's warped phantom."""
         return _warp(_tissue_fractions(self.size), self.angle, self.scale, self.shift)
 
     def render(self, modality: Modality, *, lesions: bool = True) -> np.ndarray:
         """Render as uint8 (size, size); `lesions=False` gives the same case, same noise, without lesions."""
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-        img = np.tensordot(_LEVELS[modality], self._fractions, axes=1)
+        img = np.tensordot(_LEVELS[modality], self.fractions, axes=1)
         if lesions and self.lesions:
             alpha = _lesion_alpha(self.lesions, self.size)
             img = img * (1.0 - alpha) + alpha * _LESION_LEVEL[modality]
@@ -149,7 +150,7 @@ def sample_case(rng: np.random.Generator, size: int = 64, p_lesion: float = 0.5,
     noise_seed = int(rng.integers(2**63))
     count = int(rng.integers(1, max_lesions + 1)) if rng.random() < p_lesion else 0
     fractions = _warp(_tissue_fractions(size), angle, scale, shift)
-    lesions = _place_lesions(rng, fractions, count)
+    lesions = place_lesions(rng, fractions, count)
     return PhantomCase(size, lesions, angle, scale, shift, gain, bias, noise_seed)
 
 
@@ -189,14 +190,17 @@ def _warp(fractions: np.ndarray, angle: float, scale: float, shift: tuple[float,
     )
 
 
-def _place_lesions(rng: np.random.Generator, fractions: np.ndarray, count: int) -> tuple[Lesion, ...]:
-    """Place `count` non-overlapping discs fully inside the skull, each wholly on one side of the midline."""
+def place_lesions(
+    rng: np.random.Generator, fractions: np.ndarray, count: int, existing: Sequence[Lesion] = ()
+) -> tuple[Lesion, ...]:
+    """Place `count` non-overlapping discs fully inside the skull, each wholly on one side of the midline and clear
+    of the `existing` ones (which are not returned)."""
     size = fractions.shape[-1]
     depth = ndimage.distance_transform_edt(fractions[_TISSUES.index("parenchyma") :].sum(axis=0) > 0.99)
     rows, cols = np.indices(depth.shape)
     midline = (size - 1) / 2
     gap = 1.0 + max(1.0, 0.05 * size)  # between disc edges, so that lesions stay countable blobs
-    lesions: list[Lesion] = []
+    lesions: list[Lesion] = list(existing)
     for _ in range(count):
         radius = max(1.5, float(rng.uniform(0.04, 0.08)) * size)
         while True:  # shrink the disc until it fits (only needed at small sizes)
@@ -208,11 +212,11 @@ def _place_lesions(rng: np.random.Generator, fractions: np.ndarray, count: int) 
                 break
             radius = max(1.0, 0.8 * radius)
         if candidates.size == 0:
-            raise RuntimeError(f"no room for lesion {len(lesions) + 1} of {count} at size {size}")
+            raise RuntimeError(f"no room for lesion {len(lesions) - len(existing) + 1} of {count} at size {size}")
         y, x = divmod(int(candidates[rng.integers(candidates.size)]), size)
         side: Literal["left", "right"] = "left" if x < midline else "right"
         lesions.append(Lesion(float(x), float(y), radius, float(rng.uniform(0.7, 1.0)), side))
-    return tuple(lesions)
+    return tuple(lesions[len(existing) :])
 
 
 def _lesion_alpha(lesions: Sequence[Lesion], size: int) -> np.ndarray:
