@@ -6,9 +6,10 @@ tissue classes (bone bright on CT and dark on MRI, CSF dark on CT and bright on 
 and bright on MRI), so CT<->MRI conversion is a real mapping to learn. Everything is deterministic given
 the generator.
 
-Four modules: `world` draws and renders cases, `text` words their questions, instructions, captions and
-reports, `dataset` turns them into LLaVA-style records and files, `lesions` measures whether a generated image keeps
-a case's lesions and invents none.
+Modules: `world` draws and renders cases, `text` words their questions, instructions, captions and reports,
+`dataset` turns them into LLaVA-style records and files, `lesions` measures whether a generated image keeps a case's
+lesions and invents none; `chest` is a second family, frontal chest films with cardiomegaly and pleural effusions,
+their reports and a reader of those findings, for the report-to-image task.
 
 Conventions:
 - "left"/"right" are sides of the image *as displayed*: "left" means the lesion centre lies in the left
@@ -18,6 +19,7 @@ Conventions:
 - Lesion sizes in reports assume a field of view of `FOV_MM` millimetres across the image.
 """
 
+from .chest import ChestCase, ChestReading, chest_report, read_chest, sample_chest
 from .dataset import SPLITS, iter_records, make_dataset
 from .lesions import LesionCheck, check_lesions, lesion_contrast, lesion_rates
 from .text import (
@@ -62,6 +64,8 @@ __all__ = [
     "PHANTOM_TASKS",
     "QA",
     "SPLITS",
+    "ChestCase",
+    "ChestReading",
     "GenerationPair",
     "ImageKey",
     "Lesion",
@@ -70,6 +74,7 @@ __all__ = [
     "PhantomCase",
     "caption",
     "check_lesions",
+    "chest_report",
     "degrade",
     "generation_pairs",
     "iter_records",
@@ -78,7 +83,9 @@ __all__ = [
     "make_dataset",
     "phantom_corpus",
     "place_lesions",
+    "read_chest",
     "report",
     "sample_case",
+    "sample_chest",
     "vqa_pairs",
 ]
