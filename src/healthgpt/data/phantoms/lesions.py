@@ -3,8 +3,9 @@
 A lesion counts as recalled when, in the generated image, the mean intensity of its disc differs from the ring around
 it by at least half of that difference in the true target (same sign). False lesions are tested the same way at
 decoy positions: spots inside the skull, clear of the true lesions, where a lesion would fit; a decoy counts as a
-false lesion when the generated image shows there at least half the contrast a real lesion at that spot would have
-(the case rendered with the decoy added gives that contrast). No library offers this, hence by hand.
+false lesion when the generated image's contrast there has moved from the true target's by at least half of what a
+real lesion at that spot would add (the case rendered with the decoy gives that). No library offers this, hence by
+hand.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ def kept(generated: np.ndarray, truth: np.ndarray, lesion: Lesion, others: Seque
     return bool(np.sign(expected) * lesion_contrast(generated, lesion, others) >= 0.5 * abs(expected))
 
 
+def invented(
+    generated: np.ndarray, truth: np.ndarray, with_spot: np.ndarray, spot: Lesion, others: Sequence[Lesion] = ()
+) -> bool:
+    """Whether `generated` shows a lesion at `spot` where `truth` has none: its contrast there moved from `truth`'s
+    towards that of `with_spot` (the truth with a lesion at `spot`) by at least half the way."""
+    before, lesion = lesion_contrast(truth, spot, others), lesion_contrast(with_spot, spot, others)
+    return bool(
+        np.sign(lesion - before) * (lesion_contrast(generated, spot, others) - before) >= 0.5 * abs(lesion - before)
+    )
+
+
 def decoys(case: PhantomCase, n: int = DECOYS) -> tuple[Lesion, ...]:
     """`n` lesion positions in `case` clear of its lesions (deterministic per case)."""
     rng = np.random.default_rng([case.noise_seed, 0x4445])  # "DE": apart from the case's other streams
@@ -74,7 +86,7 @@ def check_lesions(
     recalled = tuple(kept(image, target, lesion, case.lesions) for lesion in case.lesions)
     spots = decoys(case)
     with_spots = as_gray(dataclasses.replace(case, lesions=case.lesions + spots).render(modality), case.size)
-    false = tuple(kept(image, with_spots, spot, case.lesions + spots) for spot in spots)
+    false = tuple(invented(image, target, with_spots, spot, case.lesions + spots) for spot in spots)
     return LesionCheck(recalled, false)
 
 
