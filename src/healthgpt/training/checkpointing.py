@@ -235,12 +235,11 @@ def _fix(folder: Path) -> str:
 
 
 def _pickling_file(folder: Path) -> Path:
-    """The file of `folder` that accelerate's weights-only loader refused (the folder if none is found again)."""
-    from accelerate.utils import load
-
+    """The file of `folder` that a weights-only load refuses, as accelerate's did (the folder if none is found
+    again); torch's own loader, as `accelerate.utils.load` exists only in later accelerate releases than our floor."""
     for file in sorted(folder.rglob("*.bin")):
         try:
-            load(file, map_location="cpu")
+            torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             return file
     return folder
