@@ -4,9 +4,11 @@ import dataclasses
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from healthgpt.data.phantoms import degrade
+from healthgpt.data.phantoms import degrade, make_dataset
 from healthgpt.data.phantoms.chest import CTR_LIMIT, EFFUSIONS, chest_report, read_chest, sample_chest
+from healthgpt.data.phantoms.dataset import CHEST_TASK
 
 CASES = {size: [sample_chest(np.random.default_rng([5, size, i]), size) for i in range(150)] for size in (64, 128)}
 
@@ -59,3 +61,23 @@ def test_reports_name_the_findings():
 def test_a_size_out_of_range_is_refused():
     with pytest.raises(ValueError, match="size must be an int in 32..512"):
         sample_chest(np.random.default_rng(0), 16)
+
+
+def test_the_dataset_adds_chest_films_on_request_and_changes_nothing_else(tmp_path):
+    tasks = ("presence", "ct2mri")
+    plain = make_dataset(tmp_path / "plain", 6, seed=2, tasks=tasks, test_fraction=0.5)
+    chest = make_dataset(tmp_path / "chest", 6, seed=2, tasks=(*tasks, CHEST_TASK), test_fraction=0.5)
+    for split in ("train", "test"):
+        extra = [r for r in chest[split] if r not in plain[split]]
+        assert [r for r in chest[split] if r["meta"]["kind"] != CHEST_TASK] == plain[split]
+        assert len(extra) == 3 and all(r["meta"]["kind"] == CHEST_TASK and "image" not in r for r in extra)
+        for record in extra:  # the film on disk shows what its report says
+            film = np.asarray(Image.open(tmp_path / "chest" / record["target_image"]))
+            reading = read_chest(film)
+            assert reading.effusion == record["meta"]["effusion"]
+            assert reading.cardiomegaly == (record["meta"]["ctr"] > CTR_LIMIT)
+            report = record["conversations"][0]["value"]
+            assert ("effusion" in report) == (record["meta"]["effusion"] != "none")
+    other_seed = make_dataset(tmp_path / "seed3", 6, seed=3, tasks=(CHEST_TASK,), test_fraction=0.5)
+    ctrs = [r["meta"]["ctr"] for r in chest["train"] if r["meta"]["kind"] == CHEST_TASK]
+    assert [r["meta"]["ctr"] for r in other_seed["train"]] != ctrs  # each seed its own films

@@ -16,10 +16,13 @@ from tqdm.auto import tqdm
 from healthgpt.config import COMPREHENSION, GENERATION
 from healthgpt.io.atomic import write_atomic
 
+from .chest import chest_report, sample_chest
 from .text import COMPREHENSION_TASKS, GENERATION_TASKS, PHANTOM_TASKS, check_kinds, generation_pairs, vqa_pairs
 from .world import MODALITIES, ImageKey, PhantomCase, sample_case
 
 SPLITS = ("train", "test")
+CHEST_TASK = "report_to_cxr"  # opt-in kind: a chest film from its report (the published task's name and phrasing)
+_CHEST_STREAM = 0x4358  # "CX": each case's chest film draws from its own stream, so other records are unchanged
 
 
 def iter_records(
@@ -82,7 +85,7 @@ def _split_cases(
 def _case_records(
     case_id: str, case: PhantomCase, rng: np.random.Generator, tasks: Sequence[str]
 ) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
-    check_kinds(tasks, PHANTOM_TASKS)
+    check_kinds(tasks, (*PHANTOM_TASKS, CHEST_TASK))
     labels = {
         "case": case_id,
         "size": case.size,
@@ -122,7 +125,25 @@ def _case_records(
             "meta": {"kind": pair.kind, "source": pair.source, "target": pair.target, **labels},
         }
         out.append((record, images))
+    if CHEST_TASK in tasks:
+        out.append(_chest_record(case_id, case))
     return out
+
+
+def _chest_record(case_id: str, case: PhantomCase) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The report -> chest film record beside a case (drawn from its own stream, seeded by the case): the report
+    alone is the instruction, as the published report_to_cxr preset has it."""
+    rng = np.random.default_rng([_CHEST_STREAM, case.noise_seed])
+    film = sample_chest(rng, case.size)
+    target = f"images/{case_id}_cxr.png"
+    record = {
+        "id": f"{case_id}_{CHEST_TASK}",
+        "task": GENERATION,
+        "conversations": _turns(chest_report(film, rng), "Here is the chest X-ray for you.", with_image=False),
+        "target_image": target,
+        "meta": {"kind": CHEST_TASK, "source": None, "target": "cxr", "ctr": film.ctr, "effusion": film.effusion},
+    }
+    return record, {target: film.render()}
 
 
 def _turns(prompt: str, answer: str, with_image: bool) -> list[dict[str, str]]:
