@@ -17,6 +17,8 @@ from healthgpt.api import HealthGPT
 from healthgpt.checkpoints import embedded_bundle
 from healthgpt.data.phantoms import iter_records
 from healthgpt.metrics import image_metrics
+from healthgpt.pretrain import NanoBudget
+from healthgpt.pretrain.nano import chest_films
 from healthgpt.recipes.nano import CONFIG_FILE, METRICS_FILE, MODEL_DIR, PANEL_FILE, RECIPE_FILE, resolve_recipe, run
 from healthgpt.training.stages import STAGE_NAMES, RecipeError
 
@@ -96,6 +98,24 @@ def test_recipe_paths_are_rooted_in_the_run_folder_and_overrides_checked_first(t
     with pytest.raises(RecipeError, match="unknown field"):
         run(tmp_path / "bad", overrides=["stage2.steps=5"])
     assert not (tmp_path / "bad" / "pretrain").exists()  # nothing was trained before the recipe was checked
+    with pytest.raises(ValueError, match="its model.variant is 'nano' but the run is for 'mini'"):
+        run(tmp_path / "other", variant="mini")
+    assert not (tmp_path / "other" / "pretrain").exists()
+
+
+def test_chest_films_join_pretraining_only_when_budgeted() -> None:
+    films, reports, chats = chest_films(seed=0, n=20, size=64)
+    assert len(films) == len(reports) == len(chats) == 20
+    assert all(chat[0]["content"] == report for chat, report in zip(chats, reports, strict=True))
+    assert all(
+        any(word in r for word in ("effusion", "Cardiomegaly", "enlarged")) == _abnormal(f)
+        for f, r in zip(films, reports, strict=True)
+    )
+    assert NanoBudget().chest_films == 0  # nano's pre-training is unchanged
+
+
+def _abnormal(film) -> bool:
+    return film.cardiomegaly or film.effusion != "none"
 
 
 @pytest.mark.slow

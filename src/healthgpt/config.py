@@ -265,6 +265,48 @@ VARIANTS: dict[str, HealthGPTConfig] = {
         template="phi3_instruct",
         dtype="float32",
     ),
+    # nano's architecture sized to keep lesions: a 16x16 grid of codes (nano's 8x8 loses them), and a vision tower
+    # whose 16x16 patches line up with those codes, so the generation plugin reads each code's own patch.
+    "mini": HealthGPTConfig(
+        name="mini",
+        llm=LLMConfig(
+            arch="phi3",
+            source="mini",
+            hidden_size=128,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=4,
+            intermediate_size=256,
+            vocab_rows=512,
+            max_position_embeddings=1024,
+        ),
+        vision=VisionConfig(
+            source="mini",
+            image_size=64,
+            patch_size=4,
+            hidden_size=64,
+            num_layers=4,
+            num_heads=4,
+            intermediate_size=128,
+        ),
+        plugins={
+            COMPREHENSION: PluginConfig(rank=8, alpha=16, vision_layer=-2),
+            GENERATION: PluginConfig(rank=16, alpha=32, vision_layer=1),
+        },
+        vq=VQConfig(
+            num_codes=512,
+            embed_dim=32,
+            image_size=64,
+            z_channels=32,
+            ch=32,
+            ch_mult=(1, 2, 4),
+            num_res_blocks=1,
+            attn_resolutions=(),
+            quantizer="gumbel",
+        ),
+        template="phi3_instruct",
+        dtype="float32",
+    ),
 }
 
 

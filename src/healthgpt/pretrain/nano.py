@@ -25,13 +25,17 @@ from PIL import Image
 from healthgpt.config import COMPREHENSION, HealthGPTConfig, get_variant
 from healthgpt.data.phantoms import (
     MODALITIES,
+    ChestCase,
     PhantomCase,
     caption,
+    chest_report,
     generation_pairs,
     phantom_corpus,
     sample_case,
+    sample_chest,
     vqa_pairs,
 )
+from healthgpt.data.phantoms.dataset import CHEST_REPLY
 from healthgpt.io.atomic import write_atomic
 from healthgpt.nano import random_llm, random_vision
 from healthgpt.templates import get_template
@@ -68,6 +72,15 @@ class NanoBudget:
     clip_steps: int = 600
     clip_batch: int = 64
     clip_lr: float = 2e-3
+    chest_films: int = 0  # chest films beside the head phantoms: VQGAN images, and their reports in the LM corpus
+
+
+def chest_films(seed: int, n: int, size: int = 64) -> tuple[list[ChestCase], list[str], list[Conversation]]:
+    """`n` chest films of the pre-training stream, their reports and report -> film chats (the image is absent)."""
+    rng = np.random.default_rng([seed, _STREAM, 4])
+    films = [sample_chest(rng, size) for _ in range(n)]
+    reports = [chest_report(film, rng) for film in films]
+    return films, reports, [_turn(r, CHEST_REPLY) for r in reports]
 
 
 def phantom_cases(seed: int, split: int, n: int, size: int) -> list[PhantomCase]:
@@ -201,6 +214,7 @@ def pretrain_vqgan_part(
     with torch_threads(threads):
         size = config.vq.image_size
         train = phantom_images(phantom_cases(seed, 0, budget.train_cases, size))[0]
+        train += [film.rgb() for film in chest_films(seed, budget.chest_films, size)[0]]
         vqgan = train_vqgan(
             train,
             vq=config.vq,
@@ -222,7 +236,9 @@ def _pretrain_language(
     """Tokenizer + causal LM on phantom sentences and chats; held-out perplexity before and after."""
     rng = np.random.default_rng([seed, _STREAM, 2])
     sentences = phantom_corpus(rng, budget.corpus_sentences)
-    corpus = [*sentences, *phantom_conversations(rng, budget.corpus_sentences)]
+    _, reports, chats = chest_films(seed, budget.chest_films)
+    sentences += reports
+    corpus = [*sentences, *phantom_conversations(rng, budget.corpus_sentences), *chats]
     held_rng = np.random.default_rng([seed, _STREAM, 3])
     held_out = [*phantom_corpus(held_rng, 300), *phantom_conversations(held_rng, 300)]
     tokenizer = train_tokenizer(sentences, config.llm.vocab_rows, config.template)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from healthgpt.api import HealthGPT
 from healthgpt.checkpoints import load_vqgan
-from healthgpt.config import COMPREHENSION, GENERATION
+from healthgpt.config import COMPREHENSION, GENERATION, get_variant
 from healthgpt.data.image_codes import tokenize_images
 from healthgpt.data.phantoms import PHANTOM_TASKS, make_dataset
 from healthgpt.io import load_image
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "training" / "configs" / "nano.yaml"
 PRETRAIN_DIR, PHANTOM_DIR, MODEL_DIR = "pretrain", "phantoms", "model"
 RECIPE_FILE, METRICS_FILE, PANEL_FILE = "recipe.yaml", "metrics.json", "ct2mri_panel.png"
-PHANTOM_SIZE = 64  # the nano VQGAN's image size: targets are compared pixel for pixel
+PHANTOM_SIZE = 64  # the nano VQGAN's image size (a variant's own otherwise): targets are compared pixel for pixel
 
 
 def _cpu_seconds() -> float:
@@ -100,11 +100,18 @@ def _finished(recipe: Recipe, name: str) -> TrainResult:
     return TrainResult(metrics_file.parent / OUTPUT, metrics["steps"], metrics["final_loss"], metrics_file)
 
 
-def write_phantoms(folder: Path, cases: int, seed: int, test_fraction: float) -> list[dict[str, Any]]:
-    """Phantom images and records under `folder`: `train.json`, `test.json` and `<task>.json` (the training records of
-    one task, which the recipe's stages list); returns the held-out test records."""
-    records = make_dataset(folder, cases, seed, size=PHANTOM_SIZE, test_fraction=test_fraction)
-    for task in PHANTOM_TASKS:
+def write_phantoms(
+    folder: Path,
+    cases: int,
+    seed: int,
+    test_fraction: float,
+    size: int = PHANTOM_SIZE,
+    tasks: Sequence[str] = PHANTOM_TASKS,
+) -> list[dict[str, Any]]:
+    """Phantom images and records of `tasks` under `folder`: `train.json`, `test.json` and `<task>.json` (the training
+    records of one task, which the recipe's stages list); returns the held-out test records."""
+    records = make_dataset(folder, cases, seed, size=size, tasks=tasks, test_fraction=test_fraction)
+    for task in tasks:
         chosen = [r for r in records["train"] if r["meta"]["kind"] == task]
         write_atomic(folder / f"{task}.json", json.dumps(chosen, indent=1) + "\n")
     return records["test"]
@@ -174,7 +181,7 @@ def conversion_metrics(generated: Sequence[Image.Image], targets: Sequence[Image
     return aggregate([image_metrics(np.asarray(g), np.asarray(t)) for g, t in zip(generated, targets, strict=True)])
 
 
-def write_panel(path: Path, columns: Mapping[str, Sequence[Image.Image]]) -> None:
+def write_panel(path: Path, columns: Mapping[str, Sequence[Image.Image]], variant: str = "nano") -> None:
     """A PNG grid: one row per case, one labelled column per image kind (input CT, true MRI, generated MRIs)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -191,7 +198,7 @@ def write_panel(path: Path, columns: Mapping[str, Sequence[Image.Image]]) -> Non
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=9)
-    fig.suptitle("nano HealthGPT, held-out phantoms: CT -> MRI (toy model, synthetic data)", fontsize=9)
+    fig.suptitle(f"{variant} HealthGPT, held-out phantoms: CT -> MRI (toy model, synthetic data)", fontsize=9)
     fig.tight_layout()
     with atomic_target(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
@@ -222,6 +229,7 @@ def evaluate(
             "generated MRI": made["trained"][:panel_cases],
             "untrained model": made["untrained"][:panel_cases],
         },
+        trained.config.name,
     )
     return {
         "closed_questions": {
@@ -249,12 +257,16 @@ def run(
     config_file: str | Path = CONFIG_FILE,
     parallel: bool = True,
     num_threads: int = 1,
+    variant: str = "nano",
+    tasks: Sequence[str] = PHANTOM_TASKS,
 ) -> dict[str, Any]:
     """Run the whole nano recipe into the new or empty folder `out_dir`: pre-training, phantom data, VQ codes, the
     five stages, the bundle `out_dir/model` (base weights included), evaluation on held-out phantoms; writes and
     returns `metrics.json` (figures, wall and CPU seconds per part).
 
-    `overrides` are dotted recipe overrides (`stage2.max_steps=10`). With `parallel`, independent parts run in two
+    `variant` names the architecture (its VQGAN's image size is the phantoms'; the recipe file's `model.variant` must
+    agree) and `tasks` the phantom record kinds written. `overrides` are dotted recipe overrides
+    (`stage2.max_steps=10`). With `parallel`, independent parts run in two
     processes (VQGAN beside LM+CLIP, stage-1 and stage-3 pairs), each with `num_threads` torch threads: models this
     small train fastest on one thread per core, and far slower when two threads per op compete with other jobs."""
     out = Path(out_dir)
@@ -262,6 +274,8 @@ def run(
     if any(out.iterdir()):
         raise FileExistsError(f"{out}: the nano recipe writes into a new or empty folder")
     recipe = resolve_recipe(Path(config_file), out, seed, overrides)
+    if recipe.model.variant != variant:
+        raise ValueError(f"{config_file}: its model.variant is {recipe.model.variant!r} but the run is for {variant!r}")
     recipe_file = out / RECIPE_FILE
     seconds: dict[str, float] = {}
     cpu: dict[str, float] = {}
@@ -276,9 +290,11 @@ def run(
                 budget=budget or NanoBudget(),
                 parallel=parallel,
                 num_threads=num_threads,
+                variant=variant,
             )
         with _timed("phantoms", seconds, cpu):
-            test_records = write_phantoms(out / PHANTOM_DIR, cases, seed, test_fraction)
+            size = get_variant(variant).vq.image_size
+            test_records = write_phantoms(out / PHANTOM_DIR, cases, seed, test_fraction, size, tasks)
         vqgan_dir = out / PRETRAIN_DIR / "vqgan"
         with _timed("tokenize_images", seconds, cpu):
             tokenize_images(out / PHANTOM_DIR / "train.json", vqgan_dir, recipe.data.code_cache)

@@ -22,6 +22,7 @@ from .world import MODALITIES, ImageKey, PhantomCase, sample_case
 
 SPLITS = ("train", "test")
 CHEST_TASK = "report_to_cxr"  # opt-in kind: a chest film from its report (the published task's name and phrasing)
+CHEST_REPLY = "Here is the chest X-ray for you."
 _CHEST_STREAM = 0x4358  # "CX": each case's chest film draws from its own stream, so other records are unchanged
 
 
@@ -139,7 +140,7 @@ def _chest_record(case_id: str, case: PhantomCase) -> tuple[dict[str, Any], dict
     record = {
         "id": f"{case_id}_{CHEST_TASK}",
         "task": GENERATION,
-        "conversations": _turns(chest_report(film, rng), "Here is the chest X-ray for you.", with_image=False),
+        "conversations": _turns(chest_report(film, rng), CHEST_REPLY, with_image=False),
         "target_image": target,
         "meta": {"kind": CHEST_TASK, "source": None, "target": "cxr", "ctr": film.ctr, "effusion": film.effusion},
     }
