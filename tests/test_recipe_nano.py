@@ -4,6 +4,7 @@ held-out phantoms, and `healthgpt demo` runs on it."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,29 +65,42 @@ def test_embedded_bundle_is_small_self_contained_and_loaded_by_name() -> None:
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 10 * 2**20
 
 
-def test_demo_answers_converts_and_writes_its_images(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", [None, "nano"])
+def test_demo_shows_every_task_in_one_panel_and_prints_the_figures(tmp_path: Path, model: str | None) -> None:
     out = tmp_path / "shown"
-    done = subprocess.run(
-        [sys.executable, "-m", "healthgpt.cli", "demo", "--out", str(out)], capture_output=True, text=True, timeout=300
-    )
+    chosen = [] if model is None else ["--model", model]
+
+    def demo(*flags: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "healthgpt.cli", "demo", "--out", str(out), *chosen, *flags]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    done = demo()
     assert done.returncode == 0, done.stderr
-    assert "toy" in done.stdout.lower() and "not for clinical use" in done.stdout.lower()
-    written = sorted(p.name for p in out.glob("*.png"))
-    assert "CT_small.png" in written and any(name.endswith("_generated.png") for name in written)
-    assert all(Image.open(out / name).size[0] >= 64 for name in written)
+    text = done.stdout
+    assert f"Model: {model or 'mini'}," in text and "toy" in text.lower() and "not for clinical use" in text.lower()
+    for task in ("reconstruct", "ct2mri", "mri2ct", "super_resolution"):
+        assert re.search(rf"{task}: SSIM \d+\.\d, lesions kept \d/\d", text), task
+    assert re.search(r"report_to_cxr: read: CTR \d\.\d\d, .*(matches|does not match) the report", text)
+    assert text.count("  Q: ") == text.count("  A: ") >= 4 and "real CT slice" in text
+    assert sorted(p.name for p in out.iterdir()) == ["panel.png"]
+    width, height = Image.open(out / "panel.png").size
+    assert width >= 600 and height >= 5 * 200  # five task rows of input, truth, output
 
-    def again(*flags: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "healthgpt.cli", "demo", "--out", str(out), *flags]
-        return subprocess.run(command, capture_output=True, text=True, timeout=300)
-
-    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
-    refused = again()  # the images are there: refused before the model loads, nothing touched
+    before = (out / "panel.png").stat().st_mtime_ns
+    refused = demo()  # the panel is there: refused before the model loads, nothing touched
     assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1
     assert "already exists. Fix: choose another name, or pass --overwrite to replace it" in refused.stderr
-    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
-    replaced = again("--overwrite")
+    assert (out / "panel.png").stat().st_mtime_ns == before
+    replaced = demo("--overwrite")
     assert replaced.returncode == 0, replaced.stderr
-    assert sorted(p.name for p in out.iterdir()) == written  # the same images, replaced, no temporary left
+    assert sorted(p.name for p in out.iterdir()) == ["panel.png"]  # replaced, no temporary left
+
+
+def test_demo_refuses_a_model_that_is_not_embedded(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "healthgpt.cli", "demo", "--out", str(tmp_path / "x"), "--model", "m3"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--model m3: the demo runs an embedded model (nano, mini)" in done.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_recipe_paths_are_rooted_in_the_run_folder_and_overrides_checked_first(tmp_path: Path) -> None:
@@ -99,7 +113,7 @@ def test_recipe_paths_are_rooted_in_the_run_folder_and_overrides_checked_first(t
         run(tmp_path / "bad", overrides=["stage2.steps=5"])
     assert not (tmp_path / "bad" / "pretrain").exists()  # nothing was trained before the recipe was checked
     with pytest.raises(ValueError, match="its model.variant is 'nano' but the run is for 'mini'"):
-        run(tmp_path / "other", variant="mini")
+        run(tmp_path / "other", variant="mini", config_file=CONFIG_FILE)
     assert not (tmp_path / "other" / "pretrain").exists()
 
 

@@ -310,6 +310,9 @@ VARIANTS: dict[str, HealthGPTConfig] = {
 }
 
 
+EMBEDDED = ("nano", "mini")  # bundles shipped in the package (`healthgpt/assets/<name>/`), loaded by name
+
+
 def get_variant(name: str) -> HealthGPTConfig:
     """The config of a named variant (`nano`, `m3`, `l14`, `xl32`)."""
     try:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..config import GENERATION, VARIANTS, HealthGPTConfig
+from ..config import EMBEDDED, GENERATION, VARIANTS, HealthGPTConfig
 from ..errors import CheckpointError
 from ..fusion import PluginTable, set_plugin_tables
 from ..hub import WeightsNotFoundError, is_repo_id, resolve_official_files, variant_of_hub_id
@@ -75,9 +75,6 @@ __all__ = [
 ]
 
 
-EMBEDDED = ("nano",)  # bundles shipped in the package (`healthgpt/assets/<name>/`), loaded by name
-
-
 def load(
     source: str | Path | HealthGPTConfig | None = None,
     *,
@@ -107,7 +104,8 @@ def load(
     `last.ckpt` (not on the Hub; without it images cannot be decoded). `dtype` defaults to the variant's (float16)
     or the bundle's. `device_map="auto"` spreads the LLM over the GPUs through accelerate (vision tower, projectors
     and VQGAN go to the embedding's device). `system_prompt` replaces the template's published default.
-    `"nano"` (unless a folder of that name exists) is the embedded nano bundle, trained by `healthgpt.recipes.nano`.
+    `"nano"` and `"mini"` (unless a folder of that name exists) are the embedded bundles, trained by
+    `healthgpt.recipes.nano`.
     `quantize` ("int8", "int4", "nf4") stores the base LLM's linears weight-only in that format (see
     `healthgpt.quantize`); plugins, projectors, tables and head stay in `dtype`.
     """
@@ -157,7 +155,7 @@ def embedded_bundle(name: str) -> Path:
     if not (folder / MANIFEST).is_file():
         raise WeightsNotFoundError(
             f"the embedded {name} model is missing from {folder.parent}: reinstall healthgpt, or train it with "
-            f"healthgpt.recipes.{name}.run(<folder>) and load that folder"
+            f"healthgpt.recipes.nano.run(<folder>, variant={name!r}) and load <folder>/model"
         )
     return folder
 

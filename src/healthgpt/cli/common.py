@@ -117,7 +117,7 @@ class ModelOptions:
     def __post_init__(self) -> None:
         """Check what can be checked before anything loads: PLUGIN=PATH specs, that named files exist, the
         quantization mode."""
-        from ..config import QUANTIZE_MODES, VARIANTS
+        from ..config import EMBEDDED, QUANTIZE_MODES, VARIANTS
 
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"--quantize {self.quantize}: choose one of {', '.join(QUANTIZE_MODES)}")
@@ -132,7 +132,7 @@ class ModelOptions:
             ("--base-model", self.base_model),
             ("--vision-tower", self.vision_tower),
         ):
-            if source is None or source == NANO or source.lower() in VARIANTS or Path(source).exists():
+            if source is None or source.lower() in (*EMBEDDED, *VARIANTS) or Path(source).exists():
                 continue
             from ..hub import is_repo_id
 
@@ -141,11 +141,11 @@ class ModelOptions:
                     f"{flag} {source}: no such folder, and not a variant name or a Hub id (owner/name)"
                 )
         _check_device(self.device)
-        if self.model == NANO:
+        if self.model.lower() in EMBEDDED:
             extra = [k for k in self.load_kwargs() if k not in ("dtype", "quantize")]
             if extra:
                 raise ValueError(
-                    f"--{extra[0].replace('_', '-')} applies to checkpoints, not to the built-in nano model"
+                    f"--{extra[0].replace('_', '-')} applies to checkpoints, not to the built-in {self.model} model"
                 )
 
     def plugin_files(self) -> dict[str, Path]:
@@ -186,9 +186,11 @@ class ModelOptions:
 
     def convert(self, output: Path, *, include_base: bool) -> None:
         """Write the model these options name as a bundle at `output`."""
-        if self.model == NANO:
+        from ..config import EMBEDDED
+
+        if self.model.lower() in EMBEDDED:
             if not include_base:
-                raise ValueError("the nano model has no base folders to refer to: add --include-base")
+                raise ValueError(f"the built-in {self.model} model has no base folders to refer to: add --include-base")
             self.load().save_pretrained(output, include_base=True)
             return
         from ..checkpoints import convert_official

@@ -11,7 +11,6 @@ import typer
 
 from ..tasks import check_image_input, resolve_instruction
 from .common import (
-    NANO,
     ImageOptions,
     ModelOptions,
     Overwrite,
@@ -23,6 +22,8 @@ from .common import (
     require_questions,
 )
 from .outputs import check_output, output_path
+
+DEMO_MODEL, DEMO_PANEL = "mini", "panel.png"
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -181,69 +182,49 @@ def _generate_slices(
 # ----- demo --------------------------------------------------------------------------------------------------------
 @command
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the images the demo shows (created if missing).")] = Path(
+    out: Annotated[Path, typer.Option(help="Folder for the panel picture (created if missing).")] = Path(
         "healthgpt-demo"
     ),
+    model: Annotated[
+        str, typer.Option(help="An embedded model: mini (the default) or nano (smaller, for quick tests).")
+    ] = DEMO_MODEL,
     seed: Annotated[int, typer.Option(help="Which held-out phantoms to show (their random stream).")] = 0,
     overwrite: Overwrite = False,
 ) -> None:
-    """Run the embedded nano model, a toy trained on synthetic phantoms (not for clinical use): answer questions
-    about held-out phantoms and pydicom's CT_small.dcm, convert a phantom CT to MRI, and write the images as PNGs."""
+    """Run an embedded toy model trained on synthetic phantoms (not for clinical use): every image task on a held-out
+    phantom and a chest film from its report, in one panel picture (input, truth, output); questions about the
+    phantom and pydicom's CT_small.dcm; the figures of each."""
     from pydicom.data import get_testdata_file
     from rich.console import Console
 
     from ..api import HealthGPT
-    from ..config import COMPREHENSION
-    from ..io import load_image, save_png
-    from ..metrics import image_metrics
+    from ..config import EMBEDDED
+    from ..evaluation.phantom_demo import demo_case, image_rows, questions, report_of, write_demo_panel
+    from ..io import load_image
 
-    cases, translation = _demo_cases(seed)
-    paths = {rel: out / Path(rel).name for _, images in cases for rel in images}
-    paths |= {
-        "CT_small": out / "CT_small.png",
-        "generated": out / f"{paths[translation['target_image']].stem}_generated.png",
-    }
-    _check_demo_outputs(out, paths.values(), overwrite)
+    if model.lower() not in EMBEDDED:
+        raise ValueError(f"--model {model}: the demo runs an embedded model ({', '.join(EMBEDDED)})")
+    panel = out / DEMO_PANEL
+    _check_demo_outputs(out, [panel], overwrite)
     console = Console()
     console.print(
-        "[yellow]Model: nano, a TOY HealthGPT trained in minutes on synthetic phantoms (healthgpt.recipes.nano). "
+        f"[yellow]Model: {model}, a TOY HealthGPT trained on a CPU on synthetic phantoms (healthgpt.recipes.nano). "
         "Not for clinical use.[/yellow]"
     )
-    model = HealthGPT.from_pretrained(NANO)
+    loaded = HealthGPT.from_pretrained(model.lower())
+    case, chest = demo_case(seed, loaded.vqgan.image_size)
+    asked = [(case.rgb("ct"), qa.question, qa.answer) for qa in questions(case, seed)]
+    real = "unknown (a real CT slice, outside the phantom world)"
+    asked.append((load_image(get_testdata_file("CT_small.dcm")).to_pil(), "Is there a lesion in this CT image?", real))
+    answers = loaded.ask([im for im, _, _ in asked], [q for _, q, _ in asked], max_new_tokens=8)
+    for (_, question, truth), answer in zip(asked, answers, strict=True):
+        console.print(f"  Q: {question}\n  A: {answer}   [dim]truth: {truth}[/dim]")
+    rows = image_rows(loaded, case, chest, report_of(chest, seed))
+    for row in rows:
+        console.print(f"[bold]{row.task}[/bold]: {row.figure}")
     out.mkdir(parents=True, exist_ok=True)
-    shown = {rel: save_png(pixels, paths[rel]) for _, images in cases for rel, pixels in images.items()}
-    asked = [
-        (shown[r["image"]], r["conversations"][0]["value"].removeprefix("<image>\n"), r["conversations"][1]["value"])
-        for r, _ in cases
-        if r["task"] == COMPREHENSION and r["meta"]["modality"] == "CT"
-    ]
-    ct_small = save_png(load_image(get_testdata_file("CT_small.dcm")), paths["CT_small"])
-    asked.append(
-        (ct_small, "Is there a lesion in this CT image?", "unknown (a real CT slice, outside the phantom world)")
-    )
-    answers = model.ask([load_image(p).to_pil() for p, _, _ in asked], [q for _, q, _ in asked], max_new_tokens=8)
-    for (path, question, truth), answer in zip(asked, answers, strict=True):
-        console.print(f"[bold]{path}[/bold]\n  Q: {question}\n  A: {answer}   [dim]truth: {truth}[/dim]")
-    source, truth_path = shown[translation["image"]], shown[translation["target_image"]]
-    made = model.generate_image(load_image(source).to_pil(), "ct2mri", progress=False).image.convert("L")
-    generated = save_png(made, paths["generated"])
-    ssim = image_metrics(made, load_image(truth_path).to_pil().convert("L"))["ssim"]
-    console.print(f"[bold]CT -> MRI[/bold]: {source} -> {generated} (true MRI: {truth_path}; SSIM {ssim:.1f})")
-    console.print(f"Images written to {out}/")
-
-
-def _demo_cases(seed: int) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], dict[str, Any]]:
-    """(the held-out cases the demo shows: the first with lesions and the first without, as (record, {image path:
-    pixels}); the CT-to-MRI record it translates)."""
-    from ..data.phantoms import iter_records
-
-    drawn = list(iter_records(8, seed, split="test", tasks=("presence", "count", "ct2mri")))
-    first: dict[bool, str] = {}
-    for r, _ in drawn:
-        first.setdefault(r["meta"]["has_lesion"], r["meta"]["case"])
-    cases = sorted((c for c in drawn if c[0]["meta"]["case"] in first.values()), key=lambda c: c[0]["meta"]["case"])
-    translation = max((r for r, _ in cases if r["meta"]["kind"] == "ct2mri"), key=lambda r: r["meta"]["has_lesion"])
-    return cases, translation
+    write_demo_panel(panel, rows, f"{model} HealthGPT on a held-out phantom (toy model, synthetic data)")
+    console.print(f"Panel (input, truth, output per task) written to {panel}")
 
 
 def _check_demo_outputs(out: Path, paths: Iterable[Path], overwrite: bool) -> None:

@@ -51,7 +51,7 @@ GOALS: tuple[tuple[str, str, float], ...] = (
     ("questions.count", ">=", 0.9),
     ("questions.side", ">=", 0.9),
 )
-_SUPER_RESOLUTION = "Could you improve the quality of this {m} image?"  # the preset's phrasing, for either modality
+SUPER_RESOLUTION = "Could you improve the quality of this {m} image?"  # the preset's phrasing, for either modality
 
 
 def held_out(n: int, seed: int, size: int) -> tuple[list[PhantomCase], list[ChestCase]]:
@@ -146,7 +146,7 @@ def _super_resolution(model: HealthGPT, cases: Sequence[PhantomCase]) -> dict[st
     rows = []
     for m in MODALITIES:
         low = [case.rgb(f"{_key(m)}_low_res") for case in cases]
-        made = _images(model.generate_image(low, _SUPER_RESOLUTION.format(m=m), progress=False))
+        made = _images(model.generate_image(low, SUPER_RESOLUTION.format(m=m), progress=False))
         ours, bicubic = score_images(made, cases, m), score_images(low, cases, m)
         rows.append({"ssim": ours["ssim"], "bicubic_ssim": bicubic["ssim"], "lesion_recall": ours["lesion_recall"]})
     figures = _mean_of(rows)

@@ -6,10 +6,11 @@ functions fine-tune real ones (a taming VQGAN on a new modality, a CLIP tower on
 
 from healthgpt.pretrain.clip import ContrastiveCLIP, linear_probe, pooled_features, pretrain_clip, retrieval_accuracy
 from healthgpt.pretrain.lm import perplexity, pretrain_lm, train_tokenizer
-from healthgpt.pretrain.nano import NanoBudget, pretrain_nano
+from healthgpt.pretrain.nano import BUDGETS, NanoBudget, pretrain_nano
 from healthgpt.pretrain.vqgan import evaluate_vqgan, train_vqgan
 
 __all__ = [
+    "BUDGETS",
     "ContrastiveCLIP",
     "NanoBudget",
     "evaluate_vqgan",

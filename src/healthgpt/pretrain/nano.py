@@ -75,6 +75,13 @@ class NanoBudget:
     chest_films: int = 0  # chest films beside the head phantoms: VQGAN images, and their reports in the LM corpus
 
 
+# Pre-training budgets by variant; mini's VQGAN needs longer for its 16x16 grid to keep lesions (bench/README.md).
+BUDGETS = {
+    "nano": NanoBudget(),
+    "mini": NanoBudget(train_cases=800, vqgan_steps=2500, vqgan_batch=8, clip_steps=400, lm_steps=300, chest_films=400),
+}
+
+
 def chest_films(seed: int, n: int, size: int = 64) -> tuple[list[ChestCase], list[str], list[Conversation]]:
     """`n` chest films of the pre-training stream, their reports and report -> film chats (the image is absent)."""
     rng = np.random.default_rng([seed, _STREAM, 4])

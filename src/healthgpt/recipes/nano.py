@@ -32,7 +32,7 @@ from healthgpt.data.phantoms import PHANTOM_TASKS, make_dataset
 from healthgpt.io import load_image
 from healthgpt.io.atomic import atomic_target, write_atomic
 from healthgpt.metrics import aggregate, image_metrics
-from healthgpt.pretrain import NanoBudget, pretrain_nano
+from healthgpt.pretrain import BUDGETS, NanoBudget, pretrain_nano
 from healthgpt.pretrain.nano import torch_threads
 from healthgpt.training.loop import METRICS, OUTPUT, TrainResult, build_healthgpt, export_model, run_stage
 from healthgpt.training.stages import STAGE_NAMES, Recipe, apply_overrides, recipe_from_dict
@@ -254,26 +254,27 @@ def run(
     test_fraction: float = 0.2,
     budget: NanoBudget | None = None,
     overrides: Sequence[str] = (),
-    config_file: str | Path = CONFIG_FILE,
+    config_file: str | Path | None = None,
     parallel: bool = True,
     num_threads: int = 1,
     variant: str = "nano",
-    tasks: Sequence[str] = PHANTOM_TASKS,
 ) -> dict[str, Any]:
     """Run the whole nano recipe into the new or empty folder `out_dir`: pre-training, phantom data, VQ codes, the
     five stages, the bundle `out_dir/model` (base weights included), evaluation on held-out phantoms; writes and
     returns `metrics.json` (figures, wall and CPU seconds per part).
 
-    `variant` names the architecture (its VQGAN's image size is the phantoms'; the recipe file's `model.variant` must
-    agree) and `tasks` the phantom record kinds written. `overrides` are dotted recipe overrides
-    (`stage2.max_steps=10`). With `parallel`, independent parts run in two
+    `variant` (nano or mini) picks the architecture, the recipe file (`training/configs/<variant>.yaml` unless
+    `config_file`, whose `model.variant` must agree) and the pre-training budget (`BUDGETS`, unless `budget`); the
+    phantoms are written at its VQGAN's size, every phantom kind and any other its stages read (report_to_cxr).
+    `overrides` are dotted recipe overrides (`stage2.max_steps=10`). With `parallel`, independent parts run in two
     processes (VQGAN beside LM+CLIP, stage-1 and stage-3 pairs), each with `num_threads` torch threads: models this
     small train fastest on one thread per core, and far slower when two threads per op compete with other jobs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()):
         raise FileExistsError(f"{out}: the nano recipe writes into a new or empty folder")
-    recipe = resolve_recipe(Path(config_file), out, seed, overrides)
+    config_file = Path(config_file) if config_file is not None else CONFIG_FILE.with_name(f"{variant}.yaml")
+    recipe = resolve_recipe(config_file, out, seed, overrides)
     if recipe.model.variant != variant:
         raise ValueError(f"{config_file}: its model.variant is {recipe.model.variant!r} but the run is for {variant!r}")
     recipe_file = out / RECIPE_FILE
@@ -287,13 +288,15 @@ def run(
                 out / PRETRAIN_DIR,
                 seed=seed,
                 progress=progress,
-                budget=budget or NanoBudget(),
+                budget=budget or BUDGETS[variant],
                 parallel=parallel,
                 num_threads=num_threads,
                 variant=variant,
             )
         with _timed("phantoms", seconds, cpu):
             size = get_variant(variant).vq.image_size
+            read = {Path(path).stem for stage in recipe.stages.values() for path in stage.data}
+            tasks = [*PHANTOM_TASKS, *sorted(read - set(PHANTOM_TASKS))]
             test_records = write_phantoms(out / PHANTOM_DIR, cases, seed, test_fraction, size, tasks)
         vqgan_dir = out / PRETRAIN_DIR / "vqgan"
         with _timed("tokenize_images", seconds, cpu):
