@@ -21,7 +21,7 @@ from pydicom.data import get_testdata_file
 CT = Path(get_testdata_file("CT_small.dcm"))
 SCRIPT = shutil.which("healthgpt")
 ENTRY = [SCRIPT] if SCRIPT else [sys.executable, "-m", "healthgpt.cli"]
-ENV = {**os.environ, "PYTHONUTF8": "1", "COLUMNS": "200", "TQDM_DISABLE": "1", "HEALTHGPT_MODEL": "nano"}
+ENV = {**os.environ, "PYTHONUTF8": "1", "COLUMNS": "200", "TQDM_DISABLE": "1"}
 
 
 def healthgpt(*args: object, cwd: Path, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

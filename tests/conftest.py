@@ -19,9 +19,6 @@ from healthgpt.pretrain.nano import torch_threads
 from healthgpt.vqgan import VQGAN
 
 REPO = Path(__file__).resolve().parents[1]
-# Commands that name no model run the small nano, not the default mini: the CLI tests check behaviour, not quality,
-# and nano decodes an image in a quarter of the steps. Tests of the default itself remove this.
-os.environ["HEALTHGPT_MODEL"] = "nano"
 
 
 def published_fixture_dir() -> Path:

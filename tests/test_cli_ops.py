@@ -355,3 +355,16 @@ def test_fine_tuning_the_shipped_nano_model_with_the_readme_commands(tmp_path: P
     image = sorted((tmp_path / "data" / "images").rglob("*.png"))[0]
     answer = run("ask", image, "Is there a lesion?", "--model", "mine", "--max-new-tokens", "4", cwd=tmp_path)
     assert answer.stdout.strip() and answer.stderr == ""
+
+
+def test_healthgpt_model_names_the_model_where_no_option_does(tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    env = {**ENV, "HEALTHGPT_MODEL": "./bundles/gone", "COLUMNS": "200"}
+    shown = subprocess.run([*ENTRY, "ask", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert "[env var: HEALTHGPT_MODEL]" in shown.stdout and "[default: nano]" in shown.stdout
+    asked = [*ENTRY, "ask", get_testdata_file("CT_small.dcm"), "Why?"]
+    done = subprocess.run(asked, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 2 and "--model ./bundles/gone: no such folder" in done.stderr
+    passed = subprocess.run([*asked, "--model", "nano"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert passed.returncode == 0 and passed.stdout.strip(), passed.stderr  # the option wins over the variable

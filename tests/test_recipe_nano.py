@@ -65,10 +65,11 @@ def test_embedded_bundle_is_small_self_contained_and_loaded_by_name() -> None:
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 10 * 2**20
 
 
-@pytest.mark.parametrize("model", [None, "nano"])
-def test_demo_shows_every_task_in_one_panel_and_prints_the_figures(tmp_path: Path, model: str | None) -> None:
+@pytest.mark.parametrize("folder", [False, True], ids=["default", "bundle-folder"])
+def test_demo_shows_every_task_in_one_panel_and_prints_the_figures(tmp_path: Path, folder: bool) -> None:
     out = tmp_path / "shown"
-    chosen = [] if model is None else ["--model", model]
+    model = str(embedded_bundle("nano")) if folder else "nano"  # a recipe's folder works as the embedded name does
+    chosen = ["--model", model] if folder else []
 
     def demo(*flags: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "healthgpt.cli", "demo", "--out", str(out), *chosen, *flags]
@@ -77,7 +78,7 @@ def test_demo_shows_every_task_in_one_panel_and_prints_the_figures(tmp_path: Pat
     done = demo()
     assert done.returncode == 0, done.stderr
     text = done.stdout
-    assert f"Model: {model or 'mini'}," in text and "toy" in text.lower() and "not for clinical use" in text.lower()
+    assert f"Model: {model}," in text and "toy" in text.lower() and "not for clinical use" in text.lower()
     for task in ("reconstruct", "ct2mri", "mri2ct", "super_resolution"):
         assert re.search(rf"{task}: SSIM \d+\.\d, lesions kept \d/\d", text), task
     assert re.search(r"report_to_cxr: read: CTR \d\.\d\d, .*(matches|does not match) the report", text)
@@ -96,10 +97,10 @@ def test_demo_shows_every_task_in_one_panel_and_prints_the_figures(tmp_path: Pat
     assert sorted(p.name for p in out.iterdir()) == ["panel.png"]  # replaced, no temporary left
 
 
-def test_demo_refuses_a_model_that_is_not_embedded(tmp_path: Path) -> None:
+def test_demo_refuses_a_model_not_trained_on_phantoms(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "healthgpt.cli", "demo", "--out", str(tmp_path / "x"), "--model", "m3"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--model m3: the demo runs an embedded model (nano, mini)" in done.stderr
+    assert done.returncode == 2 and "--model m3: the demo runs a model trained on phantoms: nano, or" in done.stderr
     assert not (tmp_path / "x").exists()
 
 

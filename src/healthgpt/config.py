@@ -310,11 +310,11 @@ VARIANTS: dict[str, HealthGPTConfig] = {
 }
 
 
-EMBEDDED = ("nano", "mini")  # bundles shipped in the package (`healthgpt/assets/<name>/`), loaded by name
+EMBEDDED = ("nano",)  # bundles shipped in the package (`healthgpt/assets/<name>/`), loaded by name
 
 
 def get_variant(name: str) -> HealthGPTConfig:
-    """The config of a named variant (`nano`, `m3`, `l14`, `xl32`)."""
+    """The config of a named variant (`nano`, `mini`, `m3`, `l14`, `xl32`)."""
     try:
         return VARIANTS[name.lower()]
     except KeyError:

@@ -104,8 +104,7 @@ def load(
     `last.ckpt` (not on the Hub; without it images cannot be decoded). `dtype` defaults to the variant's (float16)
     or the bundle's. `device_map="auto"` spreads the LLM over the GPUs through accelerate (vision tower, projectors
     and VQGAN go to the embedding's device). `system_prompt` replaces the template's published default.
-    `"nano"` and `"mini"` (unless a folder of that name exists) are the embedded bundles, trained by
-    `healthgpt.recipes.nano`.
+    `"nano"` (unless a folder of that name exists) is the embedded nano bundle, trained by `healthgpt.recipes.nano`.
     `quantize` ("int8", "int4", "nf4") stores the base LLM's linears weight-only in that format (see
     `healthgpt.quantize`); plugins, projectors, tables and head stay in `dtype`.
     """

@@ -33,7 +33,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DEFAULT_MODEL = "mini"  # the embedded model used where no other is named (HEALTHGPT_MODEL changes it)
+DEFAULT_MODEL = "nano"  # the embedded model used where no other is named (HEALTHGPT_MODEL changes it)
 TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _MODEL, _SAMPLING, _IMAGE = "Model", "Sampling", "Image"
@@ -48,10 +48,9 @@ class ModelOptions:
     model: Annotated[
         str,
         typer.Option(
-            help="'mini' or 'nano' (built-in toy models trained on synthetic phantoms, for trying things out; nano "
-            "is smaller and faster), a bundle folder written by `healthgpt convert`, a folder of official files, a "
-            "variant (m3, l14, xl32; with --base-model, --vision-tower, --plugin-file) or a Hub id "
-            "(lintw/HealthGPT-M3).",
+            help="'nano' (the built-in toy model trained on synthetic phantoms, for trying things out), a bundle "
+            "folder written by `healthgpt convert` or a recipe, a folder of official files, a variant (m3, l14, xl32; "
+            "with --base-model, --vision-tower, --plugin-file) or a Hub id (lintw/HealthGPT-M3).",
             envvar="HEALTHGPT_MODEL",
             rich_help_panel=_MODEL,
         ),

@@ -11,6 +11,7 @@ import typer
 
 from ..tasks import check_image_input, resolve_instruction
 from .common import (
+    DEFAULT_MODEL,
     ImageOptions,
     ModelOptions,
     Overwrite,
@@ -23,7 +24,7 @@ from .common import (
 )
 from .outputs import check_output, output_path
 
-DEMO_MODEL, DEMO_PANEL = "mini", "panel.png"
+DEMO_PANEL = "panel.png"
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -186,8 +187,13 @@ def demo(
         "healthgpt-demo"
     ),
     model: Annotated[
-        str, typer.Option(help="An embedded model: mini (the default) or nano (smaller, for quick tests).")
-    ] = DEMO_MODEL,
+        str,
+        typer.Option(
+            help="A model trained on phantoms: the embedded nano, or a recipe's bundle folder (the mini recipe, "
+            "healthgpt.recipes.nano.run(<folder>, variant='mini'), writes <folder>/model).",
+            envvar="HEALTHGPT_MODEL",
+        ),
+    ] = DEFAULT_MODEL,
     seed: Annotated[int, typer.Option(help="Which held-out phantoms to show (their random stream).")] = 0,
     overwrite: Overwrite = False,
 ) -> None:
@@ -202,8 +208,11 @@ def demo(
     from ..evaluation.phantom_demo import demo_case, image_rows, questions, report_of, write_demo_panel
     from ..io import load_image
 
-    if model.lower() not in EMBEDDED:
-        raise ValueError(f"--model {model}: the demo runs an embedded model ({', '.join(EMBEDDED)})")
+    if model.lower() not in EMBEDDED and not Path(model).is_dir():
+        raise ValueError(
+            f"--model {model}: the demo runs a model trained on phantoms: {', '.join(EMBEDDED)}, or the bundle folder "
+            "a recipe wrote (healthgpt.recipes.nano.run(<folder>, variant='mini') writes <folder>/model)"
+        )
     panel = out / DEMO_PANEL
     _check_demo_outputs(out, [panel], overwrite)
     console = Console()
@@ -211,7 +220,7 @@ def demo(
         f"[yellow]Model: {model}, a TOY HealthGPT trained on a CPU on synthetic phantoms (healthgpt.recipes.nano). "
         "Not for clinical use.[/yellow]"
     )
-    loaded = HealthGPT.from_pretrained(model.lower())
+    loaded = HealthGPT.from_pretrained(model.lower() if model.lower() in EMBEDDED else model)
     case, chest = demo_case(seed, loaded.vqgan.image_size)
     asked = [(case.rgb("ct"), qa.question, qa.answer) for qa in questions(case, seed)]
     real = "unknown (a real CT slice, outside the phantom world)"
@@ -223,7 +232,7 @@ def demo(
     for row in rows:
         console.print(f"[bold]{row.task}[/bold]: {row.figure}")
     out.mkdir(parents=True, exist_ok=True)
-    write_demo_panel(panel, rows, f"{model} HealthGPT on a held-out phantom (toy model, synthetic data)")
+    write_demo_panel(panel, rows, f"{loaded.config.name} HealthGPT on a held-out phantom (toy model, synthetic data)")
     console.print(f"Panel (input, truth, output per task) written to {panel}")
 
 
