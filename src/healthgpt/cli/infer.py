@@ -197,9 +197,9 @@ def demo(
     seed: Annotated[int, typer.Option(help="Which held-out phantoms to show (their random stream).")] = 0,
     overwrite: Overwrite = False,
 ) -> None:
-    """Run an embedded toy model trained on synthetic phantoms (not for clinical use): every image task on a held-out
-    phantom and a chest film from its report, in one panel picture (input, truth, output); questions about the
-    phantom and pydicom's CT_small.dcm; the figures of each."""
+    """Run a toy model trained on synthetic phantoms (not for clinical use; the embedded nano unless --model names
+    another): every image task on a held-out phantom and a chest film from its report, in one panel picture (input,
+    truth, output); questions about the phantom and pydicom's CT_small.dcm; the figures of each."""
     from pydicom.data import get_testdata_file
     from rich.console import Console
 
