@@ -81,7 +81,7 @@ def write_bad_files(tmp_path: Path) -> Path:
     (tmp_path / "scans").mkdir()  # a DICOM series folder
     shutil.copy(CT, tmp_path / "scans" / "00001.dcm")
     (tmp_path / "shown").mkdir()  # what an earlier `healthgpt demo --out shown` wrote
-    shutil.copy(tmp_path / "good.png", tmp_path / "shown" / "CT_small.png")
+    shutil.copy(tmp_path / "good.png", tmp_path / "shown" / "panel.png")
     return tmp_path
 
 

@@ -108,7 +108,7 @@ BAD_OUTPUTS = [
     pytest.param(["demo", "--out", "taken.png"], "taken.png: is a file, not a folder", id="demo: a file"),
     pytest.param(
         ["demo", "--out", "shown"],
-        "shown/CT_small.png: already exists. Fix: choose another name, or pass --overwrite",
+        "shown/panel.png: already exists. Fix: choose another name, or pass --overwrite",
         id="demo: earlier images",
     ),
 ]

@@ -4,6 +4,7 @@ held-out phantoms, and `healthgpt demo` runs on it."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -73,7 +74,8 @@ def test_demo_shows_every_task_in_one_panel_and_prints_the_figures(tmp_path: Pat
 
     def demo(*flags: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "healthgpt.cli", "demo", "--out", str(out), *chosen, *flags]
-        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+        env = {**os.environ, "COLUMNS": "400"}  # rich wraps at 80 columns without a terminal; the folder path is long
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
     done = demo()
     assert done.returncode == 0, done.stderr
