@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from healthgpt.api import HealthGPT
-from healthgpt.config import COMPREHENSION, GENERATION
+from healthgpt.config import COMPREHENSION, GENERATION, get_variant
 from healthgpt.data.collate import collate, num_supervised
 from healthgpt.data.image_codes import CodeCacheError, ImageCodeCache, tokenize_images
 from healthgpt.data.records import DataError, load_records
@@ -102,6 +102,30 @@ def test_prompt_ids_are_the_inference_ids_and_only_the_response_is_supervised(hg
     assert labels[len(prompt) :] == ids[len(prompt) :]
     assert hg.tokenizer.decode(ids[len(prompt) :]) == "Yes, on the left.<|end|>"
     assert torch.equal(item["pixel_values"], request.pixel_values) and item["plugin"] == COMPREHENSION
+
+
+@pytest.mark.parametrize(
+    ("index", "question"), [(0, "Is there a lesion?"), (2, "Convert this CT image into an MRI image.")]
+)
+def test_a_model_reading_images_after_the_text_trains_on_its_inference_prompt(folder, cache, index, question) -> None:
+    """The records hold `<image>` first; a model with `images_after_text` (mini) trains with the patches after the
+    question, exactly as `build_request` lays out its prompts, and the published layout is unchanged beside it."""
+    after = HealthGPT.random(get_variant("nano").replace(images_after_text=True), seed=0)
+    item = _dataset(after, folder, cache, images_after_text=True)[index]
+    with Image.open(folder / "ct.png") as im:
+        request = after.build_request(
+            [{"role": "user", "content": question}],
+            [im.convert("RGB")],
+            plugin=item["plugin"],
+            image_generation=index == 2,
+        )
+    prompt = expand_image_slots(request.input_ids, after.model.num_patches)
+    assert item["input_ids"].tolist()[: len(prompt)] == prompt
+    slot = list(request.input_ids).index(IMAGE_TOKEN_INDEX)
+    assert after.tokenizer.decode(request.input_ids[:slot]).endswith(f"{question}\n")
+    assert question not in after.tokenizer.decode(request.input_ids[slot + 1 :])
+    published = _dataset(after, folder, cache)[index]["input_ids"].tolist()
+    assert published != item["input_ids"].tolist() and sorted(published) == sorted(item["input_ids"].tolist())
 
 
 def test_every_assistant_turn_of_a_multi_turn_chat_is_supervised(hg, folder, cache) -> None:

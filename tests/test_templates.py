@@ -84,6 +84,13 @@ def test_user_content_puts_images_first() -> None:
     assert user_content("Q?", 0) == "Q?"
 
 
+def test_images_after_text_end_the_first_turn() -> None:
+    assert user_content("Q?", 2, images_after_text=True) == "Q?\n<image>\n<image>"
+    assert user_content("Q?", 0, images_after_text=True) == "Q?"
+    prompt = chat_prompt("phi3_instruct", turns("Q?"), images_after_text=True, image_generation=True)
+    assert prompt == PHI3.replace("<image>\n{q}", "Q?\n<image>") + "<start_index>"
+
+
 def test_stop_strings_contain_the_separator_token() -> None:
     assert get_template("phi3_instruct").stop_strings[0] == "<|end|>"
     assert get_template("phi4_instruct").stop_strings[0] == "<|im_end|>"

@@ -111,6 +111,10 @@ class HealthGPTConfig:
     template: str = "phi3_instruct"
     system_prompt: str | None = None  # None: the template's published default
     add_image_tokens: bool = True  # Phi variants add 8,195 tokens; XL32 keeps Qwen's vocabulary
+    # Where a user turn's images go: before its text (the published LLaVA layout) or after it. After the text, the
+    # distance from each input patch to the code written at its place is the same for every instruction, which is
+    # what lets a small model learn to copy lesions (bench/README.md, phantom_goals).
+    images_after_text: bool = False
     dtype: str = "float16"
     official_files: dict[str, str] = field(default_factory=dict)
     hub_id: str | None = None
@@ -305,6 +309,7 @@ VARIANTS: dict[str, HealthGPTConfig] = {
             quantizer="gumbel",
         ),
         template="phi3_instruct",
+        images_after_text=True,  # a fixed patch -> code distance: the copy that keeps lesions is learnable
         dtype="float32",
     ),
 }

@@ -19,6 +19,7 @@ __all__ = [
     "TEMPLATES",
     "chat_prompt",
     "get_template",
+    "place_images",
     "user_content",
 ]
 
@@ -129,12 +130,20 @@ def _check_text(text: str, what: str) -> None:
         )
 
 
-def user_content(question: str, num_images: int) -> str:
-    """The user turn as the published code builds it: one `<image>\\n` per image, then the question."""
+def user_content(question: str, num_images: int, *, images_after_text: bool = False) -> str:
+    """The user turn as the published code builds it: one `<image>\\n` per image, then the question; with
+    `images_after_text`, the question, then one `\\n<image>` per image."""
     _check_text(question, "question")
     if num_images < 0:
         raise PromptError(f"num_images must be >= 0, got {num_images}")
-    return f"{IMAGE_PLACEHOLDER}\n" * num_images + question
+    return place_images(question, num_images, images_after_text)
+
+
+def place_images(text: str, num_images: int, after_text: bool) -> str:
+    """`text` with `num_images` placeholders before it (`<image>\\n` each) or after it (`\\n<image>` each)."""
+    if after_text:
+        return text + f"\n{IMAGE_PLACEHOLDER}" * num_images
+    return f"{IMAGE_PLACEHOLDER}\n" * num_images + text
 
 
 def chat_prompt(
@@ -144,17 +153,22 @@ def chat_prompt(
     num_images: int = 1,
     system: str | None = None,
     image_generation: bool = False,
+    images_after_text: bool = False,
 ) -> str:
     """The full prompt for a user/assistant conversation whose first user turn shows `num_images` images.
 
     The images go into the first user turn (LLaVA multi-turn convention); a later turn carrying its own `<image>`
     is refused here, before tokenization. `image_generation` appends
     `<start_index>` after the assistant tag so the first generated token is an image code (REFERENCE §3.4).
+    `images_after_text` puts the images after the first turn's text (`HealthGPTConfig.images_after_text`).
     """
     chat = get_template(template) if isinstance(template, str) else template
     if not messages:
         raise PromptError("a conversation needs at least one user message")
-    first = {**messages[0], "content": user_content(messages[0]["content"], num_images)}
+    first = {
+        **messages[0],
+        "content": user_content(messages[0]["content"], num_images, images_after_text=images_after_text),
+    }
     for i, message in enumerate(messages[1:], start=1):
         _check_text(str(message.get("content", "")), f"message {i} ({message.get('role')})")
     prompt = chat.render([first, *messages[1:]], system=system)

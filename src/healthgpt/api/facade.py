@@ -182,6 +182,7 @@ class HealthGPT:
             num_images=len(images),
             system=system or self.config.system_prompt,
             image_generation=image_generation,
+            images_after_text=self.config.images_after_text,
         )
         ids = self.prompts.encode_prompt(prompt)
         limit, length = self.context_length, len(expand_image_slots(ids, self.model.num_patches))

@@ -102,7 +102,8 @@ def _field(raw: Mapping[str, Any], name: str, field_map: Mapping[str, str]) -> A
 
 
 def _normalise_user(text: str) -> tuple[str, int]:
-    """LLaVA's rule: a turn's `<image>` placeholders move to its start, one `<image>\\n` each (as at inference)."""
+    """LLaVA's rule: a turn's `<image>` placeholders move to its start, one `<image>\\n` each (as the published
+    inference does; `SampleBuilder` moves them after the text for a model with `images_after_text`)."""
     count = text.count(IMAGE_PLACEHOLDER)
     if not count:
         return text, 0

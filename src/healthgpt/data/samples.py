@@ -24,8 +24,16 @@ from healthgpt.config import GENERATION
 from healthgpt.data.image_codes import ImageCodeCache
 from healthgpt.data.records import DataError, DataIssue, OnError, Origin, Record, RecordSet
 from healthgpt.io import ImageInputError, load_image
-from healthgpt.templates import ChatTemplate
-from healthgpt.tokens import END_IMAGE, IGNORE_INDEX, IMAGE_TOKEN_INDEX, START_IMAGE, ImageVocab, PromptTokenizer
+from healthgpt.templates import ChatTemplate, place_images
+from healthgpt.tokens import (
+    END_IMAGE,
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    IMAGE_TOKEN_INDEX,
+    START_IMAGE,
+    ImageVocab,
+    PromptTokenizer,
+)
 from healthgpt.vision import ImagePreprocessor
 
 log = logging.getLogger(__name__)
@@ -93,6 +101,7 @@ class SampleBuilder:
         overlong: Overlong = "truncate",
         system: str | None = None,
         generation_text: GenerationText = "drop",
+        images_after_text: bool = False,
     ) -> None:
         if overlong not in ("drop", "truncate"):
             raise ValueError(f"overlong must be 'drop' or 'truncate', got {overlong!r}")
@@ -107,15 +116,25 @@ class SampleBuilder:
         self.overlong = overlong
         self.system = system
         self.generation_text = generation_text
+        self.images_after_text = images_after_text
 
     def _messages(self, record: Record) -> list[dict[str, str]]:
-        messages = [{"role": role, "content": text} for role, text in record.turns]
+        messages = [
+            {"role": role, "content": self._user_turn(text) if role == "user" else text} for role, text in record.turns
+        ]
         if record.task == GENERATION:
             text = messages[-1]["content"].strip()
             span = START_IMAGE + END_IMAGE
             layout = {"drop": span, "before": text + span, "after": span + text}
             messages[-1]["content"] = layout[self.generation_text if text else "drop"]
         return messages
+
+    def _user_turn(self, text: str) -> str:
+        """A user turn with its images where the model reads them (records hold them first, LLaVA's rule)."""
+        count = text.count(IMAGE_PLACEHOLDER)
+        if not count or not self.images_after_text:
+            return text
+        return place_images(text.replace(IMAGE_PLACEHOLDER, "").strip(), count, after_text=True)
 
     def tokenize(self, record: Record) -> tuple[list[int], list[int]]:
         """(ids, labels) with one IMAGE_TOKEN_INDEX per image and one CODE_SPAN per generation target."""

@@ -113,6 +113,7 @@ def setup_dataset(recipe: Recipe, stage: StageConfig, hg: HealthGPT) -> tuple[Tr
         overlong=data.overlong,
         system=hg.config.system_prompt,
         generation_text=data.generation_text,
+        images_after_text=hg.config.images_after_text,
     )
     specs, report = build_samples(found, builder, tasks=stage.tasks, codes=codes, on_error=data.on_error)
     return TrainingDataset(specs, hg.preprocessor, hg.model.num_patches, hg.model.image_vocab, codes), report
