@@ -53,7 +53,7 @@ def test_mini_recipe_from_nothing_with_a_reduced_budget(tmp_path: Path) -> None:
     answered = metrics["evaluation"]["closed_questions"]
     assert all(answered["trained"][q]["accuracy"] > answered["untrained"][q]["accuracy"] for q in answered["trained"])
     model = HealthGPT.from_pretrained(out / MODEL_DIR)
-    assert model.config.name == "mini" and model.vqgan.image_size == 64
+    assert model.config.name == "mini" and model.vqgan.image_size == 64 and model.config.images_after_text
 
     demo = ["demo", "--model", str(out / MODEL_DIR), "--out", str(tmp_path / "d")]
     env = {**os.environ, "COLUMNS": "400"}

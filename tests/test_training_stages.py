@@ -184,3 +184,14 @@ def test_starting_model_from_base_folders(tmp_path: Path) -> None:
     assert built.model.plugin_names == (COMPREHENSION, GENERATION) and built.model.image_vocab.start_id == n
     assert torch.equal(built.model.llm.lm_head.weight[:n], llm.lm_head.weight)
     assert all(torch.equal(a, b) for a, b in zip(built.model.vision.parameters(), vision.parameters(), strict=True))
+
+
+def test_image_layout_is_the_variants_unless_the_recipe_sets_it() -> None:
+    def layout(*overrides: str) -> bool:
+        return build_healthgpt(load_recipe(None, ["output_dir=x", *overrides])).config.images_after_text
+
+    assert not layout() and layout("model.variant=mini")  # published layout for nano; mini reads images last
+    assert not layout("model.variant=mini", "model.images_after_text=false")
+    assert layout("model.images_after_text=true")
+    with pytest.raises(RecipeError, match="leave model.base_llm, vision_tower, plugins and images_after_text unset"):
+        build_healthgpt(load_recipe(None, ["output_dir=x", "model.init=nano", "model.images_after_text=true"]))

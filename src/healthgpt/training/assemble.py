@@ -22,15 +22,23 @@ def build_healthgpt(recipe: Recipe) -> HealthGPT:
     fresh projectors and plugins, or the variant with random weights."""
     spec = recipe.model
     if spec.init is not None:
-        if spec.base_llm is not None or spec.vision_tower is not None or spec.plugins:
+        if (
+            spec.base_llm is not None
+            or spec.vision_tower is not None
+            or spec.plugins
+            or spec.images_after_text is not None
+        ):
             raise RecipeError(
-                "model.init starts from a whole model: leave model.base_llm, vision_tower and plugins unset"
+                "model.init starts from a whole model: leave model.base_llm, vision_tower, plugins and "
+                "images_after_text unset"
             )
         return HealthGPT.from_pretrained(spec.init, dtype=spec.dtype)
     config = get_variant(spec.variant)
     if spec.plugins:
         extra = {name: PluginConfig(**values) for name, values in spec.plugins.items()}
         config = config.replace(plugins={**config.plugins, **extra})
+    if spec.images_after_text is not None:
+        config = config.replace(images_after_text=spec.images_after_text)
     if spec.base_llm is None:
         model = HealthGPT.random(config, seed=spec.seed)
     else:

@@ -79,6 +79,7 @@ class ModelSpec:
     dtype: str = "float32"  # storage dtype of the weights; compute precision is `engine.mixed_precision`
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)  # PluginConfig fields to add or replace plugins
     quantize: str | None = None  # train over a quantized base (QLoRA-style): int8 (any device) or nf4 (CUDA)
+    images_after_text: bool | None = None  # where user turns show their images; None: the variant's layout
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in TRAINABLE_MODES:
