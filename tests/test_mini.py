@@ -40,7 +40,7 @@ STEPS = {
 def test_mini_recipe_from_nothing_with_a_reduced_budget(tmp_path: Path) -> None:
     """Every part learns: each stage's loss falls, the VQGAN reconstructs held-out phantoms (SSIM >= 65; 78 measured
     at this budget), the LM's held-out perplexity falls tenfold, every closed question is answered better than by the
-    untrained model. Images from a budget this small are no better than the untrained model's (ct2mri SSIM 21 vs 19),
+    untrained model. Images from a budget this small are no better than the untrained model's (ct2mri SSIM 26 vs 25),
     so for them only the demo checks that they are made."""
     out = tmp_path / "run"
     overrides = [f"{name}.max_steps={n}" for name, n in STEPS.items()]
