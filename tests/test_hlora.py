@@ -163,6 +163,8 @@ def test_mixed_batch_equals_each_sample_alone_with_its_plugin() -> None:
     weights = torch.randn(5, 6, 128, generator=torch.Generator().manual_seed(3))
     params = controller.parameters_of("comprehension") + controller.parameters_of("generation")
 
+    # A batch of 5 and a batch of 1 sum in different orders with two threads (float32: logits 6.5e-6 apart, gradients
+    # 1e-5 of their scale on this CPU), so they agree to 1e-5 / 1e-4 of scale; a row on the wrong plugin is 1e-2 away.
     with controller.use(names):
         logits = model(ids).logits
     grads = torch.autograd.grad((logits * weights).sum(), params)
@@ -170,20 +172,20 @@ def test_mixed_batch_equals_each_sample_alone_with_its_plugin() -> None:
     for i, name in enumerate(names):
         with controller.use(name):
             alone = model(ids[i : i + 1]).logits
-        torch.testing.assert_close(logits[i : i + 1], alone, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(logits[i : i + 1], alone, atol=1e-5, rtol=1e-5)
         sample_grads = torch.autograd.grad((alone * weights[i]).sum(), params, allow_unused=True)
         for total, g in zip(alone_grads, sample_grads, strict=True):
             if g is not None:
                 total += g
-    for g, expected in zip(grads, alone_grads, strict=True):
-        torch.testing.assert_close(g, expected, atol=1e-5, rtol=1e-5)
+    for g, expected in zip(grads, alone_grads, strict=True):  # to 1e-4 of each gradient's scale (up to ~700 here)
+        torch.testing.assert_close(g, expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-4)
 
     with torch.no_grad(), controller.use("comprehension"):  # the plugins really differ, and from the base
         comp = model(ids[:1]).logits
     with torch.no_grad():
         base = model(ids[:1]).logits
     assert (comp - logits[:1]).abs().max() > 1e-2 and (comp - base).abs().max() > 1e-2
-    torch.testing.assert_close(logits[2:3], model(ids[2:3]).logits, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits[2:3], model(ids[2:3]).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_qwen2_default_targets_and_mixed_batch_with_biases() -> None:
