@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from healthgpt.config import COMPREHENSION, GENERATION
 from healthgpt.errors import HealthGPTError
+from healthgpt.templates import place_images
 from healthgpt.tokens import IMAGE_PLACEHOLDER
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def _normalise_user(text: str) -> tuple[str, int]:
     if not count:
         return text, 0
     rest = text.replace(IMAGE_PLACEHOLDER, "").strip()
-    return f"{IMAGE_PLACEHOLDER}\n" * count + rest, count
+    return place_images(rest, count, after_text=False), count
 
 
 def parse_record(

@@ -132,9 +132,8 @@ class SampleBuilder:
     def _user_turn(self, text: str) -> str:
         """A user turn with its images where the model reads them (records hold them first, LLaVA's rule)."""
         count = text.count(IMAGE_PLACEHOLDER)
-        if not count or not self.images_after_text:
-            return text
-        return place_images(text.replace(IMAGE_PLACEHOLDER, "").strip(), count, after_text=True)
+        rest = text.replace(IMAGE_PLACEHOLDER, "").strip()
+        return place_images(rest, count, self.images_after_text) if count else text
 
     def tokenize(self, record: Record) -> tuple[list[int], list[int]]:
         """(ids, labels) with one IMAGE_TOKEN_INDEX per image and one CODE_SPAN per generation target."""
