@@ -109,3 +109,34 @@ def test_lmms_eval_model_class_where_lmms_eval_imports():
 
     assert manifest().model_id == "healthgpt"
     assert HealthGPTLMMs(pretrained="nano").core.batch_size == 8
+
+
+def test_lmms_eval_model_class_loads_the_named_models_weights(monkeypatch):
+    """With stand-ins for the two lmms-eval modules it imports, the class loads `pretrained` by name (the shipped
+    nano's trained weights, not a random model) and answers as that model does."""
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    import torch
+
+    from healthgpt.api import HealthGPT
+
+    api_model = types.ModuleType("lmms_eval.api.model")
+    api_model.lmms = type("lmms", (), {})
+    registry = types.ModuleType("lmms_eval.models.registry_v2")
+    registry.ModelManifest = dataclass(
+        type("ModelManifest", (), {"__annotations__": {"model_id": str, "simple_class_path": str}})
+    )
+    for name, module in (("lmms_eval.api.model", api_model), ("lmms_eval.models.registry_v2", registry)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "healthgpt.evaluation.lmms_eval_model", raising=False)
+    from healthgpt.evaluation.lmms_eval_model import HealthGPTLMMs, manifest
+
+    assert manifest().simple_class_path == "healthgpt.evaluation.lmms_eval_model.HealthGPTLMMs"
+    loaded = HealthGPTLMMs(pretrained="nano", batch_size="2").core
+    shipped = HealthGPT.from_pretrained("nano")
+    ours, theirs = loaded.model.model.state_dict(), shipped.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert loaded.batch_size == 2

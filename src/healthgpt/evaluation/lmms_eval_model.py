@@ -33,11 +33,7 @@ class HealthGPTLMMs(lmms):
         super().__init__()
         from healthgpt.api import HealthGPT
 
-        model = (
-            HealthGPT.random("nano")
-            if pretrained == "nano"
-            else HealthGPT.from_pretrained(pretrained, dtype=dtype, device=device, **kwargs)
-        )
+        model = HealthGPT.from_pretrained(pretrained, dtype=dtype, device=device, **kwargs)
         self.core = HealthGPTLMMSCore(model, batch_size=int(batch_size), max_new_tokens=int(max_new_tokens))
 
     def generate_until(self, requests) -> list[str]:
