@@ -3,6 +3,7 @@ and what it saves reloads to identical outputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from healthgpt.pretrain import (
 )
 from healthgpt.pretrain._common import batch_indices
 from healthgpt.pretrain.clip import PixelCache
-from healthgpt.pretrain.nano import METRICS_FILE, phantom_cases, phantom_conversations
+from healthgpt.pretrain.nano import METRICS_FILE, phantom_cases, phantom_conversations, torch_threads
 from healthgpt.pretrain.vqgan import PREVIEW_FILE
 from healthgpt.templates import get_template
 from healthgpt.vision import ImagePreprocessor, VisionEncoder
@@ -117,6 +118,24 @@ def test_train_vqgan_with_a_nearest_neighbour_quantizer() -> None:
         before = evaluate_vqgan(VQGAN.from_config(vq).eval(), images)["psnr"]
     after = evaluate_vqgan(train_vqgan(images, vq=vq, steps=30, batch_size=4, lr=3e-3, progress=False), images)["psnr"]
     assert after > before + 3.0, (before, after)
+
+
+def test_train_vqgan_widens_its_threads_at_the_given_step_and_restores_them(monkeypatch) -> None:
+    seen: list[tuple[int, int]] = []  # (optimizer steps taken so far, torch threads of the next one)
+    steps = {"n": 0}
+    step = torch.optim.AdamW.step
+
+    def counted(self, *args, **kwargs):
+        seen.append((steps["n"], torch.get_num_threads()))
+        steps["n"] += 1
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        train_vqgan(phantoms(1), vq=NANO.vq, steps=4, batch_size=2, threads_from=(2, 2), progress=False)
+        assert torch.get_num_threads() == 1
+    assert seen == [(0, 1), (1, 1), (2, 2), (3, 2)] and torch.get_num_threads() == before
 
 
 def test_train_vqgan_refuses_an_empty_folder(tmp_path: Path) -> None:
@@ -295,7 +314,8 @@ def test_pretrain_nano_writes_the_folders_healthgpt_starts_from(tmp_path: Path) 
 
 
 def test_pretrain_nano_gives_the_same_models_with_the_vqgan_in_a_worker_process(tmp_path: Path) -> None:
-    runs = {p: pretrain_nano(tmp_path / str(p), budget=TINY, progress=False, parallel=p) for p in (False, True)}
+    budget = dataclasses.replace(TINY, vqgan_widen_at=1)  # its last step on two threads, in both runs
+    runs = {p: pretrain_nano(tmp_path / str(p), budget=budget, progress=False, parallel=p) for p in (False, True)}
     for metrics in runs.values():
         del metrics["seconds"], metrics["cpu_seconds"]
     assert runs[False] == runs[True]

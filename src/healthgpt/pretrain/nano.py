@@ -64,6 +64,9 @@ class NanoBudget:
     vqgan_batch: int = 4
     vqgan_lr: float = 2e-3
     vqgan_temperature: tuple[float, float] = (1.0, 0.5)  # short runs end early in taming's anneal
+    # From this VQGAN step on (None: never) the VQGAN trains with twice `num_threads`: in a parallel run the LM and
+    # CLIP beside it are done by then and their core would idle. The same step in a serial run: same models.
+    vqgan_widen_at: int | None = None
     corpus_sentences: int = 4000  # plain phantom sentences; as many chat conversations again
     lm_steps: int = 200
     lm_batch: int = 16
@@ -232,6 +235,7 @@ def pretrain_vqgan_part(
             temperature=budget.vqgan_temperature,
             out_dir=folder,
             progress=progress,
+            threads_from=None if budget.vqgan_widen_at is None else (budget.vqgan_widen_at, 2 * threads),
         )
         metrics = evaluate_vqgan(vqgan, phantom_images(phantom_cases(seed, 1, budget.eval_cases, size))[0])
     return metrics

@@ -46,31 +46,42 @@ def train_vqgan(
     out_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    threads_from: tuple[int, int] | None = None,
 ) -> VQGAN:
     """Train a VQGAN of `vq`'s architecture from scratch, or fine-tune a given VQGAN in place, on `images` (PIL
     images or a folder). Loss: L1 + L2 on pixels in [-1, 1] plus the quantizer loss (Gumbel KL or VQ
     commitment); a Gumbel temperature anneals from `temperature[0]` to `temperature[1]`. With `out_dir`, the
-    model is saved there (`VQGAN.save`) beside a PNG of reconstructions of the first images. Returns it in eval."""
+    model is saved there (`VQGAN.save`) beside a PNG of reconstructions of the first images. Returns it in eval.
+    `threads_from=(step, n)` trains with `n` torch threads from that step on (the caller's count is restored after):
+    the recipe widens its VQGAN onto the core the LM and CLIP beside it leave free, at a fixed step so that the
+    model does not depend on when they finish (thread counts change float reduction order)."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     items = image_items(images)
-    with torch.random.fork_rng(devices=[]):  # init and Gumbel noise draw from a seeded, private stream
-        torch.manual_seed(seed)
-        model = VQGAN.from_config(vq) if isinstance(vq, VQConfig) else vq
-        model.to(device).train()
-        optimizer, schedule = make_optimizer(list(model.parameters()), lr, steps)
-        order = batch_indices(len(items), batch_size, steps, torch.Generator().manual_seed(seed))
-        bar = tqdm(order, total=steps, desc="vqgan", disable=not progress)
-        for step, idx in enumerate(bar):
-            x = model.preprocess([as_pil(items[i]) for i in idx.tolist()]).to(device)
-            recon, quant_loss = model(x, gumbel_temperature(step, steps, *temperature))
-            pixel = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-            loss = pixel + quant_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.set_postfix(pixel=f"{pixel.item():.4f}", refresh=False)
+    widen_at, widened = threads_from if threads_from is not None else (steps, torch.get_num_threads())
+    before = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):  # init and Gumbel noise draw from a seeded, private stream
+            torch.manual_seed(seed)
+            model = VQGAN.from_config(vq) if isinstance(vq, VQConfig) else vq
+            model.to(device).train()
+            optimizer, schedule = make_optimizer(list(model.parameters()), lr, steps)
+            order = batch_indices(len(items), batch_size, steps, torch.Generator().manual_seed(seed))
+            bar = tqdm(order, total=steps, desc="vqgan", disable=not progress)
+            for step, idx in enumerate(bar):
+                if step == widen_at:
+                    torch.set_num_threads(widened)
+                x = model.preprocess([as_pil(items[i]) for i in idx.tolist()]).to(device)
+                recon, quant_loss = model(x, gumbel_temperature(step, steps, *temperature))
+                pixel = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+                loss = pixel + quant_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.set_postfix(pixel=f"{pixel.item():.4f}", refresh=False)
+    finally:
+        torch.set_num_threads(before)
     model.eval()
     log.info("vqgan: %d steps, last pixel loss %.4f", steps, pixel.item())
     if out_dir is not None:
