@@ -21,16 +21,7 @@ from healthgpt.data.phantoms import iter_records
 from healthgpt.metrics import image_metrics
 from healthgpt.pretrain import NanoBudget
 from healthgpt.pretrain.nano import chest_films
-from healthgpt.recipes.nano import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    MODEL_DIR,
-    PANEL_FILE,
-    RECIPE_FILE,
-    phantom_options,
-    resolve_recipe,
-    run,
-)
+from healthgpt.recipes.nano import CONFIG_FILE, METRICS_FILE, MODEL_DIR, PANEL_FILE, RECIPE_FILE, resolve_recipe, run
 from healthgpt.training.stages import STAGE_NAMES, RecipeError
 
 PARTS = ("pretrain", "phantoms", "tokenize_images", "stage1", "stage2", "stage3", "export", "evaluate")
@@ -127,20 +118,6 @@ def test_recipe_paths_are_rooted_in_the_run_folder_and_overrides_checked_first(t
     with pytest.raises(ValueError, match="its model.variant is 'nano' but the run is for 'mini'"):
         run(tmp_path / "other", variant="mini", config_file=CONFIG_FILE)
     assert not (tmp_path / "other" / "pretrain").exists()
-    mini = yaml.safe_load(CONFIG_FILE.with_name("mini.yaml").read_text())
-    assert phantom_options(_recipe_file(mini, tmp_path / "mini")) == {"reconstruct_both": True}
-    assert phantom_options(_recipe_file(yaml.safe_load(CONFIG_FILE.read_text()), tmp_path / "nano")) == {}
-    mini["phantoms"] = {"reconstruct_each": True}
-    with pytest.raises(ValueError, match=r"unknown phantoms option\(s\) \['reconstruct_each'\]"):
-        run(tmp_path / "typo", variant="mini", config_file=_recipe_file(mini, tmp_path / "typo_recipe"))
-    assert not (tmp_path / "typo" / "pretrain").exists()
-
-
-def _recipe_file(tree: dict, folder: Path) -> Path:
-    """`tree` written as a recipe file in the new `folder`."""
-    folder.mkdir()
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(tree))
-    return folder / "recipe.yaml"
 
 
 def test_chest_films_join_pretraining_only_when_budgeted() -> None:

@@ -107,13 +107,10 @@ def write_phantoms(
     test_fraction: float,
     size: int = PHANTOM_SIZE,
     tasks: Sequence[str] = PHANTOM_TASKS,
-    reconstruct_both: bool = False,
 ) -> list[dict[str, Any]]:
     """Phantom images and records of `tasks` under `folder`: `train.json`, `test.json` and `<task>.json` (the training
     records of one task, which the recipe's stages list); returns the held-out test records."""
-    records = make_dataset(
-        folder, cases, seed, size=size, tasks=tasks, test_fraction=test_fraction, reconstruct_both=reconstruct_both
-    )
+    records = make_dataset(folder, cases, seed, size=size, tasks=tasks, test_fraction=test_fraction)
     for task in tasks:
         chosen = [r for r in records["train"] if r["meta"]["kind"] == task]
         write_atomic(folder / f"{task}.json", json.dumps(chosen, indent=1) + "\n")
@@ -140,16 +137,6 @@ def resolve_recipe(template: Path, root: Path, seed: int, overrides: Sequence[st
     recipe = recipe_from_dict(apply_overrides(tree, overrides))
     write_atomic(root / RECIPE_FILE, yaml.safe_dump(tree, sort_keys=False))
     return recipe
-
-
-def phantom_options(recipe_file: Path) -> dict[str, bool]:
-    """The recipe file's `phantoms` section: how the runner writes its phantom records (`reconstruct_both`); the
-    stages themselves ignore it. Unknown keys are refused, so a misspelt option is not silently dropped."""
-    section = yaml.safe_load(recipe_file.read_text()).get("phantoms") or {}
-    unknown = sorted(set(section) - {"reconstruct_both"})
-    if unknown:
-        raise ValueError(f"{recipe_file}: unknown phantoms option(s) {unknown}; the one known is reconstruct_both")
-    return {key: bool(value) for key, value in section.items()}
 
 
 def _question(record: Mapping[str, Any]) -> str:
@@ -291,7 +278,6 @@ def run(
     if recipe.model.variant != variant:
         raise ValueError(f"{config_file}: its model.variant is {recipe.model.variant!r} but the run is for {variant!r}")
     recipe_file = out / RECIPE_FILE
-    options = phantom_options(recipe_file)
     seconds: dict[str, float] = {}
     cpu: dict[str, float] = {}
     metrics: dict[str, Any] = {"seed": seed, "cases": cases, "test_fraction": test_fraction, "parallel": parallel}
@@ -311,7 +297,7 @@ def run(
             size = get_variant(variant).vq.image_size
             read = {Path(path).stem for stage in recipe.stages.values() for path in stage.data}
             tasks = [*PHANTOM_TASKS, *sorted(read - set(PHANTOM_TASKS))]
-            test_records = write_phantoms(out / PHANTOM_DIR, cases, seed, test_fraction, size, tasks, **options)
+            test_records = write_phantoms(out / PHANTOM_DIR, cases, seed, test_fraction, size, tasks)
         vqgan_dir = out / PRETRAIN_DIR / "vqgan"
         with _timed("tokenize_images", seconds, cpu):
             tokenize_images(out / PHANTOM_DIR / "train.json", vqgan_dir, recipe.data.code_cache)

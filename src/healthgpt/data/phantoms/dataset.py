@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,10 @@ def iter_records(
     tasks: Sequence[str] = PHANTOM_TASKS,
     split: str = "train",
     p_lesion: float = 0.5,
-    reconstruct_both: bool = False,
 ) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
     """The records `make_dataset` writes for `split`, in memory: (record, {relative path: uint8 image})."""
     for case_id, case, rng in _split_cases(n_cases, seed, size, split, p_lesion):
-        yield from _case_records(case_id, case, rng, tasks, reconstruct_both)
+        yield from _case_records(case_id, case, rng, tasks)
 
 
 def make_dataset(
@@ -49,12 +47,10 @@ def make_dataset(
     tasks: Sequence[str] = PHANTOM_TASKS,
     test_fraction: float = 0.2,
     p_lesion: float = 0.5,
-    reconstruct_both: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Write `images/*.png` and LLaVA-style `train.json`/`test.json` under `out_dir`; return records by split.
 
     Case i of a split depends only on (seed, split, i): changing `n_cases` does not reshuffle earlier cases.
-    `reconstruct_both` asks for a reconstruction of each case's CT and of its MRI (see `generation_pairs`).
     """
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
@@ -67,7 +63,7 @@ def make_dataset(
         written: set[str] = set()
         cases = _split_cases(n, seed, size, split, p_lesion)
         for case_id, case, rng in tqdm(cases, total=n, desc=f"phantoms/{split}", disable=n < 500):
-            for record, images in _case_records(case_id, case, rng, tasks, reconstruct_both):
+            for record, images in _case_records(case_id, case, rng, tasks):
                 records[split].append(record)
                 for rel_path, pixels in images.items():
                     if rel_path not in written:
@@ -88,7 +84,7 @@ def _split_cases(
 
 
 def _case_records(
-    case_id: str, case: PhantomCase, rng: np.random.Generator, tasks: Sequence[str], reconstruct_both: bool
+    case_id: str, case: PhantomCase, rng: np.random.Generator, tasks: Sequence[str]
 ) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
     check_kinds(tasks, (*PHANTOM_TASKS, CHEST_TASK))
     labels = {
@@ -116,12 +112,9 @@ def _case_records(
                 "meta": {"kind": qa.kind, "modality": modality, **labels},
             }
             out.append((record, {path: case.image(key)}))
-    pairs = generation_pairs(case, rng, [t for t in tasks if t in GENERATION_TASKS], reconstruct_both)
-    repeated = {kind for kind, n in Counter(pair.kind for pair in pairs).items() if n > 1}
-    for pair in pairs:
+    for pair in generation_pairs(case, rng, [t for t in tasks if t in GENERATION_TASKS]):
         target = f"images/{case_id}_{pair.target}.png"
-        suffix = f"_{pair.target}" if pair.kind in repeated else ""  # record ids stay unique
-        record: dict[str, Any] = {"id": f"{case_id}_{pair.kind}{suffix}"}
+        record: dict[str, Any] = {"id": f"{case_id}_{pair.kind}"}
         images = {target: case.image(pair.target)}
         if pair.source is not None:
             record["image"] = f"images/{case_id}_{pair.source}.png"

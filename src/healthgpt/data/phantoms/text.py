@@ -108,42 +108,24 @@ def vqa_pairs(
 
 
 def generation_pairs(
-    case: PhantomCase,
-    rng: np.random.Generator,
-    kinds: Iterable[str] = GENERATION_TASKS,
-    reconstruct_both: bool = False,
+    case: PhantomCase, rng: np.random.Generator, kinds: Iterable[str] = GENERATION_TASKS
 ) -> list[GenerationPair]:
-    """One instruction per generation kind; the modality of reconstruct/super-resolution/report is drawn.
-
-    With `reconstruct_both`, reconstruct gives one pair per modality instead: a full-resolution input is then its
-    own target as often as the other modality's (with one drawn reconstruction a CT's target is MRI two times in
-    three, ct2mri's and half the reconstructions', which teaches a model to answer in MRI contrast whatever it is
-    asked)."""
+    """One instruction per generation kind; the modality of reconstruct/super-resolution/report is drawn."""
     pairs = []
     for kind in check_kinds(kinds, GENERATION_TASKS):
         fixed: dict[str, Modality] = {"ct2mri": "CT", "mri2ct": "MRI"}
-        if kind in fixed:
-            modalities: Sequence[Modality] = (fixed[kind],)
-        elif kind == "reconstruct" and reconstruct_both:
-            modalities = MODALITIES
-        else:
-            modalities = (_pick(rng, MODALITIES),)
-        pairs += [_generation_pair(case, rng, kind, modality) for modality in modalities]
+        modality: Modality = fixed[kind] if kind in fixed else _pick(rng, MODALITIES)
+        key: ImageKey = "ct" if modality == "CT" else "mri"
+        source, target = {
+            "reconstruct": (key, key),
+            "ct2mri": ("ct", "mri"),
+            "mri2ct": ("mri", "ct"),
+            "super_resolution": (f"{key}_low_res", key),
+            "report2image": (None, key),
+        }[kind]
+        instruction = _pick(rng, _INSTRUCTIONS[kind]).format(m=modality, report=report(case))
+        pairs.append(GenerationPair(kind, instruction, _REPLIES[kind].format(m=modality), source, target))
     return pairs
-
-
-def _generation_pair(case: PhantomCase, rng: np.random.Generator, kind: str, modality: Modality) -> GenerationPair:
-    """The pair of one generation kind whose drawn or fixed modality is `modality`."""
-    key: ImageKey = "ct" if modality == "CT" else "mri"
-    source, target = {
-        "reconstruct": (key, key),
-        "ct2mri": ("ct", "mri"),
-        "mri2ct": ("mri", "ct"),
-        "super_resolution": (f"{key}_low_res", key),
-        "report2image": (None, key),
-    }[kind]
-    instruction = _pick(rng, _INSTRUCTIONS[kind]).format(m=modality, report=report(case))
-    return GenerationPair(kind, instruction, _REPLIES[kind].format(m=modality), source, target)
 
 
 def caption(case: PhantomCase, modality: Modality) -> str:
