@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -20,7 +21,8 @@ from healthgpt.checkpoints import embedded_bundle
 from healthgpt.data.phantoms import iter_records
 from healthgpt.metrics import image_metrics
 from healthgpt.pretrain import NanoBudget
-from healthgpt.pretrain.nano import chest_films
+from healthgpt.pretrain.nano import chest_films, torch_threads
+from healthgpt.recipes import nano as nano_recipe
 from healthgpt.recipes.nano import CONFIG_FILE, METRICS_FILE, MODEL_DIR, PANEL_FILE, RECIPE_FILE, resolve_recipe, run
 from healthgpt.training.stages import STAGE_NAMES, RecipeError
 
@@ -118,6 +120,33 @@ def test_recipe_paths_are_rooted_in_the_run_folder_and_overrides_checked_first(t
     with pytest.raises(ValueError, match="its model.variant is 'nano' but the run is for 'mini'"):
         run(tmp_path / "other", variant="mini", config_file=CONFIG_FILE)
     assert not (tmp_path / "other" / "pretrain").exists()
+
+
+def test_a_stage_alone_takes_the_callers_threads_and_a_pair_one_share_each(tmp_path: Path, monkeypatch) -> None:
+    """run_stages in parallel: stage 2 (alone) runs with the caller's threads (the recipe gives it both shares), the
+    first of a pair with `num_threads` here while its partner's worker is started with as many."""
+    seen: dict[str, int] = {}
+    monkeypatch.setattr(nano_recipe, "run_stage", lambda recipe, name: seen.setdefault(name, torch.get_num_threads()))
+    started: list[tuple[str, str]] = []
+
+    class Worker:
+        returncode = 0
+
+        def __init__(self, command: list[str], env: dict[str, str], **kwargs) -> None:
+            started.append((command[-1], env["OMP_NUM_THREADS"]))
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(nano_recipe.subprocess, "Popen", Worker)
+    monkeypatch.setattr(nano_recipe, "_finished", lambda recipe, name: name)
+    recipe = resolve_recipe(CONFIG_FILE, tmp_path, seed=0)
+    with torch_threads(2):
+        assert nano_recipe.run_stages(recipe, tmp_path / RECIPE_FILE, ["stage2"], True, 1) == [2]
+        done = nano_recipe.run_stages(recipe, tmp_path / RECIPE_FILE, list(STAGE_NAMES[3:]), True, 1)
+        assert torch.get_num_threads() == 2
+    assert done == [1, "stage3_generation"] and started == [("stage3_generation", "1")]
+    assert seen == {"stage2": 2, "stage3_comprehension": 1}
 
 
 def test_chest_films_join_pretraining_only_when_budgeted() -> None:
