@@ -23,7 +23,7 @@ from healthgpt.errors import CheckpointError
 from healthgpt.training.checkpointing import checkpoints
 from healthgpt.training.loop import run_stage
 from healthgpt.training.stages import RecipeError, load_recipe
-from healthgpt.training.steps import StepBatchSampler, lr_lambda
+from healthgpt.training.steps import StepBatchSampler, corrupt_codes, lr_lambda
 
 STAGE = "stage3_generation"
 
@@ -66,6 +66,42 @@ def test_warmup_then_cosine_or_constant() -> None:
     assert values[:2] == [0.5, 1.0]
     assert values[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)])
     assert [lr_lambda(s, 2, 10, "constant") for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_corrupt_codes_replaces_code_inputs_at_the_rate_from_each_rows_own_stream() -> None:
+    codes = range(100, 612)
+    text = torch.arange(0, 60)
+    row = torch.cat([text, torch.randint(100, 612, (4000,), generator=torch.Generator().manual_seed(0)), text])
+    padded = torch.cat([torch.zeros(7, dtype=torch.long), row[:-7]])  # 7 pads first: the same codes, shifted
+    batch = torch.stack([row, padded])
+    out = corrupt_codes(batch, codes, 0.25, [(1, 2, 0), (1, 2, 0)])
+    changed = out != batch
+    assert not changed[0, :60].any() and not changed[1, :67].any() and not changed[:, -53:].any()  # text, padding
+    assert ((out[changed] >= 100) & (out[changed] < 612)).all()
+    # a code is hit with chance 0.25 and then drawn anew, equal to the old one 1 time in 512
+    assert changed[0].sum().item() / 4000 == pytest.approx(0.25 * 511 / 512, abs=0.02)
+    torch.testing.assert_close(out[1, 7:], out[0, :-7])  # a row's draws follow its codes, not its padding
+    assert torch.equal(corrupt_codes(batch, codes, 0.25, [(1, 2, 0), (1, 2, 0)]), out)
+    assert not torch.equal(corrupt_codes(batch, codes, 0.25, [(1, 2, 1), (1, 2, 0)])[0], out[0])
+    assert torch.equal(corrupt_codes(batch, codes, 0.0, [(1, 2, 0), (1, 2, 0)]), batch)
+
+
+def test_code_noise_changes_the_training_but_not_its_split_invariance(phantoms: Path, tmp_path: Path) -> None:
+    """Corrupted code inputs change what is learned; 1 x 4 and 4 x 1 (micro-batch x accumulation) learn the same.
+    The embeddings train too: a fresh model's code rows all hold the mean embedding, so inputs could not differ."""
+    curves, weights = {}, {}
+    for micro, noise in ((4, 0.0), (1, 0.5), (4, 0.5)):
+        out = tmp_path / f"micro{micro}noise{noise}"
+        extra = [f"engine.micro_batch_size={micro}", f"{STAGE}.code_noise={noise}", f"{STAGE}.dropout=0"]
+        extra += [f"{STAGE}.trainable=[plugin:generation, projector:generation, embeddings]"]
+        result = run_stage(load_recipe(None, _overrides(phantoms, out, *extra, f"{STAGE}.max_steps=2")), STAGE)
+        curves[micro, noise] = _history(result.metrics_file)
+        weights[micro, noise] = load_file(result.output / "weights.safetensors")
+    assert curves[1, 0.5] == pytest.approx(curves[4, 0.5], rel=1e-5)
+    for key, value in weights[4, 0.5].items():
+        torch.testing.assert_close(value, weights[1, 0.5][key], rtol=1e-4, atol=1e-5)
+    moved = {key for key, value in weights[4, 0.5].items() if (value - weights[4, 0.0][key]).abs().max() > 1e-6}
+    assert any("lora" in key for key in moved) and any("embed" in key for key in moved), sorted(moved)
 
 
 def _history(metrics: Path) -> list[float]:

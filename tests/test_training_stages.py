@@ -62,6 +62,8 @@ def test_recipe_file_and_dotted_overrides(tmp_path: Path) -> None:
         load_recipe(path, ["train.lr=1"])
     with pytest.raises(RecipeError, match="schedule must be"):
         load_recipe(path, ["stage2.schedule=linear"])
+    with pytest.raises(RecipeError, match=r"code_noise each in \[0, 1\), got 16, 0.03, 0.05 and 1.0"):
+        load_recipe(path, ["stage2.global_batch_size=16", "stage2.code_noise=1.0"])
     with pytest.raises(RecipeError, match="needs `output_dir`"):
         load_recipe(None, [])
     # the --help example: one data file as a plain string, as a list would give it

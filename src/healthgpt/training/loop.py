@@ -41,7 +41,7 @@ from healthgpt.training.setup import (
     setup_optimizer,
 )
 from healthgpt.training.stages import Recipe, RecipeError, StageConfig, load_recipe
-from healthgpt.training.steps import peak_memory, write_loss_plot
+from healthgpt.training.steps import corrupt_codes, peak_memory, write_loss_plot
 
 __all__ = ["LOSS_PLOT", "METRICS", "OUTPUT", "TrainResult", "build_healthgpt", "export_model", "run_stage", "train"]
 
@@ -75,6 +75,7 @@ class _Run:
     settings: dict[str, Any]
     history: list[dict[str, Any]]
     tracking: bool
+    codes: range | None  # the image-code token ids, where the stage corrupts them (`StageConfig.code_noise`)
 
 
 def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: HealthGPT | None = None) -> TrainResult:
@@ -100,7 +101,8 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
         accelerator, ckpt_root if resume else None, model, scheduler, settings, engine.seed, total
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    run = _Run(accelerator, model, params, optimizer, scheduler, ckpt_root, settings, history, tracking)
+    codes = _noised_codes(hg, stage, name)
+    run = _Run(accelerator, model, params, optimizer, scheduler, ckpt_root, settings, history, tracking, codes)
     _start_logging(run, stage, total, accumulation, report)
     batches = iter(setup_loader(recipe, stage, dataset, accelerator, hg.pad_id, start, total))
     began = time.perf_counter()
@@ -125,6 +127,30 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
     hg.model.eval()  # the model is ready to answer (no H-LoRA dropout)
     final = history[-1]["loss"] if history else float("nan")
     return TrainResult(out / OUTPUT, total, final, out / METRICS)
+
+
+def _noised_codes(hg: HealthGPT, stage: StageConfig, name: str) -> range | None:
+    """The image-code token ids the stage corrupts, None without `code_noise`; a clear error for a model with
+    no image codes."""
+    if not stage.code_noise:
+        return None
+    vocab = hg.model.image_vocab
+    if vocab is None:
+        raise RecipeError(f"{name}: code_noise needs a model with image-code tokens; set {name}.code_noise=0")
+    return range(vocab.first_code_id, vocab.first_code_id + vocab.num_codes)
+
+
+def _with_code_noise(run: _Run, micro: list[dict[str, Any]], rate: float, step: int) -> list[dict[str, Any]]:
+    """The micro-batches with their code inputs corrupted (`corrupt_codes`); a row's stream is (seed, step, its
+    place in the global batch), so the loss curve does not depend on how the batch is split."""
+    assert run.codes is not None  # set by _noised_codes whenever the stage has code_noise
+    seed, size = run.settings["seed"], run.settings["micro_batch_size"]
+    first = run.accelerator.process_index * len(micro) * size
+    out = []
+    for j, b in enumerate(micro):
+        seeds = [(seed, step, first + j * size + k) for k in range(b["input_ids"].shape[0])]
+        out.append({**b, "input_ids": corrupt_codes(b["input_ids"], run.codes, rate, seeds)})
+    return out
 
 
 def _refuse_to_overwrite(out: Path, name: str, resume: bool) -> None:
@@ -174,6 +200,8 @@ def _optimizer_step(
     loading of the batch timed too) joins the history."""
     tic = time.perf_counter()
     micro = [next(batches) for _ in range(accumulation)]
+    if stage.code_noise:
+        micro = _with_code_noise(run, micro, stage.code_noise, step)
     loss, n_global, tokens = _train_step(run.accelerator, run.model, micro, run.params, stage.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()

@@ -43,6 +43,7 @@ class StageConfig:
     lr: float
     global_batch_size: int
     dropout: float = 0.0  # H-LoRA dropout of every plugin during this stage
+    code_noise: float = 0.0  # chance that a teacher-forced image-code input is replaced by a random code
     schedule: Schedule = "cosine"  # cosine = linear warm-up then cosine decay; constant = warm-up then flat
     warmup_ratio: float = 0.03
     epochs: float = 1.0
@@ -62,8 +63,12 @@ class StageConfig:
             raise RecipeError("a stage must train something: give `trainable` selectors")
         if self.schedule not in ("cosine", "constant"):
             raise RecipeError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.global_batch_size < 1 or not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.dropout < 1.0:
-            raise RecipeError("need global_batch_size >= 1, 0 <= warmup_ratio < 1 and 0 <= dropout < 1")
+        rates = (self.warmup_ratio, self.dropout, self.code_noise)
+        if self.global_batch_size < 1 or not all(0.0 <= rate < 1.0 for rate in rates):
+            raise RecipeError(
+                "need global_batch_size >= 1 and warmup_ratio, dropout and code_noise each in [0, 1), got "
+                f"{self.global_batch_size}, {self.warmup_ratio}, {self.dropout} and {self.code_noise}"
+            )
 
 
 @dataclass(frozen=True)
