@@ -58,7 +58,6 @@ def train_vqgan(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     items = image_items(images)
-    widen_at, widened = threads_from if threads_from is not None else (steps, torch.get_num_threads())
     before = torch.get_num_threads()
     try:
         with torch.random.fork_rng(devices=[]):  # init and Gumbel noise draw from a seeded, private stream
@@ -69,8 +68,8 @@ def train_vqgan(
             order = batch_indices(len(items), batch_size, steps, torch.Generator().manual_seed(seed))
             bar = tqdm(order, total=steps, desc="vqgan", disable=not progress)
             for step, idx in enumerate(bar):
-                if step == widen_at:
-                    torch.set_num_threads(widened)
+                if threads_from is not None and step == threads_from[0]:
+                    torch.set_num_threads(threads_from[1])
                 x = model.preprocess([as_pil(items[i]) for i in idx.tolist()]).to(device)
                 recon, quant_loss = model(x, gumbel_temperature(step, steps, *temperature))
                 pixel = F.l1_loss(recon, x) + F.mse_loss(recon, x)
