@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import phantoms_with_codes
+from conftest import phantoms_with_codes, tiny_config
 
 from healthgpt.api import HealthGPT
 from healthgpt.config import COMPREHENSION, GENERATION, get_variant
@@ -197,3 +197,11 @@ def test_image_layout_is_the_variants_unless_the_recipe_sets_it() -> None:
     assert layout("model.images_after_text=true")
     with pytest.raises(RecipeError, match="leave model.base_llm, vision_tower, plugins and images_after_text unset"):
         build_healthgpt(load_recipe(None, ["output_dir=x", "model.init=nano", "model.images_after_text=true"]))
+
+
+def test_code_noise_on_a_model_without_image_codes_is_refused_before_training(tmp_path: Path) -> None:
+    hg = HealthGPT.random(tiny_config("qwen2"), seed=0)  # the xl32 family: no image tokens, no generation plugin
+    recipe = load_recipe(None, [f"output_dir={tmp_path}", "stage3_comprehension.code_noise=0.2"])
+    with pytest.raises(RecipeError, match="code_noise needs a model with image-code tokens; set stage3_comprehension"):
+        run_stage(recipe, "stage3_comprehension", healthgpt=hg)
+    assert not (tmp_path / "stage3_comprehension" / "output").exists()

@@ -87,6 +87,7 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
     accelerator, accumulation, tracking = setup_accelerator(recipe, stage, out)
     _refuse_to_overwrite(out, name, resume)
     hg = healthgpt or build_healthgpt(recipe)
+    codes = _noised_codes(hg, stage, name)
     sources = stage_outputs(recipe, stage.init_from)
     groups, trained, inherited = setup_model(recipe, stage, hg, sources, accelerator.device)
     dataset, report = setup_dataset(recipe, stage, hg)
@@ -101,7 +102,6 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
         accelerator, ckpt_root if resume else None, model, scheduler, settings, engine.seed, total
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    codes = _noised_codes(hg, stage, name)
     run = _Run(accelerator, model, params, optimizer, scheduler, ckpt_root, settings, history, tracking, codes)
     _start_logging(run, stage, total, accumulation, report)
     batches = iter(setup_loader(recipe, stage, dataset, accelerator, hg.pad_id, start, total))
