@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from healthgpt.data.records import DataError
 from healthgpt.errors import CheckpointError
+from healthgpt.tokens import ImageVocab
 from healthgpt.training.checkpointing import checkpoints
 from healthgpt.training.loop import run_stage
 from healthgpt.training.stages import RecipeError, load_recipe
@@ -69,21 +70,21 @@ def test_warmup_then_cosine_or_constant() -> None:
 
 
 def test_corrupt_codes_replaces_code_inputs_at_the_rate_from_each_rows_own_stream() -> None:
-    codes = range(100, 612)
+    vocab = ImageVocab(start_id=99, first_code_id=100, num_codes=512, end_id=612, newline_id=613)
     text = torch.arange(0, 60)
     row = torch.cat([text, torch.randint(100, 612, (4000,), generator=torch.Generator().manual_seed(0)), text])
     padded = torch.cat([torch.zeros(7, dtype=torch.long), row[:-7]])  # 7 pads first: the same codes, shifted
     batch = torch.stack([row, padded])
-    out = corrupt_codes(batch, codes, 0.25, [(1, 2, 0), (1, 2, 0)])
+    out = corrupt_codes(batch, vocab, 0.25, [(1, 2, 0), (1, 2, 0)])
     changed = out != batch
     assert not changed[0, :60].any() and not changed[1, :67].any() and not changed[:, -53:].any()  # text, padding
     assert ((out[changed] >= 100) & (out[changed] < 612)).all()
     # a code is hit with chance 0.25 and then drawn anew, equal to the old one 1 time in 512
     assert changed[0].sum().item() / 4000 == pytest.approx(0.25 * 511 / 512, abs=0.02)
     torch.testing.assert_close(out[1, 7:], out[0, :-7])  # a row's draws follow its codes, not its padding
-    assert torch.equal(corrupt_codes(batch, codes, 0.25, [(1, 2, 0), (1, 2, 0)]), out)
-    assert not torch.equal(corrupt_codes(batch, codes, 0.25, [(1, 2, 1), (1, 2, 0)])[0], out[0])
-    assert torch.equal(corrupt_codes(batch, codes, 0.0, [(1, 2, 0), (1, 2, 0)]), batch)
+    assert torch.equal(corrupt_codes(batch, vocab, 0.25, [(1, 2, 0), (1, 2, 0)]), out)
+    assert not torch.equal(corrupt_codes(batch, vocab, 0.25, [(1, 2, 1), (1, 2, 0)])[0], out[0])
+    assert torch.equal(corrupt_codes(batch, vocab, 0.0, [(1, 2, 0), (1, 2, 0)]), batch)
 
 
 def test_code_noise_changes_the_training_but_not_its_split_invariance(phantoms: Path, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from healthgpt.api import HealthGPT
 from healthgpt.data.collate import num_supervised
 from healthgpt.data.samples import DataReport
 from healthgpt.io.atomic import write_atomic
+from healthgpt.tokens import ImageVocab
 from healthgpt.training.assemble import OUTPUT, build_healthgpt, export_model, stage_outputs
 from healthgpt.training.checkpointing import checkpoints, save_checkpoint, save_stage_output
 from healthgpt.training.setup import (
@@ -75,7 +76,7 @@ class _Run:
     settings: dict[str, Any]
     history: list[dict[str, Any]]
     tracking: bool
-    codes: range | None  # the image-code token ids, where the stage corrupts them (`StageConfig.code_noise`)
+    codes: ImageVocab | None  # the image-code tokens, where the stage corrupts them (`StageConfig.code_noise`)
 
 
 def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: HealthGPT | None = None) -> TrainResult:
@@ -129,15 +130,15 @@ def run_stage(recipe: Recipe, name: str, *, resume: bool = False, healthgpt: Hea
     return TrainResult(out / OUTPUT, total, final, out / METRICS)
 
 
-def _noised_codes(hg: HealthGPT, stage: StageConfig, name: str) -> range | None:
-    """The image-code token ids the stage corrupts, None without `code_noise`; a clear error for a model with
+def _noised_codes(hg: HealthGPT, stage: StageConfig, name: str) -> ImageVocab | None:
+    """The image vocabulary whose codes the stage corrupts, None without `code_noise`; a clear error for a model with
     no image codes."""
     if not stage.code_noise:
         return None
     vocab = hg.model.image_vocab
     if vocab is None:
         raise RecipeError(f"{name}: code_noise needs a model with image-code tokens; set {name}.code_noise=0")
-    return range(vocab.first_code_id, vocab.first_code_id + vocab.num_codes)
+    return vocab
 
 
 def _with_code_noise(run: _Run, micro: list[dict[str, Any]], rate: float, step: int) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Sampler
 
 from healthgpt.io.atomic import atomic_target
+from healthgpt.tokens import ImageVocab
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +85,20 @@ def write_loss_plot(history: Sequence[dict[str, Any]], path: Path, title: str) -
     return True
 
 
-def corrupt_codes(input_ids: torch.Tensor, codes: range, rate: float, seeds: Sequence[Sequence[int]]) -> torch.Tensor:
+def corrupt_codes(
+    input_ids: torch.Tensor, vocab: ImageVocab, rate: float, seeds: Sequence[Sequence[int]]
+) -> torch.Tensor:
     """Noisy teacher forcing: each image-code input of row i is replaced, with chance `rate`, by a code drawn
-    uniformly from `codes`, from the random stream `seeds[i]` (one draw per code in order, so padding and the
+    uniformly from `vocab`'s codes, from the random stream `seeds[i]` (one draw per code in order, so padding and the
     batch split do not change it). The labels stay true, so the next code must come from the instruction and the
     input image as well as from the codes before it, as at inference, where earlier codes are the model's own.
     Ours: transformers and peft corrupt no inputs (scheduled sampling would cost a forward pass per step)."""
     out = input_ids.clone()
-    is_code = (input_ids >= codes.start) & (input_ids < codes.stop)
+    is_code = vocab.is_code(input_ids)
     for row, seed in enumerate(seeds):
         where = is_code[row].nonzero().squeeze(1)
         rng = np.random.default_rng(seed)
         hit = rng.random(len(where)) < rate
-        drawn = rng.integers(codes.start, codes.stop, len(where))
-        out[row, where[hit]] = torch.from_numpy(drawn[hit]).to(out)
+        drawn = torch.from_numpy(rng.integers(0, vocab.num_codes, len(where))[hit])
+        out[row, where[hit]] = vocab.codes_to_ids(drawn).to(out)
     return out
