@@ -8,6 +8,7 @@ from PIL import Image
 from scipy import ndimage
 
 from healthgpt.data import phantoms as P
+from healthgpt.data.phantoms.dataset import FINDINGS_TASK
 
 
 def _cases(seed: int, n: int, **kwargs) -> list[P.PhantomCase]:
@@ -209,3 +210,31 @@ def test_closed_answers_are_balanced(tmp_path) -> None:
     answers = [rec["conversations"][1]["value"] for split in P.SPLITS for rec in records[split]]
     assert len(answers) == 200 * len(P.MODALITIES) and set(answers) == {"yes", "no"}
     assert 0.35 <= answers.count("yes") / len(answers) <= 0.65
+
+
+def test_findings_records_on_request_report_each_render_and_change_nothing_else(tmp_path) -> None:
+    tasks = ("presence", "side", "reconstruct")
+    plain = P.make_dataset(tmp_path / "plain", n_cases=12, seed=5, size=32, tasks=tasks, test_fraction=0.5)
+    both = P.make_dataset(
+        tmp_path / "both", n_cases=12, seed=5, size=32, tasks=(*tasks, FINDINGS_TASK), test_fraction=0.5
+    )
+    assert (
+        _files(tmp_path / "both")["images/train_000000_ct.png"]
+        == _files(tmp_path / "plain")["images/train_000000_ct.png"]
+    )
+    questions = set()
+    for split in P.SPLITS:
+        assert [r for r in both[split] if r["meta"]["kind"] != FINDINGS_TASK] == plain[split]
+        found = [r for r in both[split] if r["meta"]["kind"] == FINDINGS_TASK]
+        assert len(found) == 6 * len(P.MODALITIES)  # one per render of each case
+        for record in found:
+            question, answer = (turn["value"] for turn in record["conversations"])
+            meta = record["meta"]
+            assert record["task"] == "comprehension" and question.startswith("<image>\n")
+            assert meta["modality"] in question and record["image"].endswith(f"_{meta['modality'].lower()}.png")
+            # the report: "No lesion is seen." or one sentence per lesion with its side, left to right
+            sides = [s.split(" side")[0].rsplit(" ", 1)[-1] for s in answer.split(". ") if " side" in s]
+            assert sides == [lesion["side"] for lesion in sorted(meta["lesions"], key=lambda lesion: lesion["x"])]
+            assert len(sides) == meta["count"] and (answer == "No lesion is seen.") == (not meta["has_lesion"])
+            questions.add(question)
+    assert len(questions) > 2  # phrasings and modalities vary

@@ -17,13 +17,26 @@ from healthgpt.config import COMPREHENSION, GENERATION
 from healthgpt.io.atomic import write_atomic
 
 from .chest import chest_report, sample_chest
-from .text import COMPREHENSION_TASKS, GENERATION_TASKS, PHANTOM_TASKS, check_kinds, generation_pairs, vqa_pairs
+from .text import (
+    COMPREHENSION_TASKS,
+    GENERATION_TASKS,
+    PHANTOM_TASKS,
+    QA,
+    check_kinds,
+    findings_qa,
+    generation_pairs,
+    vqa_pairs,
+)
 from .world import MODALITIES, ImageKey, PhantomCase, sample_case
 
 SPLITS = ("train", "test")
 CHEST_TASK = "report_to_cxr"  # opt-in kind: a chest film from its report (the published task's name and phrasing)
 CHEST_REPLY = "Here is the chest X-ray for you."
 _CHEST_STREAM = 0x4358  # "CX": each case's chest film draws from its own stream, so other records are unchanged
+# Opt-in kind: "describe the findings" of each render, answered by the case's report (every lesion's size and side,
+# left to right): the report writing of HealthGPT's comprehension, and a denser signal of where lesions are.
+FINDINGS_TASK = "findings"
+_FINDINGS_STREAM = 0x4644  # "FD": its questions draw from their own stream, so other records are unchanged
 
 
 def iter_records(
@@ -86,7 +99,7 @@ def _split_cases(
 def _case_records(
     case_id: str, case: PhantomCase, rng: np.random.Generator, tasks: Sequence[str]
 ) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
-    check_kinds(tasks, (*PHANTOM_TASKS, CHEST_TASK))
+    check_kinds(tasks, (*PHANTOM_TASKS, CHEST_TASK, FINDINGS_TASK))
     labels = {
         "case": case_id,
         "size": case.size,
@@ -98,20 +111,12 @@ def _case_records(
             for lesion in case.lesions
         ],
     }
-    out = []
     comprehension = [t for t in tasks if t in COMPREHENSION_TASKS]
-    for modality in MODALITIES:
-        key: ImageKey = "ct" if modality == "CT" else "mri"
-        path = f"images/{case_id}_{key}.png"
-        for qa in vqa_pairs(case, rng, modality, comprehension):
-            record = {
-                "id": f"{case_id}_{qa.kind}_{key}",
-                "image": path,
-                "task": COMPREHENSION,
-                "conversations": _turns(qa.question, qa.answer, with_image=True),
-                "meta": {"kind": qa.kind, "modality": modality, **labels},
-            }
-            out.append((record, {path: case.image(key)}))
+    qas = [qa for modality in MODALITIES for qa in vqa_pairs(case, rng, modality, comprehension)]
+    if FINDINGS_TASK in tasks:
+        findings_rng = np.random.default_rng([_FINDINGS_STREAM, case.noise_seed])
+        qas += [findings_qa(case, findings_rng, modality) for modality in MODALITIES]
+    out = [_question_record(case_id, case, qa, labels) for qa in qas]
     for pair in generation_pairs(case, rng, [t for t in tasks if t in GENERATION_TASKS]):
         target = f"images/{case_id}_{pair.target}.png"
         record: dict[str, Any] = {"id": f"{case_id}_{pair.kind}"}
@@ -129,6 +134,22 @@ def _case_records(
     if CHEST_TASK in tasks:
         out.append(_chest_record(case_id, case))
     return out
+
+
+def _question_record(
+    case_id: str, case: PhantomCase, qa: QA, labels: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A comprehension record: `qa` about the case's render in its modality."""
+    key: ImageKey = "ct" if qa.modality == "CT" else "mri"
+    path = f"images/{case_id}_{key}.png"
+    record = {
+        "id": f"{case_id}_{qa.kind}_{key}",
+        "image": path,
+        "task": COMPREHENSION,
+        "conversations": _turns(qa.question, qa.answer, with_image=True),
+        "meta": {"kind": qa.kind, "modality": qa.modality, **labels},
+    }
+    return record, {path: case.image(key)}
 
 
 def _chest_record(case_id: str, case: PhantomCase) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -32,6 +32,11 @@ _COUNT_QUESTIONS = (
     "Count the lesions in this {m} image.",
 )
 _QUESTIONS = {"presence": _PRESENCE_QUESTIONS, "side": _SIDE_QUESTIONS, "count": _COUNT_QUESTIONS}
+_FINDINGS_QUESTIONS = (
+    "Describe the findings in this {m} image.",
+    "Write a short report of this {m} scan.",
+    "What are the findings in this {m} image?",
+)
 # Instructions and replies follow the paper's examples (REFERENCE §3.4); `{m}` modality, `{report}` findings.
 _INSTRUCTIONS = {
     "reconstruct": (
@@ -71,7 +76,7 @@ _REPLIES = {
 
 @dataclass(frozen=True)
 class QA:
-    """One closed comprehension question about a case."""
+    """One comprehension question about a case: a closed one, or the open "findings"."""
 
     kind: str
     modality: Modality
@@ -105,6 +110,11 @@ def vqa_pairs(
         for kind in kinds
         if kind != "side" or case.has_lesion
     ]
+
+
+def findings_qa(case: PhantomCase, rng: np.random.Generator, modality: Modality) -> QA:
+    """The open question "describe the findings" about `case` seen in `modality`, answered by its `report`."""
+    return QA("findings", modality, _pick(rng, _FINDINGS_QUESTIONS).format(m=modality), report(case))
 
 
 def generation_pairs(
