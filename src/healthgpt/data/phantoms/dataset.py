@@ -19,6 +19,7 @@ from healthgpt.io.atomic import write_atomic
 from .chest import chest_report, sample_chest
 from .text import (
     COMPREHENSION_TASKS,
+    FINDINGS_TASK,
     GENERATION_TASKS,
     PHANTOM_TASKS,
     QA,
@@ -33,9 +34,7 @@ SPLITS = ("train", "test")
 CHEST_TASK = "report_to_cxr"  # opt-in kind: a chest film from its report (the published task's name and phrasing)
 CHEST_REPLY = "Here is the chest X-ray for you."
 _CHEST_STREAM = 0x4358  # "CX": each case's chest film draws from its own stream, so other records are unchanged
-# Opt-in kind: "describe the findings" of each render, answered by the case's report (every lesion's size and side,
-# left to right): the report writing of HealthGPT's comprehension, and a denser signal of where lesions are.
-FINDINGS_TASK = "findings"
+# FINDINGS_TASK (opt-in) asks for each render's findings, answered by the case's report: HealthGPT's report writing.
 _FINDINGS_STREAM = 0x4644  # "FD": its questions draw from their own stream, so other records are unchanged
 
 

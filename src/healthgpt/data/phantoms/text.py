@@ -14,6 +14,7 @@ COMPREHENSION_TASKS = ("presence", "side", "count")
 GENERATION_TASKS = ("reconstruct", "ct2mri", "mri2ct", "super_resolution", "report2image")
 # The phantom data set's question and image kinds (not the generation tasks of healthgpt.tasks).
 PHANTOM_TASKS = COMPREHENSION_TASKS + GENERATION_TASKS
+FINDINGS_TASK = "findings"  # opt-in open question: the report of an image (`findings_qa`)
 
 _PRESENCE_QUESTIONS = (
     "Is there a lesion in this {m} image?",
@@ -114,7 +115,7 @@ def vqa_pairs(
 
 def findings_qa(case: PhantomCase, rng: np.random.Generator, modality: Modality) -> QA:
     """The open question "describe the findings" about `case` seen in `modality`, answered by its `report`."""
-    return QA("findings", modality, _pick(rng, _FINDINGS_QUESTIONS).format(m=modality), report(case))
+    return QA(FINDINGS_TASK, modality, _pick(rng, _FINDINGS_QUESTIONS).format(m=modality), report(case))
 
 
 def generation_pairs(
