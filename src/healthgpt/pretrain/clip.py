@@ -56,6 +56,31 @@ class BagOfWords(nn.Module):
         return self.bag(flat.to(self.bag.weight.device), offsets.to(self.bag.weight.device))
 
 
+def sincos_positions(grid: int, dim: int) -> torch.Tensor:
+    """[grid * grid, dim] fixed 2D sine-cosine position codes (MAE's): the first half of the channels encode the
+    patch's row, the second half its column, each as sines and cosines of geometric frequencies."""
+    if dim % 4:
+        raise ValueError(f"2D sine-cosine positions need a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
+    angles = [axis.reshape(-1, 1) * omega for axis in (rows, cols)]
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()
+
+
+def tower_from_scratch(config: VisionConfig, seed: int = 0) -> VisionEncoder:
+    """A random CLIP tower of `config` whose patch position table starts as 2D sine-cosine codes. From a random table,
+    a short contrastive run left a patch's column hard to read from its own feature, so the LLM could not tell left
+    from right (bench/README.md, phantom_goals); a pretrained ViT-L/14's table carries it. The table stays trainable."""
+    vision = random_vision(config, seed=seed)
+    table = vision.tower.embeddings.position_embedding.weight
+    grid = config.image_size // config.patch_size
+    with torch.no_grad():
+        table[1:] = sincos_positions(grid, config.hidden_size).to(table.dtype)  # row 0 is the CLS token's
+    return vision
+
+
 class PixelCache:
     """Images resized and cropped by a CLIP processor, kept as uint8 ([N, 3, S, S], a quarter of float32);
     `pixels(rows)` rescales and normalises them exactly as the processor would."""
@@ -134,7 +159,7 @@ def pretrain_clip(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if isinstance(vision, VisionConfig):
-        config, vision = vision, random_vision(vision, seed=seed)
+        config, vision = vision, tower_from_scratch(vision, seed=seed)
         preprocessor = preprocessor or ImagePreprocessor.for_clip(
             config.image_size, config.image_mean, config.image_std
         )

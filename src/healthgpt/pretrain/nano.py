@@ -37,11 +37,11 @@ from healthgpt.data.phantoms import (
 )
 from healthgpt.data.phantoms.dataset import CHEST_REPLY
 from healthgpt.io.atomic import write_atomic
-from healthgpt.nano import random_llm, random_vision
+from healthgpt.nano import random_llm
 from healthgpt.templates import get_template
 from healthgpt.vision import ImagePreprocessor, VisionEncoder
 
-from .clip import PixelCache, linear_probe, pooled_features, pretrain_clip, retrieval_accuracy
+from .clip import PixelCache, linear_probe, pooled_features, pretrain_clip, retrieval_accuracy, tower_from_scratch
 from .lm import Conversation, perplexity, pretrain_lm, train_tokenizer
 from .vqgan import evaluate_vqgan, train_vqgan
 
@@ -304,7 +304,7 @@ def _pretrain_vision(
         train_x, held_x = pooled_features(vision, train_pixels, layer), pooled_features(vision, held_pixels, layer)
         return linear_probe(train_x, train_labels, held_x, held_labels)
 
-    vision = random_vision(vc, seed=seed)
+    vision = tower_from_scratch(vc, seed=seed)
     untrained = probe(vision)
     model = pretrain_clip(
         vision,
