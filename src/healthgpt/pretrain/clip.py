@@ -70,9 +70,9 @@ def sincos_positions(grid: int, dim: int) -> torch.Tensor:
 
 
 def tower_from_scratch(config: VisionConfig, seed: int = 0) -> VisionEncoder:
-    """A random CLIP tower of `config` whose patch position table starts as 2D sine-cosine codes. From a random table,
-    a short contrastive run left a patch's column hard to read from its own feature, so the LLM could not tell left
-    from right (bench/README.md, phantom_goals); a pretrained ViT-L/14's table carries it. The table stays trainable."""
+    """A random CLIP tower of `config` whose patch position table starts as 2D sine-cosine codes (still trainable).
+    From a random table a short contrastive run leaves a patch's column hard to read from its own feature, so the LLM
+    cannot tell left from right (bench/README.md, clip_positions); a pretrained ViT-L/14's table carries it."""
     vision = random_vision(config, seed=seed)
     table = vision.tower.embeddings.position_embedding.weight
     grid = config.image_size // config.patch_size
