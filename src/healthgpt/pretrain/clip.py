@@ -69,7 +69,7 @@ def sincos_positions(grid: int, dim: int) -> torch.Tensor:
     return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()
 
 
-def tower_from_scratch(config: VisionConfig, seed: int = 0) -> VisionEncoder:
+def tower_from_scratch(config: VisionConfig, *, seed: int = 0) -> VisionEncoder:
     """A random CLIP tower of `config` whose patch position table starts as 2D sine-cosine codes (still trainable).
     From a random table a short contrastive run leaves a patch's column hard to read from its own feature, so the LLM
     cannot tell left from right (bench/README.md, clip_positions); a pretrained ViT-L/14's table carries it."""
@@ -153,8 +153,8 @@ def pretrain_clip(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> ContrastiveCLIP:
-    """Train a CLIP vision tower (a given one in place, or a random one of a `VisionConfig`) contrastively on
-    image/caption pairs; images go through `preprocessor` (default: CLIP's, padded to square, at the tower's
+    """Train a CLIP vision tower contrastively on image/caption pairs: a given one in place, or one of a `VisionConfig`
+    from `tower_from_scratch`. Images go through `preprocessor` (default: CLIP's, padded to square, at the tower's
     size). Returns the dual encoder; its `.vision` is the tower, frozen again, ready for HealthGPT."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
