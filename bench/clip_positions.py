@@ -36,7 +36,7 @@ def measure(table: str, held_out: int) -> dict[str, Any]:
     vc, budget = CONFIG.vision, BUDGETS["mini"]
     pre = ImagePreprocessor.for_clip(vc.image_size, vc.image_mean, vc.image_std)
     cases = {
-        split: phantom_cases(0, i, n, vc.image_size)
+        split: phantom_cases(0, i, n, CONFIG.vq.image_size)  # the phantoms at the VQGAN's size, as pre-training
         for i, (split, n) in enumerate((("train", budget.train_cases), ("held", held_out)))
     }
     data = {split: phantom_images(c) for split, c in cases.items()}
