@@ -1,7 +1,7 @@
 """Issue 17's figures of one or more models on held-out phantoms, side by side with the goals: what the VQGAN alone
 keeps, CT<->MRI, reconstruction, super-resolution against bicubic, report-to-CXR findings, closed questions.
 
-    python bench/phantom_goals.py [--models nano] [--cases 50] [--json figures.json]
+    python bench/phantom_goals.py [--models nano] [--cases 50] [--guidance 1.5] [--json figures.json]
 """
 
 from __future__ import annotations
@@ -21,15 +21,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["nano"], help="embedded names or bundle folders")
     parser.add_argument("--cases", type=int, default=50, help="held-out head phantoms (and as many chest films)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale of every generated image")
     parser.add_argument("--json", type=Path, help="write every model's figures here")
     args = parser.parse_args()
     figures, met, seconds = {}, {}, {}
     for name in args.models:
         start = time.perf_counter()
-        figures[name] = phantom_goals(HealthGPT.from_pretrained(name), n=args.cases, seed=args.seed)
+        model = HealthGPT.from_pretrained(name)
+        figures[name] = phantom_goals(model, n=args.cases, seed=args.seed, guidance_scale=args.guidance)
         met[name], seconds[name] = goals_met(figures[name]), time.perf_counter() - start
     width = max(len(path) for path, _, _ in GOALS)
-    print(f"{args.cases} held-out cases, seed {args.seed}; SSIM x100")
+    print(f"{args.cases} held-out cases, seed {args.seed}, guidance {args.guidance}; SSIM x100")
     print(f"{'figure':<{width}}  goal       " + "".join(f"{name:>16}" for name in args.models))
     for path, op, goal in GOALS:
         task, figure = path.split(".")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,14 @@ import torch
 from PIL import Image
 
 from healthgpt.api import HealthGPT
+from healthgpt.api.images import image_request
 from healthgpt.config import COMPREHENSION, GENERATION, get_variant
 from healthgpt.data.collate import collate, num_supervised
 from healthgpt.data.image_codes import CodeCacheError, ImageCodeCache, tokenize_images
 from healthgpt.data.records import DataError, load_records
-from healthgpt.data.samples import SampleBuilder, TrainingDataset, build_samples
+from healthgpt.data.samples import SampleBuilder, TrainingDataset, build_samples, unconditional_twin
 from healthgpt.model import expand_image_slots
+from healthgpt.tasks import UNCONDITIONAL_INSTRUCTION
 from healthgpt.tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from healthgpt.vqgan import VQGAN
 
@@ -173,6 +176,37 @@ def test_generation_labels_are_the_code_token_ids(hg, folder, cache, vqgan) -> N
     assert labels[n : n + len(codes)] == (codes + vocab.first_code_id).tolist()
     assert hg.tokenizer.decode(labels[n + len(codes) :]) == "<end_index><|end|>"
     assert item["plugin"] == GENERATION
+
+
+def test_generation_twins_are_the_rows_guided_inference_conditions_on(hg, folder, cache) -> None:
+    """With `twins`, a generation sample carries the unconditional row `image_request` builds for guidance (the same
+    instruction without the image; for text to image, `UNCONDITIONAL_INSTRUCTION` without the report), with the same
+    code labels; dataset index len + i reads it, and other samples have none."""
+    found = load_records(folder / "train.json")
+    tasks = (COMPREHENSION, GENERATION)
+    specs, report = build_samples(found, _builder(hg, cache), tasks=tasks, codes=cache, twins=True)
+    data = TrainingDataset(specs, hg.preprocessor, hg.model.num_patches, hg.model.image_vocab, cache)
+    assert report.twins == 1 and data.has_twin.tolist() == [False, False, True]
+    item, twin = data[2], data[len(data) + 2]
+    with Image.open(folder / "ct.png") as im:
+        built = image_request(hg, im.convert("RGB"), "Convert this CT image into an MRI image.", text=None, guided=True)
+    assert built.unconditional is not None
+    prompt = list(built.unconditional.input_ids)
+    assert twin["input_ids"].tolist()[: len(prompt)] == prompt and IMAGE_TOKEN_INDEX not in prompt
+    assert twin["pixel_values"] is None and item["pixel_values"] is not None and twin["plugin"] == GENERATION
+    learned = [[label for label in x["labels"].tolist() if label != IGNORE_INDEX] for x in (item, twin)]
+    assert learned[0] == learned[1] and len(learned[0]) > hg.config.vq.num_image_tokens
+    with pytest.raises(IndexError, match="sample 0 has no unconditional twin"):
+        data[len(data)]
+
+    report_record = replace(found.records[2], images=(), turns=(("user", "Cardiomegaly."), found.records[2].turns[1]))
+    chest_twin = unconditional_twin(report_record)
+    assert chest_twin is not None and chest_twin.turns[0] == ("user", UNCONDITIONAL_INSTRUCTION)
+    spec = _builder(hg, cache).build(chest_twin, cache)
+    unconditional = image_request(hg, None, "report_to_cxr", text="Cardiomegaly.", guided=True).unconditional
+    assert spec is not None and unconditional is not None
+    assert spec.ids.tolist()[: len(unconditional.input_ids)] == list(unconditional.input_ids)
+    assert unconditional_twin(found.records[0]) is None and unconditional_twin(found.records[1]) is None
 
 
 @pytest.mark.parametrize("layout", ["before", "after"])

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from healthgpt.data.phantoms import MODALITIES
+from healthgpt.api import HealthGPT
+from healthgpt.data.phantoms import MODALITIES, chest_report
 from healthgpt.evaluation.phantom_goals import (
     GOALS,
     goals_met,
@@ -73,3 +74,23 @@ def test_a_model_run_reports_every_figure(nano):
     assert figures["vqgan"]["ssim"] == pytest.approx(100 * np.mean(ssim))
     assert 0.0 <= figures["report_to_cxr"]["findings_match"] <= 1.0
     assert all(0.0 <= figures["questions"][kind] <= 1.0 for kind in ("presence", "count", "side"))
+
+
+def test_guidance_reaches_every_generated_image():
+    """With a guidance scale, the figures are those of guided images (recomputed here by hand for two tasks), which
+    differ from unguided ones. The shipped nano: a random model's code logits all tie, so guidance moves no argmax."""
+    nano = HealthGPT.from_pretrained("nano")
+    figures = phantom_goals(nano, n=4, seed=1, progress=False, guidance_scale=3.0)
+    cases, chests = held_out(4, seed=1, size=64)
+    guided = nano.generate_image([c.rgb("ct") for c in cases], "ct2mri", guidance_scale=3.0, progress=False)
+    plain = nano.generate_image([c.rgb("ct") for c in cases], "ct2mri", progress=False)
+    assert figures["ct2mri"] == score_images([g.image for g in guided], cases, "MRI")
+    assert any(not np.array_equal(g.codes, p.codes) for g, p in zip(guided, plain, strict=True))
+    films = [
+        nano.generate_image(
+            None, "report_to_cxr", text=chest_report(c, np.random.default_rng(i)), guidance_scale=3.0, progress=False
+        )
+        for i, c in enumerate(chests)
+    ]
+    assert figures["report_to_cxr"] == score_chests([f.image for f in films], chests)
+    assert figures["guidance_scale"] == 3.0

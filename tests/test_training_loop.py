@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import phantoms_with_codes
@@ -62,6 +63,19 @@ def test_step_sampler_splits_each_global_batch_over_processes_and_accumulation()
     assert list(resumed) == list(one)[12:] and len(resumed) == 8
 
 
+def test_step_sampler_swaps_samples_for_their_twins_at_the_rate_however_the_batch_is_split() -> None:
+    twins = np.arange(40) % 2 == 0  # the even samples have a twin (index 40 + i)
+    one = list(StepBatchSampler(40, 8, 8, 0, 1, 3, 0, 200, twins=twins, twin_rate=0.3))
+    split = [list(StepBatchSampler(40, 8, 2, rank, 2, 3, 0, 200, twins=twins, twin_rate=0.3)) for rank in range(2)]
+    plain = list(StepBatchSampler(40, 8, 8, 0, 1, 3, 0, 200))
+    assert [sum(split[0][2 * s : 2 * s + 2] + split[1][2 * s : 2 * s + 2], []) for s in range(200)] == one
+    swapped = [(a, b) for step, base in zip(one, plain, strict=True) for a, b in zip(step, base, strict=True) if a != b]
+    assert all(a == b + 40 and b % 2 == 0 for a, b in swapped)  # only samples with a twin, only for their own
+    with_twin = sum(i % 2 == 0 for step in plain for i in step)
+    assert len(swapped) / with_twin == pytest.approx(0.3, abs=0.04)
+    assert list(StepBatchSampler(40, 8, 8, 0, 1, 3, 0, 200, twins=twins, twin_rate=0.0)) == plain
+
+
 def test_warmup_then_cosine_or_constant() -> None:
     values = [lr_lambda(s, warmup=2, total=10, schedule="cosine") for s in range(10)]
     assert values[:2] == [0.5, 1.0]
@@ -103,6 +117,27 @@ def test_code_noise_changes_the_training_but_not_its_split_invariance(phantoms: 
         torch.testing.assert_close(value, weights[1, 0.5][key], rtol=1e-4, atol=1e-5)
     moved = {key for key, value in weights[4, 0.5].items() if (value - weights[4, 0.0][key]).abs().max() > 1e-6}
     assert any("lora" in key for key in moved) and any("embed" in key for key in moved), sorted(moved)
+
+
+def test_condition_dropout_changes_the_training_but_not_its_split_invariance(phantoms: Path, tmp_path: Path) -> None:
+    """Generation samples learned now and then as their guidance twins change the loss curve; 1 x 4 and 4 x 1
+    (micro-batch x accumulation) learn the same; a stage with no generation data to drop is refused."""
+    curves = {}
+    for micro, rate in ((4, 0.0), (1, 0.5), (4, 0.5)):
+        extra = [f"engine.micro_batch_size={micro}", f"{STAGE}.condition_dropout={rate}", f"{STAGE}.dropout=0"]
+        overrides = _overrides(phantoms, tmp_path / f"micro{micro}rate{rate}", *extra, f"{STAGE}.max_steps=3")
+        curves[micro, rate] = _history(run_stage(load_recipe(None, overrides), STAGE).metrics_file)
+    assert curves[1, 0.5] == pytest.approx(curves[4, 0.5], rel=1e-5)
+    assert curves[4, 0.5] != pytest.approx(curves[4, 0.0], rel=1e-5)  # by more than any batch split changes it
+    questions = "stage3_comprehension"
+    overrides = [
+        f"output_dir={tmp_path / 'questions'}",
+        f"{questions}.data=[{phantoms / 'train.json'}]",
+        f"{questions}.init_from=[]",
+        f"{questions}.condition_dropout=0.1",
+    ]
+    with pytest.raises(RecipeError, match="no one-turn generation records to drop the condition of"):
+        run_stage(load_recipe(None, overrides), questions)
 
 
 def _history(metrics: Path) -> list[float]:

@@ -62,8 +62,10 @@ def test_recipe_file_and_dotted_overrides(tmp_path: Path) -> None:
         load_recipe(path, ["train.lr=1"])
     with pytest.raises(RecipeError, match="schedule must be"):
         load_recipe(path, ["stage2.schedule=linear"])
-    with pytest.raises(RecipeError, match=r"code_noise each in \[0, 1\), got 16, 0.03, 0.05 and 1.0"):
+    with pytest.raises(RecipeError, match=r"condition_dropout each in \[0, 1\), got 16, 0.03, 0.05, 1.0 and 0.0"):
         load_recipe(path, ["stage2.global_batch_size=16", "stage2.code_noise=1.0"])
+    with pytest.raises(RecipeError, match=r"got 16, 0.03, 0.05, 0.0 and -0.1"):
+        load_recipe(path, ["stage2.global_batch_size=16", "stage2.condition_dropout=-0.1"])
     with pytest.raises(RecipeError, match="needs `output_dir`"):
         load_recipe(None, [])
     # the --help example: one data file as a plain string, as a list would give it

@@ -5,14 +5,15 @@ chunk-wise rule (`PromptTokenizer.encode_prompt`), so the prompt part of every t
 sees at inference. Labels are -100 on the system prompt, user turns, role tags and image slots; every assistant
 turn (its text and closing separator) is supervised. A generation response is `<start_index>`, the target's code
 ids (by arithmetic, `ImageVocab.codes_to_ids`) and `<end_index>`, with the record's reply text dropped (the
-published inference layout: the prompt ends with `<start_index>`), or placed before or after the image span.
+published inference layout: the prompt ends with `<start_index>`), or placed before or after the image span. A
+generation sample may carry its classifier-free-guidance twin (`unconditional_twin`), learned in its place now and then.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from healthgpt.config import GENERATION
 from healthgpt.data.image_codes import ImageCodeCache
 from healthgpt.data.records import DataError, DataIssue, OnError, Origin, Record, RecordSet
 from healthgpt.io import ImageInputError, load_image
+from healthgpt.tasks import UNCONDITIONAL_INSTRUCTION
 from healthgpt.templates import ChatTemplate, place_images
 from healthgpt.tokens import (
     END_IMAGE,
@@ -56,6 +58,7 @@ class SampleSpec:
     origin: Origin
     target_image: Path | None = None
     target_codes: tuple[int, ...] | None = None
+    twin: SampleSpec | None = None  # the unconditional twin of a generation sample (`unconditional_twin`)
 
 
 @dataclass
@@ -67,6 +70,7 @@ class DataReport:
     other_task: int = 0
     truncated: int = 0
     dropped_overlong: int = 0
+    twins: int = 0
     issues: list[DataIssue] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,9 +80,21 @@ class DataReport:
             "records_of_other_tasks": self.other_task,
             "overlong_truncated": self.truncated,
             "overlong_dropped": self.dropped_overlong,
+            "unconditional_twins": self.twins,
             "malformed_skipped": len(self.issues),
             "malformed": [str(i) for i in self.issues[:100]],
         }
+
+
+def unconditional_twin(record: Record) -> Record | None:
+    """What guided inference conditions its second row on (`healthgpt.api.images.image_request`), as a record: a
+    one-turn generation record's instruction and target without its images, or `UNCONDITIONAL_INSTRUCTION` in place
+    of a text-to-image record's text (the report); None for any other record."""
+    if record.task != GENERATION or len(record.turns) != 2:
+        return None
+    (role, text), reply = record.turns
+    words = text.replace(IMAGE_PLACEHOLDER, "").strip() if record.images else UNCONDITIONAL_INSTRUCTION
+    return replace(record, turns=((role, words), reply), images=())
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -219,7 +235,7 @@ class SampleBuilder:
 
 class TrainingDataset(Dataset):
     """Samples with images and codes loaded on access: each item is a dict of `input_ids`, `labels` (LongTensor [T]),
-    `pixel_values` ([n, 3, S, S] or None) and `plugin`."""
+    `pixel_values` ([n, 3, S, S] or None) and `plugin`. Index `len(self) + i` reads sample i's unconditional twin."""
 
     def __init__(
         self,
@@ -247,8 +263,16 @@ class TrainingDataset(Dataset):
         assert self.image_vocab is not None
         return self.image_vocab.codes_to_ids(torch.from_numpy(codes)).numpy()
 
+    @property
+    def has_twin(self) -> np.ndarray:
+        """Whether each sample has an unconditional twin to be read in its place."""
+        return np.array([spec.twin is not None for spec in self.specs], dtype=bool)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        spec = self.specs[index]
+        n = len(self.specs)
+        spec = self.specs[index] if index < n else self.specs[index - n].twin
+        if spec is None:
+            raise IndexError(f"sample {index - n} has no unconditional twin")
         ids: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         for i, label in zip(spec.ids.tolist(), spec.labels.tolist(), strict=True):
@@ -281,9 +305,11 @@ def build_samples(
     tasks: Collection[str],
     codes: ImageCodeCache | None = None,
     on_error: OnError = "skip",
+    twins: bool = False,
 ) -> tuple[list[SampleSpec], DataReport]:
     """Tokenize the records of `tasks`; malformed ones are skipped and reported (or raised), overlong ones dropped
-    or truncated by the builder's rule and counted."""
+    or truncated by the builder's rule and counted. With `twins`, each generation sample carries its
+    `unconditional_twin`'s sample too (for `StageConfig.condition_dropout`)."""
     report = DataReport(issues=list(found.issues))
     specs: list[SampleSpec] = []
     for record in found.records:
@@ -304,6 +330,10 @@ def build_samples(
             continue
         if builder.expanded_length(spec.ids.tolist()) > spec.length:
             report.truncated += 1
+        twin = unconditional_twin(record) if twins else None
+        if twin is not None:
+            spec = replace(spec, twin=builder.build(twin, codes))
+            report.twins += spec.twin is not None
         specs.append(spec)
         report.by_task[spec.plugin] = report.by_task.get(spec.plugin, 0) + 1
     report.samples = len(specs)

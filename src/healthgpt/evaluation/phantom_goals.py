@@ -7,7 +7,8 @@ figure from saved outputs; `phantom_goals` generates with a model and scores, `g
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -92,12 +93,16 @@ def score_answers(answers: Sequence[str], truths: Sequence[str]) -> float:
 
 
 @torch.inference_mode()
-def phantom_goals(model: HealthGPT, n: int = 50, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Every figure of `GOALS` for `model` on `n` held-out cases (and `n` chest films) at its VQGAN's size."""
+def phantom_goals(
+    model: HealthGPT, n: int = 50, seed: int = 0, progress: bool = True, guidance_scale: float | None = None
+) -> dict[str, Any]:
+    """Every figure of `GOALS` for `model` on `n` held-out cases (and `n` chest films) at its VQGAN's size, its
+    images drawn greedily with `guidance_scale` (classifier-free guidance; None: none)."""
     size = model.vqgan.image_size
     cases, chests = held_out(n, seed, size)
     bar = tqdm(total=7, desc="phantom goals", disable=not progress)
-    figures: dict[str, Any] = {"n": n, "seed": seed, "size": size}
+    figures: dict[str, Any] = {"n": n, "seed": seed, "size": size, "guidance_scale": guidance_scale}
+    draw = partial(model.generate_image, progress=False, guidance_scale=guidance_scale)
 
     def step(name: str, value: dict[str, float]) -> None:
         figures[name] = value
@@ -108,14 +113,11 @@ def phantom_goals(model: HealthGPT, n: int = 50, seed: int = 0, progress: bool =
     rows = {m: score_images(vq.codes_to_pil(vq.encode(vq.preprocess(rgb[m]))), cases, m) for m in MODALITIES}
     step("vqgan", _mean_of(rows.values()))
     for task, source, target in (("ct2mri", "CT", "MRI"), ("mri2ct", "MRI", "CT")):
-        step(task, score_images(_images(model.generate_image(rgb[source], task, progress=False)), cases, target))
-    made = {m: _images(model.generate_image(rgb[m], "reconstruct", progress=False)) for m in MODALITIES}
+        step(task, score_images(_images(draw(rgb[source], task)), cases, target))
+    made = {m: _images(draw(rgb[m], "reconstruct")) for m in MODALITIES}
     step("reconstruct", _mean_of(score_images(made[m], cases, m) for m in MODALITIES))
-    step("super_resolution", _super_resolution(model, cases))
-    films = [
-        model.generate_image(None, "report_to_cxr", text=chest_report(c, np.random.default_rng(i)), progress=False)
-        for i, c in enumerate(chests)
-    ]
+    step("super_resolution", _super_resolution(draw, cases))
+    films = [draw(None, "report_to_cxr", text=chest_report(c, np.random.default_rng(i))) for i, c in enumerate(chests)]
     step("report_to_cxr", score_chests([f.image for f in films], chests))
     step("questions", _questions(model, cases, seed))
     bar.close()
@@ -141,12 +143,13 @@ def _mean_of(rows: Any) -> dict[str, float]:
     return {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0]}
 
 
-def _super_resolution(model: HealthGPT, cases: Sequence[PhantomCase]) -> dict[str, float]:
-    """SSIM of the enhanced images and of the bicubic input itself against the full-resolution truth."""
+def _super_resolution(draw: Callable[..., Any], cases: Sequence[PhantomCase]) -> dict[str, float]:
+    """SSIM of the images `draw` (`HealthGPT.generate_image` and its settings) enhances and of the bicubic input
+    itself against the full-resolution truth."""
     rows = []
     for m in MODALITIES:
         low = [case.rgb(f"{_key(m)}_low_res") for case in cases]
-        made = _images(model.generate_image(low, SUPER_RESOLUTION.format(m=m), progress=False))
+        made = _images(draw(low, SUPER_RESOLUTION.format(m=m)))
         ours, bicubic = score_images(made, cases, m), score_images(low, cases, m)
         rows.append({"ssim": ours["ssim"], "bicubic_ssim": bicubic["ssim"], "lesion_recall": ours["lesion_recall"]})
     figures = _mean_of(rows)

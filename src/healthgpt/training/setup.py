@@ -115,7 +115,13 @@ def setup_dataset(recipe: Recipe, stage: StageConfig, hg: HealthGPT) -> tuple[Tr
         generation_text=data.generation_text,
         images_after_text=hg.config.images_after_text,
     )
-    specs, report = build_samples(found, builder, tasks=stage.tasks, codes=codes, on_error=data.on_error)
+    twins = stage.condition_dropout > 0
+    specs, report = build_samples(found, builder, tasks=stage.tasks, codes=codes, on_error=data.on_error, twins=twins)
+    if twins and not report.twins:
+        raise RecipeError(
+            "condition_dropout is set but the stage's data has no one-turn generation records to drop the condition "
+            "of: add generation data or set condition_dropout=0"
+        )
     return TrainingDataset(specs, hg.preprocessor, hg.model.num_patches, hg.model.image_vocab, codes), report
 
 
@@ -188,6 +194,8 @@ def setup_loader(
         engine.seed,
         start,
         total,
+        twins=dataset.has_twin if stage.condition_dropout else None,
+        twin_rate=stage.condition_dropout,
     )
     return DataLoader(
         dataset,

@@ -44,6 +44,8 @@ class StageConfig:
     global_batch_size: int
     dropout: float = 0.0  # H-LoRA dropout of every plugin during this stage
     code_noise: float = 0.0  # chance that a teacher-forced image-code input is replaced by a random code
+    # chance that a generation sample is learned as its classifier-free-guidance twin (the condition dropped)
+    condition_dropout: float = 0.0
     schedule: Schedule = "cosine"  # cosine = linear warm-up then cosine decay; constant = warm-up then flat
     warmup_ratio: float = 0.03
     epochs: float = 1.0
@@ -63,11 +65,11 @@ class StageConfig:
             raise RecipeError("a stage must train something: give `trainable` selectors")
         if self.schedule not in ("cosine", "constant"):
             raise RecipeError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        rates = (self.warmup_ratio, self.dropout, self.code_noise)
+        rates = (self.warmup_ratio, self.dropout, self.code_noise, self.condition_dropout)
         if self.global_batch_size < 1 or not all(0.0 <= rate < 1.0 for rate in rates):
             raise RecipeError(
-                "need global_batch_size >= 1 and warmup_ratio, dropout and code_noise each in [0, 1), got "
-                f"{self.global_batch_size}, {self.warmup_ratio}, {self.dropout} and {self.code_noise}"
+                "need global_batch_size >= 1 and warmup_ratio, dropout, code_noise and condition_dropout each in "
+                f"[0, 1), got {self.global_batch_size}, {', '.join(map(str, rates[:3]))} and {rates[3]}"
             )
 
 

@@ -20,16 +20,32 @@ from healthgpt.tokens import ImageVocab
 
 log = logging.getLogger(__name__)
 
+_TWIN_STREAM = 1  # the random stream of a step's condition dropout, apart from the epoch permutations
+
 
 class StepBatchSampler(Sampler[list[int]]):
     """This process's micro-batches for optimizer steps `start..total-1`: step s takes samples
-    `perm(epoch)[k*G:(k+1)*G]` (G the global batch), split into `world x accumulation` micro-batches."""
+    `perm(epoch)[k*G:(k+1)*G]` (G the global batch), split into `world x accumulation` micro-batches. With
+    `twin_rate`, each sample of the global batch that has a twin (`twins[i]`) is swapped, with that chance, for index
+    `n + i` (its unconditional twin in `TrainingDataset`), drawn per step before the split, so no split changes it."""
 
     def __init__(
-        self, n: int, global_batch: int, micro: int, rank: int, world: int, seed: int, start: int, total: int
+        self,
+        n: int,
+        global_batch: int,
+        micro: int,
+        rank: int,
+        world: int,
+        seed: int,
+        start: int,
+        total: int,
+        *,
+        twins: np.ndarray | None = None,
+        twin_rate: float = 0.0,
     ) -> None:
         self.n, self.global_batch, self.micro, self.rank, self.world = n, global_batch, micro, rank, world
         self.seed, self.start, self.total = seed, start, total
+        self.twins, self.twin_rate = twins, twin_rate
         self.accumulation = global_batch // (micro * world)
         self.steps_per_epoch = n // global_batch
 
@@ -43,6 +59,9 @@ class StepBatchSampler(Sampler[list[int]]):
             if epoch != perm_epoch:
                 perm, perm_epoch = np.random.default_rng([self.seed, epoch]).permutation(self.n), epoch
             window = perm[k * self.global_batch : (k + 1) * self.global_batch]
+            if self.twins is not None and self.twin_rate:
+                drop = np.random.default_rng([self.seed, step, _TWIN_STREAM]).random(len(window)) < self.twin_rate
+                window = np.where(drop & self.twins[window], window + self.n, window)
             mine = window[self.rank * self.accumulation * self.micro : (self.rank + 1) * self.accumulation * self.micro]
             for j in range(self.accumulation):
                 yield mine[j * self.micro : (j + 1) * self.micro].tolist()
