@@ -21,7 +21,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["nano"], help="embedded names or bundle folders")
     parser.add_argument("--cases", type=int, default=50, help="held-out head phantoms (and as many chest films)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale of every generated image")
+    parser.add_argument(
+        "--guidance", type=float, help="classifier-free guidance of every generated image (default: each model's own)"
+    )
     parser.add_argument("--json", type=Path, help="write every model's figures here")
     args = parser.parse_args()
     figures, met, seconds = {}, {}, {}
@@ -31,7 +33,8 @@ def main() -> None:
         figures[name] = phantom_goals(model, n=args.cases, seed=args.seed, guidance_scale=args.guidance)
         met[name], seconds[name] = goals_met(figures[name]), time.perf_counter() - start
     width = max(len(path) for path, _, _ in GOALS)
-    print(f"{args.cases} held-out cases, seed {args.seed}, guidance {args.guidance}; SSIM x100")
+    scales = ", ".join(f"{name} {figures[name]['guidance_scale']:g}" for name in args.models)
+    print(f"{args.cases} held-out cases, seed {args.seed}, guidance {scales}; SSIM x100")
     print(f"{'figure':<{width}}  goal       " + "".join(f"{name:>16}" for name in args.models))
     for path, op, goal in GOALS:
         task, figure = path.split(".")

@@ -47,3 +47,15 @@ def test_bad_values_raise_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid HealthGPT config.json"):
         HealthGPTConfig.load(tmp_path / "config.json")
+
+
+def test_the_default_guidance_scale_is_saved_and_an_older_config_reads_as_none(tmp_path):
+    guided = get_variant("mini").replace(guidance_scale=2.5)
+    guided.save(tmp_path / "config.json")
+    assert HealthGPTConfig.load(tmp_path / "config.json").guidance_scale == 2.5
+    tree = get_variant("nano").to_dict()
+    del tree["guidance_scale"]  # a bundle written before the field existed
+    assert HealthGPTConfig.from_dict(tree).guidance_scale == 1.0
+    for bad in (0, -1.0, float("nan"), float("inf"), "2", True):
+        with pytest.raises(ValueError, match=r"guidance_scale must be a finite number above 0 \(1: no guidance\)"):
+            get_variant("nano").replace(guidance_scale=bad)

@@ -9,6 +9,8 @@ from _models import random_model
 from conftest import turns
 from PIL import Image
 
+from healthgpt.api import HealthGPT
+from healthgpt.evaluation.phantom_goals import held_out
 from healthgpt.generation import SamplingParams, stream
 from healthgpt.tasks import TASKS
 from healthgpt.templates import chat_prompt
@@ -110,3 +112,21 @@ def test_guidance_combines_conditional_and_unconditional_logits(model):
 def test_report_to_image_refuses_an_input_image(model):
     with pytest.raises(ValueError, match="makes an image from the text alone"):
         model.generate_image(_image(0), "report_to_cxr", text="Normal chest.", progress=False)
+
+
+def test_a_model_samples_with_its_own_guidance_where_a_call_names_none():
+    """`config.guidance_scale` is the scale of every call without one: the same codes as naming it. The shipped nano,
+    on phantom CTs (a random model's code logits tie, so guidance would move no argmax there)."""
+    nano = HealthGPT.from_pretrained("nano")
+    cts = [case.rgb("ct") for case in held_out(3, seed=1, size=64)[0]]
+    plain = nano.generate_image(cts, "ct2mri", progress=False)
+    guided = nano.generate_image(cts, "ct2mri", guidance_scale=3.0, progress=False)
+    assert any(not torch.equal(g.codes, p.codes) for g, p in zip(guided, plain, strict=True))
+    nano.config = nano.config.replace(guidance_scale=3.0)
+    default = nano.generate_image(cts, "ct2mri", progress=False)
+    assert all(torch.equal(d.codes, g.codes) for d, g in zip(default, guided, strict=True))
+    assert default[0].sampling["guidance_scale"] == 3.0  # what it was made with, recorded
+    off = nano.generate_image(cts, "ct2mri", guidance_scale=1.0, progress=False)
+    assert all(torch.equal(o.codes, p.codes) for o, p in zip(off, plain, strict=True))
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number above 0"):
+        nano.generate_image(cts[0], "ct2mri", guidance_scale=0.0, progress=False)

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from healthgpt.api import HealthGPT
 from healthgpt.pretrain import NanoBudget
-from healthgpt.recipes.nano import METRICS_FILE, MODEL_DIR, run
+from healthgpt.recipes.nano import CONFIG_FILE, METRICS_FILE, MODEL_DIR, run
 from healthgpt.training.stages import STAGE_NAMES
 
 # Minutes instead of the hour of pretrain.BUDGETS["mini"] and training/configs/mini.yaml.
@@ -54,6 +55,8 @@ def test_mini_recipe_from_nothing_with_a_reduced_budget(tmp_path: Path) -> None:
     assert all(answered["trained"][q]["accuracy"] > answered["untrained"][q]["accuracy"] for q in answered["trained"])
     model = HealthGPT.from_pretrained(out / MODEL_DIR)
     assert model.config.name == "mini" and model.vqgan.image_size == 64 and model.config.images_after_text
+    recipe = yaml.safe_load(CONFIG_FILE.with_name("mini.yaml").read_text())
+    assert model.config.guidance_scale == recipe["model"]["guidance_scale"] > 1  # the bundle carries the recipe's
 
     demo = ["demo", "--model", str(out / MODEL_DIR), "--out", str(tmp_path / "d")]
     env = {**os.environ, "COLUMNS": "400"}

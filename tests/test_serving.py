@@ -27,6 +27,8 @@ from _serving import MODEL, free_port, image_question, png_bytes, thread_server
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from healthgpt.api import HealthGPT
+from healthgpt.evaluation.phantom_goals import held_out
 from healthgpt.generation import SamplingParams, generate
 from healthgpt.io import load_image
 from healthgpt.serving.server import ServerOptions, create_app
@@ -378,3 +380,25 @@ def test_min_tokens_and_ignore_eos_run_to_the_budget_and_metrics_count_them(clie
     }
     assert counts["healthgpt_time_to_first_token_seconds"] >= 1
     assert counts["healthgpt_inter_token_latency_seconds"] >= 39  # 40 tokens, 39 gaps in this request alone
+
+
+def test_an_image_edit_without_a_scale_uses_the_models_guidance():
+    """The shipped nano told to guide at 3: an edit naming no scale is the guided image, one naming 1 the plain one,
+    and a scale of 0 is refused with the field's name."""
+    model = HealthGPT.from_pretrained("nano")
+    model.config = model.config.replace(guidance_scale=3.0)
+    ct = held_out(1, seed=2, size=64)[0][0].rgb("ct")
+    guided, plain = (model.generate_image(ct, "ct2mri", guidance_scale=s, progress=False).image for s in (3.0, 1.0))
+    assert not np.array_equal(np.asarray(guided), np.asarray(plain))
+    with thread_server(create_app(model)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        upload = ("ct.png", png_bytes(ct), "image/png")
+
+        def edit(**extra) -> np.ndarray:
+            result = client.images.edit(model=MODEL, image=upload, prompt="ct2mri", extra_body=extra)
+            return np.asarray(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).convert("RGB"), int)
+
+        assert np.abs(edit() - np.asarray(guided, int)).max() <= 1
+        assert np.abs(edit(guidance_scale=1) - np.asarray(plain, int)).max() <= 1
+        with pytest.raises(openai.BadRequestError, match="guidance_scale must be a finite number above 0"):
+            edit(guidance_scale=0)

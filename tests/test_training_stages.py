@@ -201,6 +201,19 @@ def test_image_layout_is_the_variants_unless_the_recipe_sets_it() -> None:
         build_healthgpt(load_recipe(None, ["output_dir=x", "model.init=nano", "model.images_after_text=true"]))
 
 
+def test_the_default_guidance_is_the_models_unless_the_recipe_sets_it_and_the_bundle_keeps_it(tmp_path: Path) -> None:
+    def built(*overrides: str) -> HealthGPT:
+        return build_healthgpt(load_recipe(None, ["output_dir=x", *overrides]))
+
+    assert built().config.guidance_scale == 1.0 and built("model.init=nano").config.guidance_scale == 1.0
+    assert built("model.variant=mini", "model.guidance_scale=2.5").config.guidance_scale == 2.5
+    tuned = built("model.init=nano", "model.guidance_scale=2")  # fine-tuning a bundle may change its default
+    assert HealthGPT.from_pretrained(tuned.save_pretrained(tmp_path / "b")).config.guidance_scale == 2.0
+    for bad in ("0", "-1", "inf"):
+        with pytest.raises(RecipeError, match=r"model.guidance_scale must be a finite number above 0"):
+            load_recipe(None, ["output_dir=x", f"model.guidance_scale={bad}"])
+
+
 def test_code_noise_on_a_model_without_image_codes_is_refused_before_training(tmp_path: Path) -> None:
     hg = HealthGPT.random(tiny_config("qwen2"), seed=0)  # the xl32 family: no image tokens, no generation plugin
     recipe = load_recipe(None, [f"output_dir={tmp_path}", "stage3_comprehension.code_noise=0.2"])

@@ -19,6 +19,7 @@ from pydicom.data import get_testdata_file
 
 from healthgpt.api import HealthGPT
 from healthgpt.config import get_variant
+from healthgpt.evaluation.phantom_goals import held_out
 from healthgpt.io import load_image, save_nifti
 from healthgpt.serving.batcher import Batcher
 from healthgpt.serving.ui import ANALYZE, GENERATE, NOTICE, _App, build_ui
@@ -119,6 +120,26 @@ def test_generated_images_download_as_png_and_as_the_inputs_format(models, volum
     dicom = next(f for f in files["value"] if f.endswith(".dcm"))
     ds = pydicom.dcmread(dicom)
     assert (ds.Rows, ds.Columns) == (32, 32) and ds.PatientID == pydicom.dcmread(CT).PatientID
+
+
+def test_generation_samples_with_the_models_own_guidance(tmp_path):
+    """The shipped nano told to guide at 3: the UI's image is the guided one, not the plain one."""
+    model = HealthGPT.from_pretrained("nano")
+    model.config = model.config.replace(guidance_scale=3.0)
+    path = tmp_path / "ct.png"
+    held_out(1, seed=2, size=64)[0][0].rgb("ct").save(path)
+    source = load_image(path).to_pil()
+    guided, plain = (model.generate_image(source, "ct2mri", guidance_scale=s, progress=False).image for s in (3.0, 1.0))
+    assert not np.array_equal(np.asarray(guided), np.asarray(plain))
+    batcher = Batcher(model, name="guided").start()
+    try:
+        [(_, picture, _)] = _process(
+            _App({"guided": batcher}, timeout=120), GENERATE, path, model="guided", preset="ct2mri"
+        )
+    finally:
+        batcher.close()
+    shown = np.asarray(picture.convert("RGB"), dtype=int)[::6, ::6]  # the 64 px image shown 6x larger
+    assert np.abs(shown - np.asarray(guided, dtype=int)).max() <= 1
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -99,6 +100,14 @@ class VQConfig:
         return self.grid * self.grid
 
 
+def check_guidance_scale(scale: float, name: str) -> float:
+    """`scale` if it is a usable classifier-free guidance scale (finite, above 0; 1 is none), else a ValueError
+    naming the setting `name`."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{name} must be a finite number above 0 (1: no guidance), got {scale!r}")
+    return float(scale)
+
+
 @dataclass(frozen=True)
 class HealthGPTConfig:
     """The whole model: base LLM, vision tower, one plugin per task, image tokenizer, chat template."""
@@ -115,9 +124,15 @@ class HealthGPTConfig:
     # distance from each input patch to the code written at its place is the same for every instruction, which is
     # what lets a small model learn to copy lesions (bench/README.md, phantom_goals).
     images_after_text: bool = False
+    # The classifier-free guidance scale of image generation where a caller names none (1: none). A model trained
+    # with condition dropout (`StageConfig.condition_dropout`) carries the scale it was measured best at.
+    guidance_scale: float = 1.0
     dtype: str = "float16"
     official_files: dict[str, str] = field(default_factory=dict)
     hub_id: str | None = None
+
+    def __post_init__(self) -> None:
+        check_guidance_scale(self.guidance_scale, "guidance_scale")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from .. import checkpoints
-from ..config import COMPREHENSION, GENERATION, HealthGPTConfig, get_variant
+from ..config import COMPREHENSION, GENERATION, HealthGPTConfig, check_guidance_scale, get_variant
 from ..generation import IncrementalDetokenizer, Request, SamplingParams, StaticEngine, generate, stream
 from ..model import HealthGPTModel, build_model, expand_image_slots
 from ..nano import nano_tokenizer, random_llm, random_vision
@@ -219,6 +219,11 @@ class HealthGPT:
         defaults = {} if penalty in (None, 1.0) else {"repetition_penalty": penalty}
         return SamplingParams(**{**defaults, **sampling})
 
+    def resolve_guidance(self, scale: float | None) -> float:
+        """The classifier-free guidance scale image generation runs with: `scale`, checked (finite, above 0; 1 is
+        none), or where it is None this model's default (`config.guidance_scale`, what its training supports)."""
+        return self.config.guidance_scale if scale is None else check_guidance_scale(scale, "guidance_scale")
+
     # ----- public API ----------------------------------------------------------------------------------------
     def ask(
         self,
@@ -351,7 +356,8 @@ class HealthGPT:
         `super_resolution`, `report_to_cxr` with `text=` the report) or a free instruction. A list of images gives a
         batch. The span is constrained to exactly the VQ grid's codes, then decoded by the VQGAN.
 
-        `guidance_scale` (> 1) turns on classifier-free guidance against the same instruction without the image."""
+        `guidance_scale` (> 1) turns on classifier-free guidance against the same instruction without the image (or,
+        for text to image, without the text); None uses the model's own default (`config.guidance_scale`)."""
         batched = isinstance(image, (list, tuple))
         results = generate_images(
             self,

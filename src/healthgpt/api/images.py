@@ -77,7 +77,8 @@ def generate_images(
     sampling: Mapping[str, Any],
 ) -> list[GeneratedImage]:
     """`HealthGPT.generate_image` for a batch: one constrained span per image, decoded by the VQGAN."""
-    guided = guidance_scale is not None and guidance_scale != 1.0
+    guidance_scale = hg.resolve_guidance(guidance_scale)
+    guided = guidance_scale != 1.0
     built = [image_request(hg, im, task_or_instruction, text=text, guided=guided) for im in images]
     span = hg.config.vq.num_image_tokens
     steps = stream(
@@ -85,7 +86,7 @@ def generate_images(
         [b.request for b in built],
         hg.sampling_params({**sampling, "max_new_tokens": span + 1}),
         unconditional=[b.unconditional for b in built] if guided else None,
-        guidance_scale=guidance_scale or 1.0,
+        guidance_scale=guidance_scale,
         **hg.generation_kwargs(),
     )
     # Tokens stay on the device until the span is complete: the host never waits inside the loop.

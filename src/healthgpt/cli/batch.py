@@ -233,7 +233,10 @@ def batch(
         ),
     ],
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per batched model call.")] = 8,
-    guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance for generate rows.")] = None,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(help="Classifier-free guidance for generate rows; default: the model's own.", show_default=False),
+    ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress on stderr.")] = True,
     retry_failed: Annotated[
         bool,

@@ -130,7 +130,12 @@ def generate(
     instruction: Annotated[str | None, typer.Option(help="A free instruction instead of a named task.")] = None,
     text: Annotated[str | None, typer.Option(help="The radiology report, for --task report_to_cxr.")] = None,
     guidance_scale: Annotated[
-        float | None, typer.Option(help="Classifier-free guidance above 1 (against the instruction without image).")
+        float | None,
+        typer.Option(
+            help="Classifier-free guidance above 1 (against the instruction without its condition); default: the "
+            "model's own (config guidance_scale).",
+            show_default=False,
+        ),
     ] = None,
     all_slices: Annotated[
         bool,

@@ -97,10 +97,11 @@ def phantom_goals(
     model: HealthGPT, n: int = 50, seed: int = 0, progress: bool = True, guidance_scale: float | None = None
 ) -> dict[str, Any]:
     """Every figure of `GOALS` for `model` on `n` held-out cases (and `n` chest films) at its VQGAN's size, its
-    images drawn greedily with `guidance_scale` (classifier-free guidance; None: none)."""
+    images drawn greedily with `guidance_scale` (classifier-free guidance; None: the model's default)."""
     size = model.vqgan.image_size
     cases, chests = held_out(n, seed, size)
     bar = tqdm(total=7, desc="phantom goals", disable=not progress)
+    guidance_scale = model.resolve_guidance(guidance_scale)
     figures: dict[str, Any] = {"n": n, "seed": seed, "size": size, "guidance_scale": guidance_scale}
     draw = partial(model.generate_image, progress=False, guidance_scale=guidance_scale)
 

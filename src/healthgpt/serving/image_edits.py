@@ -30,7 +30,8 @@ from .steps import async_sink, decode_upload, next_event, prepare, submit
 
 async def edit_images(state: ServerState, http: HttpRequest) -> dict:
     """`POST /v1/images/edits`: `image` (none for report_to_cxr) and `prompt` (a task name, a free instruction, or the
-    report with `task=report_to_cxr`) -> `b64_json` PNGs; `task`, sampling and `guidance_scale` extend the schema."""
+    report with `task=report_to_cxr`) -> `b64_json` PNGs; `task`, sampling and `guidance_scale` (the model's default
+    where none is sent) extend the schema."""
     fields, data = await _read_form(http)
     batcher = state.batcher(fields.get("model"))
     model = batcher.model
@@ -47,8 +48,8 @@ async def edit_images(state: ServerState, http: HttpRequest) -> dict:
     n = _form_number(fields, "n", int, 1)
     if not 1 <= n <= 4:
         raise ApiError(400, "n must be between 1 and 4", param="n")
-    guidance = _form_number(fields, "guidance_scale", float, 1.0)
     try:
+        guidance = model.resolve_guidance(_form_number(fields, "guidance_scale", float, None))
         sampling = model.sampling_params(
             dict(
                 max_new_tokens=model.config.vq.num_image_tokens + 1,

@@ -144,10 +144,18 @@ class _App:
         except (PromptError, ImageInputError, ValueError, RuntimeError) as exc:
             raise gr.Error(str(exc)) from None
 
-    def _run(self, batcher: Batcher, request: Request, sampling: SamplingParams) -> Iterator[Any]:
-        """Queue one job and yield its events until the last one."""
+    def _run(
+        self,
+        batcher: Batcher,
+        request: Request,
+        sampling: SamplingParams,
+        unconditional: Request | None = None,
+        guidance_scale: float = 1.0,
+    ) -> Iterator[Any]:
+        """Queue one job (an image job with its guidance twin and scale) and yield its events until the last one."""
         events: queue.Queue = queue.Queue()
-        job = Job(request, sampling, events.put, deadline=time.monotonic() + self.timeout)
+        deadline = time.monotonic() + self.timeout
+        job = Job(request, sampling, events.put, unconditional, guidance_scale, deadline=deadline)
         batcher.submit(job)
         try:
             while True:
@@ -188,9 +196,11 @@ class _App:
         shown = source.to_pil() if source is not None else None
         span = batcher.model.config.vq.num_image_tokens
         what = text if preset == CUSTOM else preset
-        request = batcher.prepare(lambda hg: hg.build_image_request(shown, what, text=text).request)
+        scale = batcher.model.resolve_guidance(None)  # the model's own: guidance its training supports
+        built = batcher.prepare(lambda hg: hg.build_image_request(shown, what, text=text, guided=scale != 1.0))
         sampling = replace(sampling, max_new_tokens=span + 1)
-        done = [event for event in self._run(batcher, request, sampling) if isinstance(event, ImageDone)][0]
+        events = self._run(batcher, built.request, sampling, built.unconditional, scale)
+        done = [event for event in events if isinstance(event, ImageDone)][0]
         folder = Path(tempfile.mkdtemp(dir=self.outputs))
         files = [write_images([done.image], None, folder / "generated.png")]
         if source is not None and path is not None and source.datasets:

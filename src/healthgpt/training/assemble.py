@@ -19,7 +19,7 @@ OUTPUT = "output"
 
 def build_healthgpt(recipe: Recipe) -> HealthGPT:
     """The starting model: a whole trained model (`model.init`), the base LLM and CLIP tower from `recipe.model` with
-    fresh projectors and plugins, or the variant with random weights."""
+    fresh projectors and plugins, or the variant with random weights; with `model.guidance_scale` as its default."""
     spec = recipe.model
     if spec.init is not None:
         if (
@@ -32,8 +32,13 @@ def build_healthgpt(recipe: Recipe) -> HealthGPT:
                 "model.init starts from a whole model: leave model.base_llm, vision_tower, plugins and "
                 "images_after_text unset"
             )
-        return HealthGPT.from_pretrained(spec.init, dtype=spec.dtype)
+        model = HealthGPT.from_pretrained(spec.init, dtype=spec.dtype)
+        if spec.guidance_scale is not None:
+            model.config = model.config.replace(guidance_scale=spec.guidance_scale)
+        return model
     config = get_variant(spec.variant)
+    if spec.guidance_scale is not None:
+        config = config.replace(guidance_scale=spec.guidance_scale)
     if spec.plugins:
         extra = {name: PluginConfig(**values) for name, values in spec.plugins.items()}
         config = config.replace(plugins={**config.plugins, **extra})

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from torch import nn
 
-from healthgpt.config import COMPREHENSION, GENERATION
+from healthgpt.config import COMPREHENSION, GENERATION, check_guidance_scale
 from healthgpt.errors import HealthGPTError
 from healthgpt.quantize import TRAINABLE_MODES
 
@@ -87,6 +87,9 @@ class ModelSpec:
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)  # PluginConfig fields to add or replace plugins
     quantize: str | None = None  # train over a quantized base (QLoRA-style): int8 (any device) or nf4 (CUDA)
     images_after_text: bool | None = None  # where user turns show their images; None: the variant's layout
+    # The exported model's default classifier-free guidance (`HealthGPTConfig.guidance_scale`); None: the variant's
+    # or the `init` model's. Worth setting only where the generation stages learn condition dropout.
+    guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in TRAINABLE_MODES:
@@ -94,6 +97,11 @@ class ModelSpec:
                 f"model.quantize must be one of {', '.join(TRAINABLE_MODES)} or null to train over it, got "
                 f"{self.quantize!r} (torchao's int4 kernels have no backward)"
             )
+        if self.guidance_scale is not None:
+            try:
+                check_guidance_scale(self.guidance_scale, "model.guidance_scale")
+            except ValueError as exc:
+                raise RecipeError(str(exc)) from None
 
 
 @dataclass(frozen=True)
