@@ -56,8 +56,20 @@ def volume(tmp_path_factory) -> Path:
     return save_nifti(values, tmp_path_factory.mktemp("nifti") / "ct.nii.gz", np.diag([2.0, 1.0, 1.0, 1.0]))
 
 
-def _process(app: _App, task: str, path, *, model="a", preset="reconstruct", text=QUESTION, index=None, window=None):
-    return list(app.process(task, model, str(path) if path else None, index, window, preset, text, 8, 0.0, 1.0, None))
+def _process(
+    app: _App,
+    task: str,
+    path,
+    *,
+    model="a",
+    preset="reconstruct",
+    text=QUESTION,
+    index=None,
+    window=None,
+    guidance=None,
+):
+    path = str(path) if path else None
+    return list(app.process(task, model, path, index, window, preset, text, 8, 0.0, 1.0, None, guidance))
 
 
 def test_answers_stream_piece_by_piece_to_the_models_answer(models):
@@ -122,8 +134,9 @@ def test_generated_images_download_as_png_and_as_the_inputs_format(models, volum
     assert (ds.Rows, ds.Columns) == (32, 32) and ds.PatientID == pydicom.dcmread(CT).PatientID
 
 
-def test_generation_samples_with_the_models_own_guidance(tmp_path):
-    """The shipped nano told to guide at 3: the UI's image is the guided one, not the plain one."""
+def test_generation_guides_at_the_models_own_scale_unless_the_form_sets_one(tmp_path):
+    """The shipped nano told to guide at 3: with the guidance field empty the UI's image is the guided one; 1 gives
+    the plain one; 0 is refused with the reason."""
     model = HealthGPT.from_pretrained("nano")
     model.config = model.config.replace(guidance_scale=3.0)
     path = tmp_path / "ct.png"
@@ -132,14 +145,19 @@ def test_generation_samples_with_the_models_own_guidance(tmp_path):
     guided, plain = (model.generate_image(source, "ct2mri", guidance_scale=s, progress=False).image for s in (3.0, 1.0))
     assert not np.array_equal(np.asarray(guided), np.asarray(plain))
     batcher = Batcher(model, name="guided").start()
+    app = _App({"guided": batcher}, timeout=120)
+
+    def shown(guidance: float | None) -> np.ndarray:
+        [(_, picture, _)] = _process(app, GENERATE, path, model="guided", preset="ct2mri", guidance=guidance)
+        return np.asarray(picture.convert("RGB"), dtype=int)[::6, ::6]  # the 64 px image shown 6x larger
+
     try:
-        [(_, picture, _)] = _process(
-            _App({"guided": batcher}, timeout=120), GENERATE, path, model="guided", preset="ct2mri"
-        )
+        assert np.abs(shown(None) - np.asarray(guided, dtype=int)).max() <= 1
+        assert np.abs(shown(1.0) - np.asarray(plain, dtype=int)).max() <= 1
+        with pytest.raises(gr.Error, match="guidance_scale must be a finite number above 0"):
+            shown(0.0)
     finally:
         batcher.close()
-    shown = np.asarray(picture.convert("RGB"), dtype=int)[::6, ::6]  # the 64 px image shown 6x larger
-    assert np.abs(shown - np.asarray(guided, dtype=int)).max() <= 1
 
 
 @pytest.mark.parametrize(

@@ -121,8 +121,10 @@ class _App:
         temperature: float,
         top_p: float,
         seed: float | None,
+        guidance: float | None = None,
     ) -> Iterator[tuple[Any, Any, Any]]:
-        """Stream the answer (analyze) or show the generated image and its files (generate)."""
+        """Stream the answer (analyze) or show the generated image and its files (generate, with classifier-free
+        `guidance`; None: the model's own scale)."""
         batcher = self.batchers[model]
         try:
             source = _slice(path, None if index is None else int(index), window) if path else None
@@ -140,7 +142,8 @@ class _App:
                     raise ValueError("type a question about the image")
                 yield from self._analyze(batcher, source, question, sampling)
             else:
-                yield self._generate(batcher, source, path, preset, question, sampling)
+                scale = batcher.model.resolve_guidance(None if guidance is None else float(guidance))
+                yield self._generate(batcher, source, path, preset, question, sampling, scale)
         except (PromptError, ImageInputError, ValueError, RuntimeError) as exc:
             raise gr.Error(str(exc)) from None
 
@@ -192,11 +195,11 @@ class _App:
         preset: str,
         text: str,
         sampling: SamplingParams,
+        scale: float,
     ) -> tuple[Any, Any, Any]:
         shown = source.to_pil() if source is not None else None
         span = batcher.model.config.vq.num_image_tokens
         what = text if preset == CUSTOM else preset
-        scale = batcher.model.resolve_guidance(None)  # the model's own: guidance its training supports
         built = batcher.prepare(lambda hg: hg.build_image_request(shown, what, text=text, guided=scale != 1.0))
         sampling = replace(sampling, max_new_tokens=span + 1)
         events = self._run(batcher, built.request, sampling, built.unconditional, scale)
@@ -268,6 +271,7 @@ def build_ui(batchers: Mapping[str, Batcher], *, timeout: float = 600.0) -> gr.B
                     temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: greedy)")
                     top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p")
                     seed = gr.Number(value=None, precision=0, label="Seed (sampling only)")
+                    guidance = gr.Number(value=None, label="Guidance scale (images; empty: the model's own)")
                 process = gr.Button("Process", variant="primary", elem_id="process")
             with gr.Column():
                 answer = gr.Textbox(label="HealthGPT answer", lines=20, elem_id="answer")
@@ -284,7 +288,20 @@ def build_ui(batchers: Mapping[str, Batcher], *, timeout: float = 600.0) -> gr.B
         for control in (index, window):
             control.change(app.on_view, [upload, index, window], preview)
         task.change(app.on_task, task, [preset, question, answer, generated, files])
-        inputs = [task, model, upload, index, window, preset, question, max_new_tokens, temperature, top_p, seed]
+        inputs = [
+            task,
+            model,
+            upload,
+            index,
+            window,
+            preset,
+            question,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            guidance,
+        ]
         process.click(app.process, inputs, [answer, generated, files])
     return demo
 
