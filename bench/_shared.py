@@ -4,6 +4,8 @@ MoE-LoRA baseline H-LoRA is measured against."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -97,3 +99,20 @@ def step_bytes(model: HealthGPT, batch: int, length: int, plugin: str = COMPREHE
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * length * batch * embedding.element_size()
     return weights + kv
+
+
+@contextmanager
+def saved_bytes() -> Iterator[list[int]]:
+    """Count the bytes of distinct storages autograd keeps for backward inside the block."""
+    seen: set[int] = set()
+    total = [0]
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total[0] += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield total

@@ -16,11 +16,10 @@ import argparse
 import copy
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
-from _shared import NaiveMoELoRA
+from _shared import NaiveMoELoRA, saved_bytes
 from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 
@@ -78,23 +77,6 @@ class Step:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-
-@contextmanager
-def saved_bytes() -> Iterator[list[int]]:
-    """Count the bytes of distinct storages autograd keeps for backward inside the block."""
-    seen: set[int] = set()
-    total = [0]
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total[0] += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield total
 
 
 def measure_memory(step: Step, device: torch.device) -> tuple[float, float | None]:

@@ -64,15 +64,57 @@ def test_loss_covers_response_tokens_only(arch):
     model = random_model(tiny_config(arch))
     ids, labels, pixels = _loss_inputs(model, "Is there a lesion?", "Yes, on the left side.")
     out = model.model(ids, COMPREHENSION, pixel_values=pixels, labels=labels)
-    # Independent computation: next-token cross-entropy over response positions only.
-    logits = out.logits[0, :-1].float()
+    # Independent computation: next-token cross-entropy over response positions only, from every position's logits.
+    with torch.no_grad():
+        logits = model.model(ids, COMPREHENSION, pixel_values=pixels).logits[0, :-1].float()
     target = ids[0, 1:]
     keep = labels[0, 1:] != IGNORE_INDEX
     expected = F.cross_entropy(logits[keep], target[keep])
     torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.logits, logits[keep])  # only the supervised positions' rows are computed
     assert keep.sum() == len(model.tokenizer.encode("Yes, on the left side.", add_special_tokens=False))
     out.loss.backward()  # gradients reach the plugin and the projector
     assert model.model.projectors[COMPREHENSION][0].weight.grad is not None
+
+
+@pytest.mark.parametrize("arch", ["phi3", "qwen2"])
+def test_the_supervised_head_gives_the_loss_and_gradients_of_every_position(arch):
+    """A padded batch of two: the loss over the kept rows and its gradients equal transformers' own `labels=` path,
+    which applies the head at every position."""
+    model = random_model(tiny_config(arch))
+    rows = [_loss_inputs(model, "Is there a lesion?", "Yes, on the left side."), _loss_inputs(model, "Side?", "Left.")]
+    width = max(ids.shape[1] for ids, _, _ in rows)
+    pad = model.tokenizer.pad_token_id or 0
+    ids = torch.stack([F.pad(i[0], (0, width - i.shape[1]), value=pad) for i, _, _ in rows])
+    labels = torch.stack([F.pad(lab[0], (0, width - lab.shape[1]), value=IGNORE_INDEX) for _, lab, _ in rows])
+    mask = torch.stack([F.pad(torch.ones(i.shape[1], dtype=torch.long), (0, width - i.shape[1])) for i, _, _ in rows])
+    pixels = torch.cat([p for _, _, p in rows])
+    n = int((labels[:, 1:] != IGNORE_INDEX).sum()) + 3  # as a larger global batch would count
+
+    def loss_and_grads(ours: bool) -> list[torch.Tensor]:
+        model.model.zero_grad()
+        if ours:
+            loss = model.model(
+                ids, COMPREHENSION, pixel_values=pixels, attention_mask=mask, labels=labels, num_items_in_batch=n
+            ).loss
+        else:
+            with model.model.hlora.use([COMPREHENSION] * 2):
+                embeds = model.model.embed(ids, pixels, [COMPREHENSION] * 2)
+                masked = labels.masked_fill(ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
+                loss = model.model.llm(
+                    inputs_embeds=embeds, attention_mask=mask, labels=masked, num_items_in_batch=n
+                ).loss
+        loss.backward()
+        return [loss.detach(), *(p.grad.clone() for p in trained)]
+
+    trained = [*model.model.projectors[COMPREHENSION].parameters(), *model.model.hlora.parameters_of(COMPREHENSION)]
+    model.model.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    ours, theirs = loss_and_grads(True), loss_and_grads(False)
+    assert len(ours) > 2 and ours[0] > 0
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_image_features_fill_the_slots():

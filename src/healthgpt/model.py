@@ -139,14 +139,40 @@ class HealthGPTModel(nn.Module):
         """Causal-LM output of the HF model (`.logits`, `.loss` when `labels` are given, `.cache`).
 
         `labels` use `IGNORE_INDEX` (-100) on prompt and image positions, so the loss covers response tokens only.
+        With `labels`, `.logits` holds only the supervised positions' rows ([supervised tokens, vocab], the order of
+        a row-major scan), since those are all the loss reads.
         With gradient checkpointing, call `backward` inside `self.hlora.use(plugins)` too (as the training loop does):
         checkpointed layers recompute their forward there and must see the same plugins."""
         names = self.check_plugins(plugins, input_ids.shape[0])
         with self.hlora.use(names):
             embeds = self.embed(input_ids, pixel_values, names)
-            if labels is not None:
-                labels = labels.masked_fill(input_ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
-            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+            if labels is None:
+                return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, **llm_kwargs)
+            labels = labels.masked_fill(input_ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
+            return self._supervised(embeds, attention_mask, labels, **llm_kwargs)
+
+    def _supervised(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **llm_kwargs,
+    ):
+        """The HF model's output with its causal-LM loss, the head applied only where the next token is supervised
+        (transformers' `logits_to_keep` as a mask). Prompts, image slots and padding, most of a training sequence,
+        then cost neither the head's matmul nor float32 logits; the loss is the one `labels=` would give."""
+        targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # each position's next token
+        keep = targets != IGNORE_INDEX
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=keep, **llm_kwargs)
+        out.loss = self.llm.loss_function(
+            logits=out.logits,
+            labels=None,
+            vocab_size=out.logits.shape[-1],
+            num_items_in_batch=num_items_in_batch,
+            shift_labels=targets[keep],
+        )
+        return out
 
 
 def build_model(
