@@ -220,3 +220,22 @@ def test_code_noise_on_a_model_without_image_codes_is_refused_before_training(tm
     with pytest.raises(RecipeError, match="code_noise needs a model with image-code tokens; set stage3_comprehension"):
         run_stage(recipe, "stage3_comprehension", healthgpt=hg)
     assert not (tmp_path / "stage3_comprehension" / "output").exists()
+
+
+def test_plugin_fields_replace_the_variants_own_and_bad_ones_are_refused_when_the_recipe_loads() -> None:
+    def plugins(*overrides: str) -> dict:
+        return build_healthgpt(load_recipe(None, ["output_dir=x", "model.variant=mini", *overrides])).config.plugins
+
+    mini = get_variant("mini").plugins
+    changed = plugins("model.plugins.comprehension.vision_layer=1")
+    assert changed[COMPREHENSION] == dataclasses.replace(mini[COMPREHENSION], vision_layer=1)  # rank, alpha kept
+    assert changed[GENERATION] == mini[GENERATION]
+    extra = plugins("model.plugins.report.rank=4", "model.plugins.report.alpha=8")["report"]
+    assert (extra.rank, extra.alpha, extra.vision_layer) == (4, 8, -2)
+    for bad, reason in (
+        ("model.plugins.comprehension.layer=1", "unexpected keyword argument 'layer'"),
+        ("model.plugins.report.vision_layer=1", "missing 2 required positional arguments"),
+        ("model.plugins.comprehension.rank=6", "must be a multiple of num_experts"),
+    ):
+        with pytest.raises(RecipeError, match=rf"model.plugins.\w+: .*{reason}.*a new plugin needs rank and alpha"):
+            load_recipe(None, ["output_dir=x", "model.variant=mini", bad])

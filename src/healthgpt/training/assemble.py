@@ -9,7 +9,7 @@ import torch
 
 from healthgpt.api import HealthGPT
 from healthgpt.checkpoints import load_base_parts, load_vqgan, resolve_dtype
-from healthgpt.config import PluginConfig, get_variant
+from healthgpt.config import get_variant
 from healthgpt.model import build_model
 from healthgpt.training.checkpointing import WEIGHTS, load_tensors, merge_stage_outputs
 from healthgpt.training.stages import Recipe, RecipeError, load_recipe
@@ -40,8 +40,7 @@ def build_healthgpt(recipe: Recipe) -> HealthGPT:
     if spec.guidance_scale is not None:
         config = config.replace(guidance_scale=spec.guidance_scale)
     if spec.plugins:
-        extra = {name: PluginConfig(**values) for name, values in spec.plugins.items()}
-        config = config.replace(plugins={**config.plugins, **extra})
+        config = config.replace(plugins=spec.plugin_configs(config.plugins))
     if spec.images_after_text is not None:
         config = config.replace(images_after_text=spec.images_after_text)
     if spec.base_llm is None:

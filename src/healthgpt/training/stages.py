@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from torch import nn
 
-from healthgpt.config import COMPREHENSION, GENERATION, check_guidance_scale
+from healthgpt.config import COMPREHENSION, GENERATION, PluginConfig, check_guidance_scale, get_variant
 from healthgpt.errors import HealthGPTError
 from healthgpt.quantize import TRAINABLE_MODES
 
@@ -84,7 +84,9 @@ class ModelSpec:
     vision_tower: str | None = None  # local folder (or hub id) of the CLIP vision tower
     seed: int = 0
     dtype: str = "float32"  # storage dtype of the weights; compute precision is `engine.mixed_precision`
-    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)  # PluginConfig fields to add or replace plugins
+    # PluginConfig fields by plugin: those of one the variant has replace its own (`comprehension: {vision_layer: 1}`);
+    # a new plugin needs at least rank and alpha
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
     quantize: str | None = None  # train over a quantized base (QLoRA-style): int8 (any device) or nf4 (CUDA)
     images_after_text: bool | None = None  # where user turns show their images; None: the variant's layout
     # The exported model's default classifier-free guidance (`HealthGPTConfig.guidance_scale`); None: the variant's
@@ -102,6 +104,25 @@ class ModelSpec:
                 check_guidance_scale(self.guidance_scale, "model.guidance_scale")
             except ValueError as exc:
                 raise RecipeError(str(exc)) from None
+        if self.plugins and self.init is None:  # checked now, not after an hour of pre-training
+            try:
+                variant = get_variant(self.variant)
+            except ValueError as exc:
+                raise RecipeError(f"model.variant: {exc}") from None
+            self.plugin_configs(variant.plugins)
+
+    def plugin_configs(self, plugins: Mapping[str, PluginConfig]) -> dict[str, PluginConfig]:
+        """A variant's `plugins` with this spec's fields applied (see `plugins`)."""
+        merged = dict(plugins)
+        for name, values in self.plugins.items():
+            try:
+                merged[name] = dataclasses.replace(merged[name], **values) if name in merged else PluginConfig(**values)
+            except (TypeError, ValueError) as exc:
+                known = ", ".join(f.name for f in dataclasses.fields(PluginConfig))
+                raise RecipeError(
+                    f"model.plugins.{name}: {exc}. A plugin's fields are {known}; a new plugin needs rank and alpha"
+                ) from None
+        return merged
 
 
 @dataclass(frozen=True)
