@@ -36,7 +36,9 @@ def train(
     from ..io.atomic import check_folder
     from ..training.loop import run_stage
     from ..training.stages import load_recipe
+    from ..workers import exit_with_parent
 
+    exit_with_parent()  # a recipe's worker (healthgpt.recipes.nano.run_stages) ends with the recipe
     recipe = load_recipe(config, overrides or (), stage)
     check_folder(Path(recipe.output_dir) / stage)  # before the model is built
     result = run_stage(recipe, stage, resume=resume)

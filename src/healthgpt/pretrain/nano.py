@@ -40,6 +40,7 @@ from healthgpt.io.atomic import write_atomic
 from healthgpt.nano import random_llm
 from healthgpt.templates import get_template
 from healthgpt.vision import ImagePreprocessor, VisionEncoder
+from healthgpt.workers import worker_env
 
 from .clip import PixelCache, linear_probe, pooled_features, pretrain_clip, retrieval_accuracy, tower_from_scratch
 from .lm import Conversation, perplexity, pretrain_lm, train_tokenizer
@@ -215,7 +216,7 @@ def _start_worker(
         threads=threads,
     )
     src = str(Path(__file__).resolve().parents[2])  # the folder holding `healthgpt`, in case it is not installed
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    env = worker_env({**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))})
     return subprocess.Popen([sys.executable, "-m", "healthgpt.pretrain.worker", json.dumps(args)], env=env)
 
 

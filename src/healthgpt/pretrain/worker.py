@@ -10,10 +10,12 @@ from pathlib import Path
 from healthgpt.config import HealthGPTConfig
 from healthgpt.io.atomic import write_atomic
 from healthgpt.pretrain.nano import WORKER_RESULT, NanoBudget, pretrain_vqgan_part, timed
+from healthgpt.workers import exit_with_parent
 
 
 def main(argv: list[str]) -> None:
     """Train, then write the metrics to `<folder>/worker_metrics.json` for the parent to read."""
+    exit_with_parent()
     args = json.loads(argv[0])
     budget = NanoBudget(**{k: tuple(v) if isinstance(v, list) else v for k, v in args["budget"].items()})
     folder = Path(args["folder"])

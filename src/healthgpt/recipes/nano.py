@@ -36,6 +36,7 @@ from healthgpt.pretrain import BUDGETS, NanoBudget, pretrain_nano
 from healthgpt.pretrain.nano import torch_threads
 from healthgpt.training.loop import METRICS, OUTPUT, TrainResult, build_healthgpt, export_model, run_stage
 from healthgpt.training.stages import STAGE_NAMES, Recipe, apply_overrides, recipe_from_dict
+from healthgpt.workers import worker_env
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def run_stages(
     logs = {name: Path(recipe.output_dir) / f"{name}.log" for name in names[1:]}
     Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "healthgpt.cli", "train", "--config", str(recipe_file), "--stage"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(num_threads)}
+    env = worker_env({**os.environ, "OMP_NUM_THREADS": str(num_threads)})
     workers = {}
     try:
         for name, log_file in logs.items():
