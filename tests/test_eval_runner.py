@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from healthgpt.evaluation import (
+    EvalItem,
     RunMismatchError,
     compare_runs,
     load_mmmu_med,
@@ -15,6 +16,7 @@ from healthgpt.evaluation import (
     load_slake,
     load_vqa_rad,
     model_predictor,
+    prompts_for,
     read_predictions,
     render_prompt,
     run_eval,
@@ -323,3 +325,13 @@ def test_model_predictor_sends_every_image_and_the_prompt(items, tmp_path):
         "<image 1> ?\nA. Aspirin\nB. Heparin\nAnswer with the option's letter from the given choices directly."
     )
     assert sampling == {"max_new_tokens": 16}
+
+
+@pytest.mark.parametrize(
+    ("variant", "bare"), [("nano", True), ("mini", True), ("MINI", True), ("m3", False), ("xl32", False)]
+)
+def test_models_trained_on_phantoms_are_asked_their_questions_as_they_were_trained(variant: str, bare: bool) -> None:
+    """nano and mini learned unsuffixed phantom questions; the published variants get the LLaVA-1.5 short suffix."""
+    item = EvalItem("q1", "phantom", (), "Is there a lesion in this CT image?", "yes", "closed")
+    prompt = render_prompt(item, prompts_for(variant))
+    assert (prompt == item.question) is bare and prompt.startswith(item.question)

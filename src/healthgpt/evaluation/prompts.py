@@ -46,9 +46,10 @@ PROMPT_SETS: dict[str, PromptSet] = {
 DEFAULT_PROMPTS = PROMPT_SETS["short"]
 # The prompt set each variant is evaluated with unless one is named. The paper did not publish its evaluation
 # prompts (issue #33), so no variant has a "paper" set: m3, l14 and xl32 get `short`, the LLaVA-1.5 convention of the
-# LLaVA-style data they were trained on; nano gets `plain`, the unsuffixed questions of its phantom training data
-# (issue #14 measured 0% closed accuracy with `short`, where it answers "both" or "left", and 90% with `plain`).
-VARIANT_PROMPTS: dict[str, str] = {"nano": "plain", "m3": "short", "l14": "short", "xl32": "short"}
+# LLaVA-style data they were trained on; nano and mini get `plain`, the unsuffixed questions of their phantom training
+# data (issue #14 measured nano's closed accuracy at 0% with `short`, where it answers "both" or "left", and 90% with
+# `plain`).
+VARIANT_PROMPTS: dict[str, str] = {"nano": "plain", "mini": "plain", "m3": "short", "l14": "short", "xl32": "short"}
 
 
 def prompts_for(variant: str) -> PromptSet:
