@@ -1,17 +1,20 @@
-"""What several benchmarks share: model sizes and questions (so figures compare like with like), and the naive
-MoE-LoRA baseline H-LoRA is measured against."""
+"""What several benchmarks share: model sizes and questions (so figures compare like with like), the naive MoE-LoRA
+baseline H-LoRA is measured against, and how a training step's time and kept activations are measured."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from healthgpt.api import HealthGPT
 from healthgpt.config import COMPREHENSION, HealthGPTConfig, LLMConfig, get_variant
+
+K = TypeVar("K")  # a benchmark's key for one of its steps
 
 QUESTIONS = ["Is there a lesion in this CT image?", "Which side is the lesion on?", "How many lesions are there?"]
 
@@ -116,3 +119,34 @@ def saved_bytes() -> Iterator[list[int]]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield total
+
+
+def measure_memory(step: Callable[[], None], device: torch.device) -> tuple[float, float | None]:
+    """(MiB of activations saved for backward, CUDA peak MiB or None) of one call of `step`."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with saved_bytes() as total:
+        step()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    return total[0] / 2**20, peak
+
+
+def time_rotated(
+    steps: Mapping[K, Callable[[], None]], repeats: int, clock_kind: str, device: torch.device
+) -> dict[K, list[float]]:
+    """Seconds of each step over `repeats` rounds (process CPU time, or wall with `clock_kind="wall"`), the order
+    rotated each round to spread drift evenly."""
+
+    def clock() -> float:
+        sync(device)
+        return time.process_time() if clock_kind == "cpu" else time.perf_counter()
+
+    times: dict[K, list[float]] = {key: [] for key in steps}
+    keys = list(steps)
+    for i in range(repeats):
+        for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
+            start = clock()
+            steps[key]()
+            times[key].append(clock() - start)
+    return times

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from _shared import build_on_device, saved_bytes, sync
+from _shared import build_on_device, measure_memory, time_rotated
 
 from healthgpt.api import HealthGPT
 from healthgpt.config import COMPREHENSION, GENERATION
@@ -97,27 +96,8 @@ def main() -> None:
         for ours in (True, False):
             steps[plugin, ours] = step(model, plugin, b, ours)
 
-    memory = {}
-    for key, run in steps.items():  # also the warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        with saved_bytes() as kept:
-            run()
-        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-        memory[key] = (kept[0] / 2**20, peak)
-
-    def clock() -> float:
-        sync(device)
-        return time.process_time() if args.clock == "cpu" else time.perf_counter()
-
-    times: dict[tuple[str, bool], list[float]] = {key: [] for key in steps}
-    keys = list(steps)
-    for i in range(args.repeats):
-        for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
-            start = clock()
-            steps[key]()
-            times[key].append(clock() - start)
+    memory = {key: measure_memory(run, device) for key, run in steps.items()}  # also the warm-up
+    times = time_rotated(steps, args.repeats, args.clock, device)
 
     vocab = core.llm.get_output_embeddings().weight.shape[0]
     print(

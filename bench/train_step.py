@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from _shared import NaiveMoELoRA, saved_bytes
+from _shared import NaiveMoELoRA, measure_memory, time_rotated
 from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 
@@ -79,17 +78,6 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def measure_memory(step: Step, device: torch.device) -> tuple[float, float | None]:
-    """(MiB of activations saved for backward, CUDA peak MiB or None) of one step."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    with saved_bytes() as total:
-        step()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return total[0] / 2**20, peak
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
@@ -140,31 +128,13 @@ def build_steps(args: argparse.Namespace, device: torch.device) -> dict[tuple[st
     return steps
 
 
-def time_steps(steps: dict[tuple[str, bool], Step], repeats: int, clock_kind: str, device: torch.device) -> dict:
-    """Seconds of each step over `repeats` rounds, the order rotated each round to spread drift evenly."""
-
-    def clock() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.process_time() if clock_kind == "cpu" else time.perf_counter()
-
-    times: dict[tuple[str, bool], list[float]] = {key: [] for key in steps}
-    keys = list(steps)
-    for i in range(repeats):
-        for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
-            start = clock()
-            steps[key]()
-            times[key].append(clock() - start)
-    return times
-
-
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     steps = build_steps(args, device)
     memory = {key: measure_memory(step, device) for key, step in steps.items()}  # also the warm-up
-    times = time_steps(steps, args.repeats, args.clock, device)
+    times = time_rotated(steps, args.repeats, args.clock, device)
     tokens = args.batch * (args.patches + args.text)
     print(
         f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s), {args.clock} time; Phi-3 "
