@@ -14,6 +14,7 @@ from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
 from healthgpt.config import COMPREHENSION, GENERATION
 from healthgpt.errors import ImageInputError
+from healthgpt.fusion import set_plugin_tables
 from healthgpt.model import ImageSlotError, attach_image_vocab, expand_image_slots
 from healthgpt.templates import PromptError
 from healthgpt.tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -71,17 +72,30 @@ def test_loss_covers_response_tokens_only(arch):
     keep = labels[0, 1:] != IGNORE_INDEX
     expected = F.cross_entropy(logits[keep], target[keep])
     torch.testing.assert_close(out.loss, expected)
-    torch.testing.assert_close(out.logits, logits[keep])  # only the supervised positions' rows are computed
+    torch.testing.assert_close(out.logits[0], logits[keep])  # only the supervised positions' rows are computed
     assert keep.sum() == len(model.tokenizer.encode("Yes, on the left side.", add_special_tokens=False))
     out.loss.backward()  # gradients reach the plugin and the projector
     assert model.model.projectors[COMPREHENSION][0].weight.grad is not None
 
 
-@pytest.mark.parametrize("arch", ["phi3", "qwen2"])
-def test_the_supervised_head_gives_the_loss_and_gradients_of_every_position(arch):
+@pytest.mark.parametrize(
+    ("arch", "plugins"),
+    [
+        ("phi3", (COMPREHENSION, COMPREHENSION)),
+        ("qwen2", (COMPREHENSION, COMPREHENSION)),
+        ("phi3", (GENERATION, COMPREHENSION)),  # mixed, and the generation plugin has its own head (fusion table)
+    ],
+)
+def test_the_supervised_head_gives_the_loss_and_gradients_of_every_position(arch, plugins):
     """A padded batch of two: the loss over the kept rows and its gradients equal transformers' own `labels=` path,
     which applies the head at every position."""
     model = random_model(tiny_config(arch))
+    if GENERATION in plugins:
+        g = torch.Generator().manual_seed(3)
+        embedding, head = model.model.llm.get_input_embeddings().weight, model.model.llm.get_output_embeddings().weight
+        set_plugin_tables(
+            model.model, GENERATION, torch.randn(embedding.shape, generator=g), torch.randn(head.shape, generator=g)
+        )
     rows = [_loss_inputs(model, "Is there a lesion?", "Yes, on the left side."), _loss_inputs(model, "Side?", "Left.")]
     width = max(ids.shape[1] for ids, _, _ in rows)
     pad = model.tokenizer.pad_token_id or 0
@@ -95,11 +109,11 @@ def test_the_supervised_head_gives_the_loss_and_gradients_of_every_position(arch
         model.model.zero_grad()
         if ours:
             loss = model.model(
-                ids, COMPREHENSION, pixel_values=pixels, attention_mask=mask, labels=labels, num_items_in_batch=n
+                ids, list(plugins), pixel_values=pixels, attention_mask=mask, labels=labels, num_items_in_batch=n
             ).loss
         else:
-            with model.model.hlora.use([COMPREHENSION] * 2):
-                embeds = model.model.embed(ids, pixels, [COMPREHENSION] * 2)
+            with model.model.hlora.use(list(plugins)):
+                embeds = model.model.embed(ids, pixels, list(plugins))
                 masked = labels.masked_fill(ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
                 loss = model.model.llm(
                     inputs_embeds=embeds, attention_mask=mask, labels=masked, num_items_in_batch=n
@@ -107,7 +121,11 @@ def test_the_supervised_head_gives_the_loss_and_gradients_of_every_position(arch
         loss.backward()
         return [loss.detach(), *(p.grad.clone() for p in trained)]
 
-    trained = [*model.model.projectors[COMPREHENSION].parameters(), *model.model.hlora.parameters_of(COMPREHENSION)]
+    trained = [
+        p
+        for plugin in sorted(set(plugins))
+        for p in (*model.model.projectors[plugin].parameters(), *model.model.hlora.parameters_of(plugin))
+    ]
     model.model.requires_grad_(False)
     for p in trained:
         p.requires_grad_(True)

@@ -139,8 +139,8 @@ class HealthGPTModel(nn.Module):
         """Causal-LM output of the HF model (`.logits`, `.loss` when `labels` are given, `.cache`).
 
         `labels` use `IGNORE_INDEX` (-100) on prompt and image positions, so the loss covers response tokens only.
-        With `labels`, `.logits` holds only the supervised positions' rows ([supervised tokens, vocab], the order of
-        a row-major scan), since those are all the loss reads.
+        With `labels`, `.logits` holds only what the loss reads: per row, its supervised positions in order, rows with
+        fewer padded with unsupervised ones ([batch, most supervised tokens in a row, vocab]).
         With gradient checkpointing, call `backward` inside `self.hlora.use(plugins)` too (as the training loop does):
         checkpointed layers recompute their forward there and must see the same plugins."""
         names = self.check_plugins(plugins, input_ids.shape[0])
@@ -160,17 +160,21 @@ class HealthGPTModel(nn.Module):
         **llm_kwargs,
     ):
         """The HF model's output with its causal-LM loss, the head applied only where the next token is supervised
-        (transformers' `logits_to_keep` as a mask). Prompts, image slots and padding, most of a training sequence,
-        then cost neither the head's matmul nor float32 logits; the loss is the one `labels=` would give."""
+        (transformers' `logits_to_keep`, as positions per row). Prompts, image slots and padding, most of a training
+        sequence, then cost neither the head's matmul nor float32 logits; the loss is the one `labels=` would give.
+        Rows stay rows, so a per-sample head (a plugin's fusion table) still sees one row per sample."""
         targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # each position's next token
-        keep = targets != IGNORE_INDEX
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=keep, **llm_kwargs)
+        kept = targets != IGNORE_INDEX
+        width = max(int(kept.sum(dim=1).max()), 1)
+        # each row's supervised positions first (in order), then unsupervised ones, whose targets the loss ignores
+        positions = torch.sort(kept.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=positions, **llm_kwargs)
         out.loss = self.llm.loss_function(
             logits=out.logits,
             labels=None,
             vocab_size=out.logits.shape[-1],
             num_items_in_batch=num_items_in_batch,
-            shift_labels=targets[keep],
+            shift_labels=targets.gather(1, positions),
         )
         return out
 
