@@ -11,6 +11,7 @@ from conftest import phantoms_with_codes, tiny_config
 
 from healthgpt.api import HealthGPT
 from healthgpt.config import COMPREHENSION, GENERATION, get_variant
+from healthgpt.errors import CheckpointError
 from healthgpt.nano import nano_tokenizer, random_llm, random_vision
 from healthgpt.training.checkpointing import merge_stage_outputs, read_stage_output
 from healthgpt.training.loop import build_healthgpt, export_model, run_stage
@@ -98,6 +99,47 @@ def test_selectors_pick_exactly_the_stage_parameters() -> None:
         select_parameters(model, ["plugin:segmentation"])
 
 
+def test_vision_selector_trains_only_the_tower_layers_its_plugin_alone_reads(tmp_path: Path) -> None:
+    """nano reads generation at hidden_states[1] and comprehension at [-2] of 4 layers: encoder layers 1 and 2 are
+    comprehension's own. One step moves them (at `vision_lr`) and comprehension's features, not generation's."""
+    hg = HealthGPT.random("nano", seed=0)
+    model = hg.model
+    names = {n for n, _ in model.named_parameters()}
+    tower = next(n for n in names if ".layers.0." in n and n.startswith("vision.")).split(".layers.0.")[0]
+    own = {n for n in names if n.startswith((f"{tower}.layers.1.", f"{tower}.layers.2."))}
+    assert own and set(select_parameters(model, ["vision:comprehension"])["vision:comprehension"]) == own
+    with pytest.raises(RecipeError, match="reads the CLIP tower at hidden_states\\[1\\], no deeper than another"):
+        select_parameters(model, ["vision:generation"])
+
+    stage = dataclasses.replace(
+        table7()["stage3_comprehension"],
+        trainable=("plugin:comprehension", "vision:comprehension"),
+        vision_lr=1e-2,
+    )
+    groups = prepare_stage(model, stage)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == own | {
+        n for n in names if ".plugins.comprehension." in n
+    }
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_lr[1e-2] == {id(p) for n, p in model.named_parameters() if n in own}
+    pixels = torch.rand(2, 3, 112, 112)
+    before = model.vision.features(pixels, [1, -2])
+    model.projectors.comprehension.requires_grad_(True)  # the loss reaches the tower through the projector
+    loss = model._project(pixels, [COMPREHENSION, COMPREHENSION]).square().mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in own)
+    torch.optim.SGD([p for n, p in model.named_parameters() if n in own], lr=1.0).step()
+    with torch.no_grad():
+        after = model.vision.features(pixels, [1, -2])
+    assert torch.equal(after[1], before[1]) and not torch.allclose(after[-2], before[-2])
+    with pytest.raises(CheckpointError, match="layers of the CLIP tower were trained"):  # a referenced tower lacks them
+        hg.save_pretrained(tmp_path / "bundle")
+    saved = hg.save_pretrained(tmp_path / "bundle", include_base=True)
+    loaded = HealthGPT.from_pretrained(saved).model
+    with torch.no_grad():
+        assert torch.equal(loaded.vision.features(pixels, [-2])[-2], after[-2])
+
+
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return phantoms_with_codes(tmp_path_factory.mktemp("phantoms"), seed=0)
@@ -146,6 +188,37 @@ def test_each_stage_trains_its_parameters_and_leaves_the_rest_bitwise_unchanged(
     bundle = export_model(None, tmp_path / "bundle", overrides=overrides, include_base=True)
     loaded = HealthGPT.from_pretrained(bundle).model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in merged.items())
+
+
+def test_a_stage_that_trains_tower_layers_saves_them_and_exports_them_only_with_the_base(
+    phantoms: Path, tmp_path: Path
+) -> None:
+    overrides = [
+        f"output_dir={tmp_path}",
+        f"data.code_cache={phantoms / 'codes'}",
+        "engine.micro_batch_size=2",
+        f"stage3_comprehension.data=[{phantoms / 'train.json'}]",
+        "stage3_comprehension.init_from=[]",
+        "stage3_comprehension.global_batch_size=2",
+        "stage3_comprehension.max_steps=2",
+        "stage3_comprehension.trainable=[plugin:comprehension,vision:comprehension]",
+        "stage3_comprehension.vision_lr=1e-2",
+    ]
+    recipe = load_recipe(None, overrides)
+    hg = HealthGPT.random("nano", seed=0)
+    start = {k: v.clone() for k, v in hg.model.state_dict().items()}
+    run_stage(recipe, "stage3_comprehension", healthgpt=hg)
+    tensors, origins = read_stage_output(tmp_path / "stage3_comprehension" / "output")
+    tower = {k for k in tensors if k.startswith("vision.")}
+    assert tower == set(select_parameters(hg.model, ["vision:comprehension"])["vision:comprehension"])
+    assert {origins[k] for k in tower} == {"stage3_comprehension"}
+    assert all(not torch.equal(tensors[k], start[k]) for k in tower if k.endswith("q_proj.weight"))
+    with pytest.raises(RecipeError, match="trained layers of the CLIP tower.*--include-base"):
+        export_model(None, tmp_path / "bundle", overrides=overrides)
+    assert not (tmp_path / "bundle").exists()
+    bundle = export_model(None, tmp_path / "bundle", overrides=overrides, include_base=True)
+    loaded = HealthGPT.from_pretrained(bundle).model.state_dict()
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tower)
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "healthgpt" / "training" / "configs"

@@ -84,6 +84,13 @@ class HealthGPTModel(nn.Module):
     def plugin_names(self) -> tuple[str, ...]:
         return tuple(self.projectors)
 
+    def own_vision_layers(self, plugin: str) -> list[nn.Module]:
+        """The tower's encoder layers whose output only `plugin` reads: those above the deepest layer another plugin
+        reads, up to its own. Training them changes no other plugin's image features."""
+        depth = self.vision.depth
+        others = [depth(layer) for name, layer in self.vision_layers.items() if name != plugin]
+        return self.vision.encoder_layers(max(others, default=0), depth(self.vision_layers[plugin]))
+
     def check_plugins(self, plugins: str | Sequence[str], batch: int) -> list[str]:
         """One plugin name per sample, validated."""
         names = [plugins] * batch if isinstance(plugins, str) else list(plugins)

@@ -94,7 +94,8 @@ def build_projector(in_dim: int, out_dim: int) -> nn.Sequential:
 
 
 class VisionEncoder(nn.Module):
-    """A frozen `CLIPVisionModel` whose patch features can be read at several depths in one pass."""
+    """A `CLIPVisionModel`, frozen unless a stage trains some of its layers, whose patch features can be read at
+    several depths in one pass."""
 
     def __init__(self, tower: CLIPVisionModel) -> None:
         super().__init__()
@@ -124,11 +125,25 @@ class VisionEncoder(nn.Module):
     def num_patches(self) -> int:
         return (self.tower.config.image_size // self.tower.config.patch_size) ** 2
 
-    @torch.no_grad()
+    def depth(self, layer: int) -> int:
+        """How many encoder layers lie behind `hidden_states[layer]` (0: the patch embeddings)."""
+        count = self.tower.config.num_hidden_layers
+        if not -(count + 1) <= layer <= count:
+            raise ValueError(f"hidden_states[{layer}] does not exist in a tower of {count} layers")
+        return layer % (count + 1)
+
+    def encoder_layers(self, start: int, stop: int) -> list[nn.Module]:
+        """The encoder layers `start` (0-based) up to `stop`, exclusive."""
+        model = getattr(self.tower, "vision_model", self.tower)  # transformers 5 keeps the encoder at the top
+        return list(model.encoder.layers[start:stop])
+
     def features(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Patch features (CLS dropped) at each requested `hidden_states` index: {layer: [N, P, C]}."""
+        """Patch features (CLS dropped) at each requested `hidden_states` index: {layer: [N, P, C]}. Without
+        gradients unless a training stage unfroze some of the tower's layers (`vision:<plugin>`)."""
         dtype = next(self.tower.parameters()).dtype
-        out = self.tower(pixel_values.to(dtype), output_hidden_states=True)
+        tuned = torch.is_grad_enabled() and any(p.requires_grad for p in self.tower.parameters())
+        with torch.set_grad_enabled(tuned):
+            out = self.tower(pixel_values.to(dtype), output_hidden_states=True)
         return {layer: out.hidden_states[layer][:, 1:] for layer in layers}
 
 

@@ -116,11 +116,16 @@ def save_bundle(
 
 
 def _check_savable(model: HealthGPTModel, config: HealthGPTConfig, include_base: bool) -> None:
-    """A quantized base cannot be included; a referenced base must be a local folder."""
+    """A quantized base cannot be included; a referenced base must be a local folder and an untrained tower."""
     if include_base and any(is_quantized(linear.weight) for linear in base_linears(model).values()):
         raise CheckpointError(
             "the base LLM is quantized, and a bundle stores it in full precision: save without include_base (the "
             "bundle refers to the base folder), or load the model without quantize first"
+        )
+    if not include_base and any(p.requires_grad for p in model.vision.tower.parameters()):
+        raise CheckpointError(
+            "layers of the CLIP tower were trained (a `vision:<plugin>` stage), and a bundle that refers to the base "
+            "tower would lose them: save with include_base=True (--include-base)"
         )
     if not include_base:
         for folder, what in ((Path(config.llm.source), "base LLM"), (Path(config.vision.source), "CLIP tower")):

@@ -89,6 +89,11 @@ def export_model(
     hg = build_healthgpt(recipe)
     sources = stage_outputs(recipe, stages)
     tensors, _ = merge_stage_outputs(sources)
+    if not include_base and any(key.startswith("vision.") for key in tensors):
+        raise RecipeError(
+            f"{', '.join(map(str, sources))}: the stages trained layers of the CLIP tower (`vision:<plugin>`), which a "
+            "bundle that refers to the base tower would lose; export with --include-base"
+        )
     load_tensors(hg.model, tensors, ", ".join(map(str, sources)))
     if vqgan is not None:
         hg.vqgan = load_vqgan(vqgan).eval()

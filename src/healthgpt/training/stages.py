@@ -25,7 +25,7 @@ from healthgpt.quantize import TRAINABLE_MODES
 
 Schedule = Literal["cosine", "constant"]
 STAGE_NAMES = ("stage1_comprehension", "stage1_generation", "stage2", "stage3_comprehension", "stage3_generation")
-SELECTORS = ("projector:<plugin>", "plugin:<plugin>", "embeddings", "head")
+SELECTORS = ("projector:<plugin>", "plugin:<plugin>", "vision:<plugin>", "embeddings", "head")
 
 
 class RecipeError(HealthGPTError):
@@ -35,7 +35,8 @@ class RecipeError(HealthGPTError):
 @dataclass(frozen=True)
 class StageConfig:
     """One training run (a column of Table 7). `trainable` selectors: `projector:<plugin>`, `plugin:<plugin>`,
-    `embeddings`, `head`; projectors learn at `adapter_lr`, everything else at `lr`."""
+    `vision:<plugin>` (the CLIP layers only that plugin reads), `embeddings`, `head`; projectors learn at `adapter_lr`,
+    tower layers at `vision_lr` (`lr` when unset), everything else at `lr`."""
 
     tasks: tuple[str, ...]
     trainable: tuple[str, ...]
@@ -51,6 +52,7 @@ class StageConfig:
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs when set
     weight_decay: float = 0.0
+    vision_lr: float | None = None  # the tower layers' rate (`vision:<plugin>`), usually below `lr` as in LLaVA-NeXT
     max_grad_norm: float = 1.0
     data: tuple[str, ...] = ()
     init_from: tuple[str, ...] = ()  # stage names (outputs under the recipe's output_dir) or folders
@@ -336,6 +338,14 @@ def select_parameters(model: nn.Module, selectors: Sequence[str]) -> dict[str, d
             params = list(model.projectors[plugin].parameters())
         elif kind == "plugin" and plugin in model.hlora.plugin_names:
             params = model.hlora.parameters_of(plugin)
+        elif kind == "vision" and plugin in model.projectors:
+            params = [p for layer in model.own_vision_layers(plugin) for p in layer.parameters()]
+            if not params:
+                raise RecipeError(
+                    f"{selector!r}: the {plugin} plugin reads the CLIP tower at hidden_states"
+                    f"[{model.vision_layers[plugin]}], no deeper than another plugin, so no tower layer is its own; "
+                    "drop the selector or read this plugin deeper (model.plugins.<plugin>.vision_layer)"
+                )
         elif selector == "embeddings":
             params = [model.llm.get_input_embeddings().weight]
         elif selector == "head":
@@ -364,7 +374,10 @@ def prepare_stage(model: nn.Module, stage: StageConfig) -> list[dict[str, Any]]:
     seen: set[int] = set()
     groups: dict[float, list[nn.Parameter]] = {}
     for selector, params in selected.items():
-        lr = stage.adapter_lr if selector.startswith("projector:") else stage.lr
+        kind = selector.partition(":")[0]
+        lr = stage.adapter_lr if kind == "projector" else stage.lr
+        if kind == "vision" and stage.vision_lr is not None:
+            lr = stage.vision_lr
         for p in params.values():
             if id(p) not in seen:
                 seen.add(id(p))
